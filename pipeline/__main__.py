@@ -1,0 +1,55 @@
+"""`python -m pipeline [overrides]`: the only @hydra.main. Exit 0 ok, 1 a check failed, 2 bad input."""
+from __future__ import annotations
+
+import os
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+_task_started = False
+
+
+@hydra.main(version_base="1.3", config_path="pkg://conf", config_name="config")
+def _app(cfg: DictConfig) -> str:
+    global _task_started
+    _task_started = True
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    from .errors import PipelineError
+    from .report import format_summary
+    from .runner import run
+
+    hc = HydraConfig.get()
+    run_dir = hc.runtime.output_dir
+    try:
+        result = run(cfg, run_dir)
+    except (PipelineError, KeyboardInterrupt, Exception) as exc:
+        result = getattr(exc, "result", None)
+        if result is not None and result.report["stages"]:
+            print(format_summary(result.report, run_dir))
+        if os.environ.get("PIPELINE_DEBUG") or (not isinstance(exc, PipelineError) and not isinstance(exc, KeyboardInterrupt) and os.environ.get("HYDRA_FULL_ERROR")):
+            raise
+        code = getattr(exc, "exit_code", 130 if isinstance(exc, KeyboardInterrupt) else 1)
+        print(f"error: {exc if isinstance(exc, PipelineError) else result.report['error'] if result else exc}", file=sys.stderr)
+        if hc.mode == RunMode.MULTIRUN:
+            return "failed" if code == 1 else "error"  # the sweep goes on; report.json says what happened
+        raise SystemExit(code) from None
+    print(format_summary(result.report, run_dir))
+    return "ok"
+
+
+def main() -> None:
+    sys.argv[0] = "python -m pipeline"
+    try:
+        _app()
+    except SystemExit as exc:
+        # Hydra exits 1 on its own config errors (before our task ran): those are bad input.
+        if exc.code not in (0, None) and not _task_started:
+            raise SystemExit(2) from None
+        raise
+
+
+if __name__ == "__main__":
+    main()

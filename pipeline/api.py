@@ -1,0 +1,46 @@
+"""`load([...overrides])` for Python programs: the same configs and stages as the CLI."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from hydra import compose, initialize_config_module
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import HydraException
+from omegaconf import OmegaConf, open_dict
+from omegaconf.errors import OmegaConfBaseException
+
+from .context import LoadResult
+from .errors import UserError
+from .runner import run, save_config
+
+
+def compose_config(overrides=(), config_name: str = "config"):
+    """The job config (with its `hydra` node) exactly as `python -m pipeline <overrides>` sees it."""
+    overrides = [str(o) for o in overrides]
+    if GlobalHydra.instance().is_initialized():
+        GlobalHydra.instance().clear()
+    try:
+        with initialize_config_module("conf", version_base="1.3"):
+            return compose(config_name, overrides=overrides, return_hydra_config=True)
+    except (HydraException, OmegaConfBaseException) as exc:
+        raise UserError(f"overrides: {str(exc).splitlines()[0]}") from None
+
+
+def load(overrides=(), *, run_dir: str | Path | None = None, config_name: str = "config") -> LoadResult:
+    """Load a model as configured; raises UserError (bad input) or CheckFailed (a check failed).
+
+    The raised error carries `.result` (model, report, run_dir) so nothing is lost.
+    """
+    overrides = [str(o) for o in overrides]
+    cfg = compose_config(overrides, config_name)
+    HydraConfig.instance().set_config(cfg)
+    try:
+        target = Path(run_dir) if run_dir is not None else Path(cfg.hydra.run.dir)
+    except OmegaConfBaseException as exc:
+        raise UserError(f"{getattr(exc, 'full_key', 'config')}: {str(exc).splitlines()[0]}") from None
+    with open_dict(cfg):
+        del cfg["hydra"]
+    save_config(cfg, target, overrides)
+    OmegaConf.set_readonly(cfg, True)
+    return run(cfg, target)

@@ -1,0 +1,102 @@
+"""Find a checkpoint's files and the location of every tensor in them.
+
+Accepts an HF-layout directory (config.json + model.safetensors, or shards listed
+in model.safetensors.index.json) or a single .safetensors file.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+
+from ..errors import UserError
+from .header import TensorInfo, read_header
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+
+
+@dataclass
+class Checkpoint:
+    path: str                      # the directory (or the single file)
+    files: list[str]               # absolute shard paths, in load order
+    tensors: dict[str, TensorInfo]
+    metadata: dict = field(default_factory=dict)
+    format: str = "safetensors"
+
+    @property
+    def bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+    @property
+    def directory(self) -> str:
+        return self.path if os.path.isdir(self.path) else os.path.dirname(self.path)
+
+    def summary(self) -> dict:
+        return {"path": self.path, "format": self.format, "files": len(self.files), "bytes": self.bytes}
+
+
+def open_checkpoint(path: str) -> Checkpoint:
+    """Read every header (no tensor bytes) and check the index against the shards."""
+    if not path:
+        raise UserError("checkpoint.path: no checkpoint given; set checkpoint.path=/path/to/model")
+    path = os.path.abspath(os.path.expanduser(str(path)))
+    if not os.path.exists(path):
+        raise UserError(f"checkpoint.path: {path} does not exist; point checkpoint.path at a model directory or .safetensors file")
+    if os.path.isfile(path):
+        if not path.endswith(".safetensors"):
+            raise UserError(f"checkpoint.path: {path} is not a .safetensors file; pickle checkpoints are not loaded")
+        tensors, meta = read_header(path)
+        return Checkpoint(path, [path], tensors, meta)
+    index = os.path.join(path, INDEX_NAME)
+    if os.path.isfile(index):
+        return _open_sharded(path, index)
+    single = os.path.join(path, SINGLE_NAME)
+    if os.path.isfile(single):
+        tensors, meta = read_header(single)
+        return Checkpoint(path, [single], tensors, meta)
+    found = sorted(f for f in os.listdir(path) if f.endswith((".bin", ".pt", ".pth", ".gguf")))
+    hint = f" (found {', '.join(found[:3])}: only safetensors are loaded)" if found else ""
+    raise UserError(f"{path}: no {SINGLE_NAME} or {INDEX_NAME}{hint}; save the model with safetensors")
+
+
+def _open_sharded(root: str, index_path: str) -> Checkpoint:
+    try:
+        with open(index_path) as fh:
+            index = json.load(fh)
+        weight_map = index["weight_map"]
+        if not isinstance(weight_map, dict):
+            raise TypeError
+    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
+        raise UserError(f"{index_path}: not a valid index (needs a JSON object with a weight_map); re-save the checkpoint") from None
+    shard_of = {name: _inside(root, rel, index_path, name) for name, rel in weight_map.items()}
+    shards = list(dict.fromkeys(shard_of.values()))
+    tensors: dict[str, TensorInfo] = {}
+    metadata: dict = {}
+    for shard in shards:
+        if not os.path.isfile(shard):
+            raise UserError(f"{index_path}: names shard {os.path.relpath(shard, root)} which does not exist; restore the missing file")
+        found, meta = read_header(shard)
+        metadata.update(meta)
+        for name, info in found.items():
+            if shard_of.get(name) == shard:
+                tensors[name] = info
+    missing = [n for n in weight_map if n not in tensors]
+    if missing:
+        raise UserError(
+            f"{index_path}: tensor {missing[0]!r} is listed for {weight_map[missing[0]]} but that shard does not hold it"
+            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+        )
+    return Checkpoint(root, shards, tensors, metadata)
+
+
+def _inside(root: str, rel, index_path: str, name: str) -> str:
+    """Resolve an index entry, refusing absolute paths and '..' that leave the checkpoint."""
+    if not isinstance(rel, str) or not rel:
+        raise UserError(f"{index_path}: entry for {name!r} is not a file name")
+    if os.path.isabs(rel):
+        raise UserError(f"{index_path}: entry for {name!r} is an absolute path ({rel}); shards must live inside the checkpoint directory")
+    full = os.path.realpath(os.path.join(root, rel))
+    if os.path.commonpath([full, os.path.realpath(root)]) != os.path.realpath(root):
+        raise UserError(f"{index_path}: entry for {name!r} ({rel}) leaves the checkpoint directory; refusing to read it")
+    return full

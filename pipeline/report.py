@@ -1,0 +1,64 @@
+"""report.json: its shape (DESIGN.md) and the short human summary the CLI prints."""
+from __future__ import annotations
+
+from .sizes import format_bytes
+
+
+def new_report() -> dict:
+    return {
+        "status": "running",
+        "checkpoint": None,
+        "stages": [],
+        "plan": None,
+        "load": None,
+        "quantization": None,
+        "validation": None,
+        "error": None,
+    }
+
+
+def format_summary(report: dict, run_dir) -> str:
+    lines = [f"run: {run_dir}  status: {report['status'].upper()}"]
+    ck = report.get("checkpoint") or {}
+    if ck:
+        lines.append(f"checkpoint: {ck['path']} ({ck['files']} {ck['format']} files, {format_bytes(ck['bytes'])})")
+    lines.append("stages: " + "  ".join(f"{s['name']} {s['status']} {s['seconds']:.2f}s" for s in report["stages"]))
+    plan = report.get("plan")
+    if plan:
+        val = report.get("validation") or {}
+        measured = val.get("measured_bytes", {})
+        errors = val.get("plan_error", {})
+        rows = [("device", "cap", "predicted", "measured", "error")]
+        for dev, pred in plan["predicted_bytes"].items():
+            cap = plan["max_memory"].get(dev)
+            rows.append((
+                dev,
+                format_bytes(cap) if cap is not None else "-",
+                format_bytes(pred),
+                format_bytes(measured[dev]) if dev in measured else "-",
+                f"{errors[dev]:+.3%}" if dev in errors else "-",
+            ))
+        widths = [max(len(r[i]) for r in rows) for i in range(5)]
+        lines += ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+    load = report.get("load")
+    if load:
+        lines.append(
+            f"load: {load['seconds']:.2f} s, {format_bytes(load['bytes_read'])} read ({load['gb_per_s']:.2f} GB/s), "
+            f"peak host anon {format_bytes(load['peak_host_anon_bytes'])} (baseline {format_bytes(load['baseline_host_anon_bytes'])})"
+        )
+    quant = report.get("quantization")
+    if quant and quant["method"] != "none":
+        lines.append(f"int8: {quant['quantized']} layers quantized (threshold {quant['threshold']}), "
+                     f"{len(quant['skipped'])} skipped" + (f": {', '.join(quant['skipped'][:4])}" if quant["skipped"] else ""))
+    val = report.get("validation")
+    if val:
+        checks = val["checks"]
+        ok = sum(checks.values())
+        lines.append(f"validation: {ok}/{len(checks)} checks passed" + ("" if ok == len(checks) else
+                     " — FAILED: " + "; ".join(f"{k}: {v}" for k, v in val.get("failures", {}).items())))
+        m = val.get("metrics", {})
+        if "perplexity" in m:
+            lines.append(f"perplexity: {m['perplexity']:.3f} on the evaluation text")
+        if "continuation" in m:
+            lines.append(f"greedy: {m['prompt']!r} -> {m['continuation']!r}")
+    return "\n".join(lines)

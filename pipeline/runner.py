@@ -1,0 +1,116 @@
+"""Run the configured stages in order over one LoadContext; time them; write report.json.
+
+The report is written whatever happens (ok, failed check, bad input, crash,
+Ctrl-C), atomically, so a sweep or a user always finds out what went on.
+"""
+from __future__ import annotations
+
+import logging
+import time
+import traceback
+from contextlib import contextmanager
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from .artifacts import write_json
+from .context import LoadContext, LoadResult
+from .errors import PipelineError, UserError
+from .report import new_report
+from .targets import bind_stage
+
+log = logging.getLogger("pipeline")
+
+
+def bind_stages(cfg: DictConfig) -> list[tuple[str, object]]:
+    stages = cfg.get("stages")
+    if not stages:
+        raise UserError("stages: no stages selected; use e.g. stages=[instantiate_empty,plan]")
+    extra = list(cfg.get("allow_targets") or [])
+    try:
+        return [(name, bind_stage(name, node, extra)) for name, node in stages.items()]
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None) or "config"
+        raise UserError(f"{key}: {str(exc).splitlines()[0]}; set it on the command line, e.g. {key}=...") from None
+
+
+def run(cfg: DictConfig, run_dir: Path | str) -> LoadResult:
+    """Run every stage; raise PipelineError (with .result attached) when the run is not ok."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    report = new_report()
+    ctx = LoadContext(cfg=cfg, run_dir=run_dir, report=report)
+    error: BaseException | None = None
+    with _log_to(run_dir / "run.log"):
+        try:
+            for name, stage in bind_stages(cfg):
+                _run_stage(name, stage, ctx)
+            report["status"] = "ok"
+        except PipelineError as exc:
+            report["status"], report["error"], error = exc.status, str(exc), exc
+        except KeyboardInterrupt as exc:
+            report["status"], report["error"], error = "interrupted", "interrupted by the user (Ctrl-C)", exc
+        except Exception as exc:  # a bug of ours: keep the report, the traceback goes to run.log
+            log.error("internal error:\n%s", traceback.format_exc())
+            report["status"] = "error"
+            report["error"] = f"internal error {exc.__class__.__name__}: {exc} (traceback in {run_dir / 'run.log'})"
+            error = exc
+        finally:
+            write_json(run_dir / "report.json", report)
+    result = LoadResult(ctx.model, report, run_dir)
+    if error is not None:
+        error.result = result
+        raise error
+    return result
+
+
+def _run_stage(name: str, stage, ctx: LoadContext) -> None:
+    entry = {"name": name, "status": "running", "seconds": 0.0}
+    ctx.report["stages"].append(entry)
+    log.info("stage %s", name)
+    start = time.perf_counter()
+    try:
+        stage(ctx)
+        entry["status"] = "ok"
+    except PipelineError as exc:
+        entry["status"] = exc.status
+        raise
+    except KeyboardInterrupt:
+        entry["status"] = "interrupted"
+        raise
+    except BaseException:
+        entry["status"] = "error"
+        raise
+    finally:
+        entry["seconds"] = round(time.perf_counter() - start, 4)
+
+
+@contextmanager
+def _log_to(path: Path):
+    """The pipeline's log lines go to run.log (and to stderr, once per process)."""
+    logger = logging.getLogger("pipeline")
+    logger.setLevel(logging.INFO)
+    logger.propagate = False  # Hydra's root handler would print every line twice
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    handler = logging.FileHandler(path)
+    handler.setFormatter(fmt)
+    logger.addHandler(handler)
+    if not any(getattr(h, "_pipeline_console", False) for h in logger.handlers):
+        console = logging.StreamHandler()
+        console.setFormatter(logging.Formatter("[%(levelname)s] %(message)s"))
+        console._pipeline_console = True
+        logger.addHandler(console)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
+
+
+def save_config(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> None:
+    """What the CLI's .hydra/ holds, for runs started from Python."""
+    hydra_dir = Path(run_dir) / ".hydra"
+    hydra_dir.mkdir(parents=True, exist_ok=True)
+    (hydra_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    (hydra_dir / "overrides.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(list(overrides))))

@@ -1,0 +1,104 @@
+"""Stage 2: an exact memory plan from safetensors headers, before any weight byte is read.
+
+Writes plan.json (device map, per-device predicted bytes, per-tensor placement
+and the inputs that determine them) and a readable table in the log. Same
+inputs give a byte-identical plan.json.
+"""
+from __future__ import annotations
+
+import logging
+
+from ..artifacts import write_json
+from ..checkpoint import open_checkpoint
+from ..context import LoadContext
+from ..device_map import check_caps, compute_device_map, resolve_max_memory
+from ..dtypes import dtype_name
+from ..int8_targets import select_int8_modules
+from ..planning import Plan, assign_devices, plan_tensors
+from ..quant_config import normalize_quantization
+from ..sizes import format_bytes
+
+log = logging.getLogger(__name__)
+
+
+def plan(ctx: LoadContext, *, dtype: str = "auto", dtype_overrides: dict | None = None, strategy: str = "auto",
+         device_map: dict | None = None, max_memory: dict | None = None, quantization: dict | None = None,
+         output: str = "plan.json") -> None:
+    model = ctx.require("model", "plan", "instantiate_empty")
+    checkpoint = open_checkpoint(ctx.checkpoint_path)
+    ctx.checkpoint = checkpoint
+    ctx.report["checkpoint"] = checkpoint.summary()
+    quant = normalize_quantization(quantization)
+    int8_modules, skipped = ([], {})
+    if quant["method"] == "int8":
+        int8_modules, skipped = select_int8_modules(
+            model, tied_groups=ctx.tied_groups, keep_in_fp32=ctx.keep_in_fp32, skip_modules=quant["skip_modules"])
+    tensors, key_map, unexpected, missing, tied_dups = plan_tensors(
+        model, checkpoint, dtype=dtype, overrides=dtype_overrides or {}, keep_in_fp32=ctx.keep_in_fp32,
+        tied_groups=ctx.tied_groups, int8_modules=int8_modules)
+    caps = resolve_max_memory(max_memory) if strategy not in ("cpu", "explicit") or max_memory else {}
+    dtypes = {t.name: t.dtype for t in tensors.values() if t.kind == "param"}
+    dmap = compute_device_map(model, strategy=strategy, explicit=device_map, max_memory=caps,
+                              no_split=ctx.no_split, dtypes=dtypes)
+    assign_devices(tensors, dmap)
+    result = Plan(strategy, caps, dmap, tensors, key_map, unexpected, missing, tied_dups, int8_modules, skipped)
+    check_caps(result.predicted_bytes, caps)
+    if "disk" in result.predicted_bytes and result.predicted_bytes["disk"]:
+        log.warning("the plan offloads %s to disk", format_bytes(result.predicted_bytes["disk"]))
+    ctx.plan = result
+    ctx.quantization = quant
+    doc = plan_document(result, ctx, dtype=dtype, dtype_overrides=dtype_overrides, quant=quant)
+    write_json(ctx.run_dir / output, doc)
+    ctx.report["plan"] = {
+        "strategy": strategy,
+        "max_memory": caps,
+        "device_map": dmap,
+        "predicted_bytes": result.predicted_bytes,
+    }
+    log.info("plan (%s):\n%s", strategy, plan_table(result))
+    if missing:
+        log.warning("the checkpoint has no tensor for %d model parameters, first %s", len(missing), missing[0])
+    if unexpected:
+        log.warning("%d checkpoint tensors match no model parameter, first %s", len(unexpected), unexpected[0])
+
+
+def plan_document(p: Plan, ctx: LoadContext, *, dtype, dtype_overrides, quant) -> dict:
+    ck = ctx.checkpoint
+    return {
+        "inputs": {
+            "checkpoint": {"path": ck.path, "files": [{"name": f, "bytes": _size(f)} for f in ck.files]},
+            "model_class": type(ctx.model).__name__,
+            "dtype": dtype,
+            "dtype_overrides": dict(dtype_overrides or {}),
+            "strategy": p.strategy,
+            "max_memory": p.max_memory,
+            "quantization": quant,
+            "no_split_modules": ctx.no_split,
+            "tied_groups": ctx.tied_groups,
+        },
+        "device_map": p.device_map,
+        "predicted_bytes": p.predicted_bytes,
+        "module_bytes": p.module_bytes(),
+        "quantized_modules": p.int8_modules,
+        "skipped_modules": p.skipped,
+        "missing_keys": p.missing,
+        "unexpected_keys": p.unexpected,
+        "tensors": {name: t.to_json() for name, t in sorted(p.tensors.items())},
+    }
+
+
+def _size(path: str) -> int:
+    import os
+
+    return os.path.getsize(path)
+
+
+def plan_table(p: Plan) -> str:
+    rows = [("device", "cap", "predicted", "tensors", "dtypes")]
+    for dev, nbytes in p.predicted_bytes.items():
+        ts = [t for t in p.tensors.values() if t.device == dev]
+        dts = sorted({dtype_name(t.dtype) for t in ts})
+        cap = p.max_memory.get(dev)
+        rows.append((dev, format_bytes(cap) if cap is not None else "-", format_bytes(nbytes), str(len(ts)), ",".join(dts)))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows)
