@@ -25,16 +25,16 @@ def _app(cfg: DictConfig) -> str:
     run_dir = hc.runtime.output_dir
     try:
         result = run(cfg, run_dir)
-    except (PipelineError, KeyboardInterrupt, Exception) as exc:
+    except BaseException as exc:
         result = getattr(exc, "result", None)
-        if result is not None and result.report["stages"]:
+        if result is None or os.environ.get("PIPELINE_DEBUG"):
+            raise  # not from the runner (or debugging): Hydra / Python show the traceback
+        if result.report["stages"]:
             print(format_summary(result.report, run_dir))
-        if os.environ.get("PIPELINE_DEBUG") or (not isinstance(exc, PipelineError) and not isinstance(exc, KeyboardInterrupt) and os.environ.get("HYDRA_FULL_ERROR")):
-            raise
-        code = getattr(exc, "exit_code", 130 if isinstance(exc, KeyboardInterrupt) else 1)
-        print(f"error: {exc if isinstance(exc, PipelineError) else result.report['error'] if result else exc}", file=sys.stderr)
+        print(f"error: {result.report['error']}", file=sys.stderr)
+        code = exc.exit_code if isinstance(exc, PipelineError) else 130 if isinstance(exc, KeyboardInterrupt) else 1
         if hc.mode == RunMode.MULTIRUN:
-            return "failed" if code == 1 else "error"  # the sweep goes on; report.json says what happened
+            return result.report["status"]  # the sweep goes on; report.json says what happened
         raise SystemExit(code) from None
     print(format_summary(result.report, run_dir))
     return "ok"

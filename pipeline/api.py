@@ -24,7 +24,7 @@ def compose_config(overrides=(), config_name: str = "config"):
         with initialize_config_module("conf", version_base="1.3"):
             return compose(config_name, overrides=overrides, return_hydra_config=True)
     except (HydraException, OmegaConfBaseException) as exc:
-        raise UserError(f"overrides: {str(exc).splitlines()[0]}") from None
+        raise UserError("overrides: " + "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())) from None
 
 
 def load(overrides=(), *, run_dir: str | Path | None = None, config_name: str = "config") -> LoadResult:

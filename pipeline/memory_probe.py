@@ -68,4 +68,6 @@ def measured_bytes(model: torch.nn.Module) -> dict[str, int]:
         add(getattr(p, "SCB", None))  # bitsandbytes Int8Params keep their row scales beside the weight
     for b in model.buffers():
         add(b)
+    for m in model.modules():  # after a first forward, Linear8bitLt moves the scales into its state
+        add(getattr(getattr(m, "state", None), "SCB", None))
     return dict(sorted(out.items(), key=lambda kv: device_order(kv[0])))

@@ -14,6 +14,7 @@ import time
 import torch
 from safetensors import safe_open
 
+from ..bnb import import_bitsandbytes
 from ..context import LoadContext
 from ..errors import UserError
 from ..memory_probe import PeakAnonSampler
@@ -83,7 +84,7 @@ def _torch_device(dev: str) -> torch.device:
 
 def _place(model: torch.nn.Module, t: TensorPlan, tensor: torch.Tensor, device: torch.device) -> None:
     if t.quantized:
-        import bitsandbytes as bnb
+        bnb = import_bitsandbytes()
 
         value = bnb.nn.Int8Params(tensor, requires_grad=False, has_fp16_weights=False).to(device)
     else:

@@ -37,9 +37,8 @@ def plan(ctx: LoadContext, *, dtype: str = "auto", dtype_overrides: dict | None 
         model, checkpoint, dtype=dtype, overrides=dtype_overrides or {}, keep_in_fp32=ctx.keep_in_fp32,
         tied_groups=ctx.tied_groups, int8_modules=int8_modules)
     caps = resolve_max_memory(max_memory) if strategy not in ("cpu", "explicit") or max_memory else {}
-    dtypes = {t.name: t.dtype for t in tensors.values() if t.kind == "param"}
-    dmap = compute_device_map(model, strategy=strategy, explicit=device_map, max_memory=caps,
-                              no_split=ctx.no_split, dtypes=dtypes)
+    dmap = compute_device_map(model, tensors, strategy=strategy, explicit=device_map, max_memory=caps,
+                              no_split=ctx.no_split)
     assign_devices(tensors, dmap)
     result = Plan(strategy, caps, dmap, tensors, key_map, unexpected, missing, tied_dups, int8_modules, skipped)
     check_caps(result.predicted_bytes, caps)

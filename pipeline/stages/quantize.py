@@ -10,6 +10,7 @@ import logging
 
 from accelerate import init_empty_weights
 
+from ..bnb import import_bitsandbytes
 from ..context import LoadContext
 
 log = logging.getLogger(__name__)
@@ -22,7 +23,7 @@ def quantize(ctx: LoadContext) -> None:
     if quant.get("method", "none") == "none":
         ctx.report["quantization"] = {"method": "none", "quantized": 0, "skipped": []}
         return
-    import bitsandbytes as bnb
+    bnb = import_bitsandbytes()
 
     threshold = quant["threshold"]
     for name in plan.int8_modules:

@@ -1,0 +1,86 @@
+"""Config composition: every option of every group composes and binds to its stage's signature."""
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from pipeline.api import compose_config
+from pipeline.errors import UserError
+from pipeline.quant_config import normalize_quantization
+from pipeline.runner import bind_stages
+from pipeline.sizes import normalize_max_memory
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+GROUPS = ["checkpoint", "dtype", "device_map", "memory", "quantization"]
+STAGES = ["instantiate_empty", "plan", "quantize", "load_shards", "validate"]
+
+
+def _options(group):
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("override", [f"{g}={o}" for g in GROUPS for o in _options(g)])
+def test_every_option_composes_and_binds(override):
+    cfg = compose_config([override, "checkpoint.path=/models/x"])
+    stages = bind_stages(cfg)  # resolves every stage node and checks its keys against the function
+    assert [name for name, _ in stages] == STAGES
+    assert cfg.name == "x"
+
+
+def test_default_config():
+    cfg = compose_config([])
+    assert cfg.checkpoint.builtin == "smollm2" and cfg.checkpoint.path is None
+    assert cfg.quantization.method == "int8" and cfg.quantization.threshold == 6.0
+    assert list(cfg.stages) == STAGES
+    assert cfg.name == "smollm2-135m-instruct"
+    assert str(cfg.hydra.run.dir).startswith("runs/smollm2-135m-instruct/")
+
+
+def test_stages_select_and_order():
+    cfg = compose_config(["stages=[instantiate_empty,plan]"])
+    assert list(cfg.stages) == ["instantiate_empty", "plan"]
+
+
+def test_dry_run_experiment():
+    cfg = compose_config(["+experiment=dry_run"])
+    assert list(cfg.stages) == ["instantiate_empty", "plan"]
+
+
+def test_unknown_stage_is_a_user_error():
+    with pytest.raises(UserError, match="stages/unpack"):
+        compose_config(["stages=[instantiate_empty,unpack]"])
+
+
+def test_unknown_group_option_is_a_user_error():
+    with pytest.raises(UserError, match="dtype"):
+        compose_config(["dtype=fp12"])
+
+
+def test_threshold_int_is_coerced():
+    cfg = compose_config(["quantization.threshold=4"])
+    q = normalize_quantization(OmegaConf.to_container(cfg.quantization))
+    assert q["threshold"] == 4.0 and isinstance(q["threshold"], float)
+
+
+@pytest.mark.parametrize("bad,match", [(-1, "negative"), ("abc", "not a number")])
+def test_bad_threshold(bad, match):
+    with pytest.raises(UserError, match=match):
+        normalize_quantization({"method": "int8", "threshold": bad})
+
+
+def test_memory_caps_from_the_command_line_normalise_like_yaml():
+    cfg = compose_config(["memory=gpu0_20gib", "+memory.max_memory.1=10GiB"])
+    caps = normalize_max_memory(OmegaConf.to_container(cfg.memory.max_memory))
+    assert caps == {"0": 20 * 2**30, "1": 10 * 2**30, "cpu": 64 * 2**30}
+
+
+def test_stage_with_unknown_key_names_it():
+    cfg = compose_config(["+stages.validate.colour=blue"])
+    with pytest.raises(UserError, match=r"unknown key stages\.validate\.colour"):
+        bind_stages(cfg)
+
+
+def test_stage_target_outside_allow_list_is_refused():
+    cfg = compose_config(["stages.plan._target_=os.system"])
+    with pytest.raises(UserError, match="os.system is not allow-listed"):
+        bind_stages(cfg)
