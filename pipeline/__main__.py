@@ -40,8 +40,23 @@ def _app(cfg: DictConfig) -> str:
     return "ok"
 
 
+def _preflight(args: list[str]) -> None:
+    """Compose once before Hydra does, so a bad override ends in one clear line and exit 2."""
+    if any(a.startswith("-") for a in args) or os.environ.get("PIPELINE_DEBUG"):
+        return  # multirun, --cfg, --help...: Hydra handles (and reports) these itself
+    from .api import compose_config
+    from .errors import UserError
+
+    try:
+        compose_config(args)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 def main() -> None:
     sys.argv[0] = "python -m pipeline"
+    _preflight(sys.argv[1:])
     try:
         _app()
     except SystemExit as exc:

@@ -24,7 +24,16 @@ def compose_config(overrides=(), config_name: str = "config"):
         with initialize_config_module("conf", version_base="1.3"):
             return compose(config_name, overrides=overrides, return_hydra_config=True)
     except (HydraException, OmegaConfBaseException) as exc:
-        raise UserError("overrides: " + "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())) from None
+        raise UserError(f"overrides: {_one_line(str(exc))}") from None
+
+
+def _one_line(message: str) -> str:
+    """Hydra's multi-line composition errors as one line: the problem, then the valid choices."""
+    lines = [ln.strip() for ln in message.split("Config search path:")[0].splitlines() if ln.strip()]
+    head, rest = lines[0], lines[1:]
+    if rest and rest[0].startswith("Available options"):
+        return f"{head}; choose one of: {', '.join(rest[1:])}"
+    return "; ".join([head, *rest])
 
 
 def load(overrides=(), *, run_dir: str | Path | None = None, config_name: str = "config") -> LoadResult:
