@@ -30,6 +30,7 @@ class LoadContext:
     plan: Any = None                          # planning.Plan, set by plan
     quantization: dict = field(default_factory=dict)
     loaded: bool = False                      # set by load_shards
+    offload: Any = None                       # accelerate OffloadedWeightsLoader when modules are offloaded
 
     def require(self, attr: str, stage: str, provider: str) -> Any:
         value = getattr(self, attr)

@@ -50,9 +50,10 @@ def compute_device_map(model, tensors: dict[str, TensorPlan], *, strategy: str, 
     units = _Units(model, tensors, sizes, set(no_split))
     caps = dict(max_memory)
     gpus = [d for d in caps if d.isdigit()]
+    targets = caps
     if strategy in ("balanced", "balanced_low_0") or (strategy == "auto" and len(gpus) > 1):
-        caps = _balanced_caps(caps, gpus, sizes.get("", 0), units.largest(), low_zero=strategy == "balanced_low_0")
-    return _fill(units, caps)
+        targets = _balanced_targets(caps, gpus, sizes.get("", 0), low_zero=strategy == "balanced_low_0")
+    return _fill(units, caps, targets)
 
 
 def _subtree_sizes(tensors: dict[str, TensorPlan]) -> dict[str, int]:
@@ -108,25 +109,30 @@ class _Units:
         return best
 
 
-def _balanced_caps(caps, gpus, total, largest, low_zero) -> dict[str, int]:
-    """accelerate's get_balanced_memory on exact sizes: an even share per GPU plus room for one block."""
+def _balanced_targets(caps, gpus, total, low_zero) -> dict[str, int]:
+    """An even share of the model per GPU (GPU 0 none with low_zero); the last GPU takes what is left.
+
+    accelerate pads each share by the largest layer, which on small or few-layer
+    models piles most of the model on the first GPU; we aim at the even share
+    and let a block overshoot it only when that lands closer to the share.
+    """
     if len(gpus) < 2:
         return caps
-    share = math.ceil(total / (len(gpus) - 1 if low_zero else len(gpus))) + largest
+    used = gpus[1:] if low_zero else gpus
+    share = math.ceil(total / len(used))
     out = dict(caps)
-    for g in gpus:
-        out[g] = min(caps[g], share)
-    if low_zero:
-        rest = sum(out[g] for g in gpus[1:])
-        out[gpus[0]] = min(caps[gpus[0]], max(0, total - rest))
+    for g in gpus[:-1]:
+        out[g] = 0 if (low_zero and g == gpus[0]) else min(caps[g], share)
     return out
 
 
-def _fill(units: _Units, caps: dict[str, int]) -> dict[str, str]:
+def _fill(units: _Units, caps: dict[str, int], targets: dict[str, int]) -> dict[str, str]:
+    """Place units in order; `caps` are hard limits, `targets` the share each device aims at."""
     devices = sorted(caps, key=device_order)
     if not devices:
         raise UserError("memory.max_memory: no device to place the model on; give at least cpu: <size>")
     left = dict(caps)
+    aim = dict(targets)
     dmap: dict[str, str] = {}
     group_device: dict[str, str] = {}
     queue = [""]
@@ -139,7 +145,7 @@ def _fill(units: _Units, caps: dict[str, int]) -> dict[str, str]:
         pinned = {group_device[g] for g in groups if g in group_device}
         if len(pinned) == 1 and (kids is None or size <= left[next(iter(pinned))]):
             dev = pinned.pop()  # tied weights share one device, whatever the fill order
-        elif i < len(devices) and size <= left[devices[i]]:
+        elif i < len(devices) and size <= left[devices[i]] and _closer(size, aim[devices[i]]):
             dev = devices[i]
         elif kids is not None:
             queue[:0] = kids
@@ -157,9 +163,15 @@ def _fill(units: _Units, caps: dict[str, int]) -> dict[str, str]:
             continue
         dmap[name] = dev
         left[dev] -= size
+        aim[dev] -= size
         for g in groups:
             group_device.setdefault(g, dev)
     return _merge(dmap)
+
+
+def _closer(size: int, aim_left: int) -> bool:
+    """Placing `size` leaves the device nearer its target than stopping here (always, within target)."""
+    return size <= aim_left or size - aim_left < aim_left
 
 
 def _merge(dmap: dict[str, str]) -> dict[str, str]:

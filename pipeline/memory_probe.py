@@ -48,8 +48,9 @@ def device_str(device: torch.device) -> str:
     return str(device.index or 0) if device.type == "cuda" else device.type
 
 
-def measured_bytes(model: torch.nn.Module) -> dict[str, int]:
-    """Bytes held per device by parameters, buffers and int8 scales, each storage counted once."""
+def measured_bytes(model: torch.nn.Module, offload=None) -> dict[str, int]:
+    """Bytes held per device by parameters, buffers and int8 scales, each storage counted once,
+    plus what accelerate holds for offloaded modules (CPU copies, tensors referenced on disk)."""
     seen: set[tuple] = set()
     out: dict[str, int] = {}
 
@@ -70,4 +71,9 @@ def measured_bytes(model: torch.nn.Module) -> dict[str, int]:
         add(b)
     for m in model.modules():  # after a first forward, Linear8bitLt moves the scales into its state
         add(getattr(getattr(m, "state", None), "SCB", None))
+    if offload is not None:
+        from .offload import offloaded_bytes
+
+        for dev, n in offloaded_bytes(offload).items():
+            out[dev] = out.get(dev, 0) + n
     return dict(sorted(out.items(), key=lambda kv: device_order(kv[0])))

@@ -18,6 +18,7 @@ from ..bnb import import_bitsandbytes
 from ..context import LoadContext
 from ..errors import UserError
 from ..memory_probe import PeakAnonSampler
+from ..offload import dispatch, needs_dispatch
 from ..planning import TensorPlan
 
 log = logging.getLogger(__name__)
@@ -26,8 +27,9 @@ log = logging.getLogger(__name__)
 def load_shards(ctx: LoadContext, *, progress: bool | None = None) -> None:
     plan = ctx.require("plan", "load_shards", "plan")
     model = ctx.model
-    devices = {dev: _torch_device(dev) for dev in plan.devices}
-    by_source = {t.source: t for t in plan.tensors.values() if t.source}
+    devices = {dev: _torch_device(dev) for dev in plan.devices if dev != "disk"}
+    # Disk-planned tensors are not read now: accelerate reads them from the shards at forward time.
+    by_source = {t.source: t for t in plan.tensors.values() if t.source and t.device != "disk"}
     total = sum(ctx.checkpoint.tensors[k].nbytes for k in by_source)
     for dev in devices.values():
         if dev.type == "cuda":
@@ -53,7 +55,8 @@ def load_shards(ctx: LoadContext, *, progress: bool | None = None) -> None:
     if bar is not None:
         bar.close()
     model.hf_device_map = dict(plan.device_map)
-    _dispatch_if_split(model, plan)
+    if needs_dispatch(plan):
+        ctx.offload = dispatch(model, plan, ctx.checkpoint)
     ctx.loaded = True
     ctx.report["load"] = {
         "seconds": round(seconds, 4),
@@ -71,8 +74,6 @@ def load_shards(ctx: LoadContext, *, progress: bool | None = None) -> None:
 def _torch_device(dev: str) -> torch.device:
     if dev == "cpu":
         return torch.device("cpu")
-    if dev == "disk":
-        raise UserError("device_map: the plan offloads to disk, which load_shards does not do yet; raise memory caps or add cpu to memory.max_memory")
     n = torch.cuda.device_count()
     if int(dev) >= n:
         raise UserError(
@@ -109,7 +110,7 @@ def _finish_skeleton_tensors(model, tensors: dict[str, TensorPlan], devices) -> 
         module = model.get_submodule(mod_name) if mod_name else model
         store = module._parameters if t.kind == "param" else module._buffers
         current = store[leaf]
-        if current is None or current.device.type == "meta":
+        if current is None or current.device.type == "meta" or t.device == "disk":
             continue  # missing from the checkpoint: validate names it
         value = current.to(device=devices[t.device], dtype=t.dtype)
         store[leaf] = torch.nn.Parameter(value, requires_grad=False) if t.kind == "param" else value
@@ -117,23 +118,12 @@ def _finish_skeleton_tensors(model, tensors: dict[str, TensorPlan], devices) -> 
 
 def _tie(model, tensors: dict[str, TensorPlan]) -> None:
     for t in tensors.values():
-        if t.tied_to:
+        if t.tied_to and t.device != "disk":
             head = tensors[t.tied_to]
             mod_name, _, leaf = head.name.rpartition(".")
             module = model.get_submodule(mod_name) if mod_name else model
             value = (module._parameters if head.kind == "param" else module._buffers)[leaf]
             _assign(model, t, value)
-
-
-def _dispatch_if_split(model, plan) -> None:
-    """Across several devices, accelerate's hooks move activations between them."""
-    devs = set(plan.devices)
-    if len(devs) < 2 or all(d == "cpu" for d in devs):
-        return
-    from accelerate import dispatch_model
-
-    dm = {k: (int(v) if v.isdigit() else v) for k, v in plan.device_map.items()}
-    dispatch_model(model, device_map=dm)
 
 
 def _progress_bar(total: int, progress: bool | None):

@@ -14,6 +14,7 @@ from ..context import LoadContext
 from ..device_map import check_caps, compute_device_map, resolve_max_memory
 from ..dtypes import dtype_name
 from ..int8_targets import select_int8_modules
+from ..offload import main_device, offloaded_devices
 from ..planning import Plan, assign_devices, plan_tensors
 from ..quant_config import normalize_quantization
 from ..sizes import format_bytes
@@ -41,6 +42,19 @@ def plan(ctx: LoadContext, *, dtype: str = "auto", dtype_overrides: dict | None 
                               no_split=ctx.no_split)
     assign_devices(tensors, dmap)
     result = Plan(strategy, caps, dmap, tensors, key_map, unexpected, missing, tied_dups, int8_modules, skipped)
+    offloaded = offloaded_devices(result)
+    demoted = [m for m in int8_modules if tensors[f"{m}.weight"].device in offloaded]
+    if demoted:  # int8 runs on the execution device; offloaded layers stay in their load dtype
+        int8_modules = [m for m in int8_modules if m not in demoted]
+        skipped.update({m: f"offloaded to {tensors[f'{m}.weight'].device}" for m in demoted})
+        tensors, *_ = plan_tensors(
+            model, checkpoint, dtype=dtype, overrides=dtype_overrides or {}, keep_in_fp32=ctx.keep_in_fp32,
+            tied_groups=ctx.tied_groups, int8_modules=int8_modules)
+        assign_devices(tensors, dmap)
+        result = Plan(strategy, caps, dmap, tensors, key_map, unexpected, missing, tied_dups, int8_modules, skipped)
+    for t in tensors.values():
+        if t.device == "disk" and t.kind == "buffer":
+            t.device = main_device(result)  # accelerate keeps buffers on the execution device
     check_caps(result.predicted_bytes, caps)
     if "disk" in result.predicted_bytes and result.predicted_bytes["disk"]:
         log.warning("the plan offloads %s to disk", format_bytes(result.predicted_bytes["disk"]))

@@ -32,21 +32,23 @@ def validate(ctx: LoadContext, *, forward: bool = True, plan_tolerance: float = 
     checks: dict[str, bool] = {}
     problems: dict[str, str] = {}
 
-    meta = [n for n, p in _named_tensors(model) if p.device.type == "meta"]
+    offloaded = _offloaded_names(ctx.offload)
+    meta = [n for n, p in _named_tensors(model) if p.device.type == "meta" and n not in offloaded]
     _check(checks, problems, "no_meta_tensors", not meta, f"still on meta: {', '.join(meta[:5])}")
     _check(checks, problems, "all_parameters_loaded", not plan.missing, f"missing from the checkpoint: {', '.join(plan.missing[:5])}")
     _check(checks, problems, "all_checkpoint_tensors_used", not plan.unexpected, f"unused checkpoint tensors: {', '.join(plan.unexpected[:5])}")
-    placed = dict(_named_tensors(model))
-    wrong_dev = [n for n, t in plan.tensors.items() if n in placed and placed[n].device.type != "meta" and device_str(placed[n].device) != t.device]
+    placed = {n: offloaded.get(n, p) for n, p in _named_tensors(model)}
+    wrong_dev = [n for n, t in plan.tensors.items() if n in placed and _device_of(placed[n]) != t.device]
     wrong_dtype = [n for n, t in plan.tensors.items() if n in placed and placed[n].dtype != t.dtype]
     wrong_shape = [n for n, t in plan.tensors.items() if n in placed and tuple(placed[n].shape) != t.shape]
     _check(checks, problems, "devices_as_planned", not wrong_dev, f"on another device than planned: {', '.join(wrong_dev[:5])}")
     _check(checks, problems, "dtypes_as_planned", not wrong_dtype, f"another dtype than planned: {', '.join(wrong_dtype[:5])}")
     _check(checks, problems, "shapes_as_planned", not wrong_shape, f"another shape than planned: {', '.join(wrong_shape[:5])}")
-    untied = [g for g in ctx.tied_groups if len({placed[n].data_ptr() for n in g if n in placed}) > 1]
+    untied = [g for g in ctx.tied_groups
+              if not any(n in offloaded for n in g) and len({placed[n].data_ptr() for n in g if n in placed}) > 1]
     _check(checks, problems, "tied_weights_tied", not untied, f"no longer tied: {untied[:1]}")
 
-    measured = measured_bytes(model)
+    measured = measured_bytes(model, ctx.offload)
     predicted = plan.predicted_bytes
     plan_error = {d: round((measured.get(d, 0) - p) / p, 6) if p else 0.0 for d, p in predicted.items()}
     for d in measured:
@@ -95,6 +97,27 @@ def _check(checks, problems, name, ok, why):
         log.error("check %s failed: %s", name, why)
 
 
+class _OnDisk:
+    """Stands for a tensor accelerate reads from the checkpoint at forward time."""
+
+    def __init__(self, info):
+        self.dtype = getattr(torch, info["dtype"])
+        self.shape = tuple(info["shape"])
+
+
+def _offloaded_names(loader) -> dict:
+    """name -> the offloaded tensor (CPU copy) or an _OnDisk stand-in."""
+    if loader is None:
+        return {}
+    out = {n: _OnDisk(info) for n, info in loader.index.items()}
+    out.update(loader.state_dict)
+    return out
+
+
+def _device_of(t) -> str:
+    return "disk" if isinstance(t, _OnDisk) else device_str(t.device)
+
+
 def _named_tensors(model):
     seen = set()
     for n, p in model.named_parameters(remove_duplicate=False):
@@ -106,10 +129,15 @@ def _named_tensors(model):
 
 
 def _input_device(model) -> torch.device:
+    """Where inputs go: the embedding's execution device (accelerate's hook knows it when offloaded)."""
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    hook = getattr(emb, "_hf_hook", None)
+    if getattr(hook, "execution_device", None) is not None:
+        dev = hook.execution_device
+        return torch.device("cuda", dev) if isinstance(dev, int) else torch.device(dev)
     if emb is not None and emb.weight.device.type != "meta":
         return emb.weight.device
-    return next(p.device for p in model.parameters())
+    return next(p.device for p in model.parameters() if p.device.type != "meta")
 
 
 def _forward_check(model) -> tuple[bool, float]:

@@ -1,0 +1,112 @@
+"""Write synthetic HF-layout checkpoints of real architectures, for benchmarks and plan tests.
+
+`sparse=True` writes real safetensors headers and leaves the data as a hole in the
+file (no disk used, nothing to read): enough to plan a 70B model on a laptop.
+Otherwise the data is random (normal * 0.02) and the files load like any checkpoint.
+
+    python -m pipeline.checkpoint.synthetic --shape llama-70b --sparse /tmp/llama70b
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import struct
+
+import torch
+
+from ..dtypes import SAFETENSORS_DTYPES, itemsize
+
+SHAPES = {
+    # Llama-2-7B / 70B shapes, and smaller ones for CPU benchmarks and tests.
+    "llama-7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                     num_attention_heads=32, num_key_value_heads=32),
+    "llama-70b": dict(vocab_size=32000, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                      num_attention_heads=64, num_key_value_heads=8),
+    "llama-400m": dict(vocab_size=32000, hidden_size=1024, intermediate_size=4096, num_hidden_layers=20,
+                       num_attention_heads=16, num_key_value_heads=16),
+    "llama-tiny": dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                       num_attention_heads=4, num_key_value_heads=2),
+}
+_ST_NAME = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+
+
+def llama_config(shape: str):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(**SHAPES[shape], max_position_embeddings=4096, tie_word_embeddings=False,
+                       architectures=["LlamaForCausalLM"])
+
+
+def tensor_shapes(config) -> list[tuple[str, tuple[int, ...]]]:
+    """State-dict names and shapes of the model `config` describes, from a meta skeleton."""
+    from accelerate import init_empty_weights
+    from transformers import LlamaForCausalLM
+
+    with init_empty_weights(include_buffers=False):
+        model = LlamaForCausalLM._from_config(config)
+    return [(n, tuple(t.shape)) for n, t in model.state_dict().items()]
+
+
+def write_checkpoint(dest: str, shape: str = "llama-7b", dtype: torch.dtype = torch.bfloat16,
+                     max_shard_bytes: int = 5 * 10**9, sparse: bool = False, seed: int = 0) -> str:
+    os.makedirs(dest, exist_ok=True)
+    config = llama_config(shape)
+    config.dtype = str(dtype).removeprefix("torch.")
+    tensors = tensor_shapes(config)
+    shards: list[list[tuple[str, tuple[int, ...]]]] = [[]]
+    size = 0
+    for name, shp in tensors:
+        n = math.prod(shp) * itemsize(dtype)
+        if shards[-1] and size + n > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append((name, shp))
+        size += n
+    gen = torch.Generator().manual_seed(seed)
+    weight_map = {}
+    for i, shard in enumerate(shards, 1):
+        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        _write_shard(os.path.join(dest, fname), shard, dtype, sparse, gen)
+        weight_map.update({name: fname for name, _ in shard})
+    total = sum(math.prod(s) * itemsize(dtype) for _, s in tensors)
+    with open(os.path.join(dest, "model.safetensors.index.json"), "w") as fh:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, fh, indent=2)
+    config.save_pretrained(dest)
+    return dest
+
+
+def _write_shard(path, shard, dtype, sparse: bool, gen) -> None:
+    header, offset = {}, 0
+    for name, shp in shard:
+        n = math.prod(shp) * itemsize(dtype)
+        header[name] = {"dtype": _ST_NAME[dtype], "shape": list(shp), "data_offsets": [offset, offset + n]}
+        offset += n
+    header["__metadata__"] = {"format": "pt"}
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * ((8 - len(blob) % 8) % 8)
+    with open(path, "wb") as fh:
+        fh.write(struct.pack("<Q", len(blob)) + blob)
+        if sparse:
+            fh.truncate(8 + len(blob) + offset)
+            return
+        for name, shp in shard:
+            t = (torch.randn(shp, generator=gen) * 0.02).to(dtype)
+            fh.write(t.contiguous().view(torch.uint8).numpy().tobytes())
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("dest")
+    ap.add_argument("--shape", default="llama-7b", choices=sorted(SHAPES))
+    ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    ap.add_argument("--max-shard-gb", type=float, default=5.0)
+    ap.add_argument("--sparse", action="store_true", help="headers only; data left as a hole")
+    a = ap.parse_args(argv)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[a.dtype]
+    print(write_checkpoint(a.dest, a.shape, dtype, int(a.max_shard_gb * 10**9), a.sparse))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,87 @@
+"""CPU and disk offload through accelerate's hooks (dispatch_model).
+
+Modules planned on "disk" are never read at load time: accelerate's
+OffloadedWeightsLoader gets an index that points at the tensors inside the
+checkpoint's own safetensors files (no copy, no offload folder) and reads them
+at forward time, cast to the planned dtype. Modules planned on "cpu" while a GPU
+is the main device are loaded to the CPU and moved to the GPU per forward.
+"""
+from __future__ import annotations
+
+import torch
+
+from .dtypes import dtype_name
+from .planning import Plan
+
+
+def main_device(plan: Plan) -> str:
+    """The execution device: the first GPU in the plan, else the CPU."""
+    gpus = sorted((d for d in plan.devices if d.isdigit()), key=int)
+    return gpus[0] if gpus else "cpu"
+
+
+def offloaded_devices(plan: Plan) -> set[str]:
+    return {"disk"} if main_device(plan) == "cpu" else {"cpu", "disk"}
+
+
+def needs_dispatch(plan: Plan) -> bool:
+    devices = set(plan.devices)
+    return "disk" in devices or len(devices) > 1
+
+
+def disk_index(plan: Plan, checkpoint) -> dict[str, dict]:
+    """accelerate offload index: model name -> the tensor's place in the checkpoint's files."""
+    index = {}
+    for t in plan.tensors.values():
+        if t.device != "disk" or t.kind != "param":
+            continue
+        head = plan.tensors[t.tied_to] if t.tied_to else t
+        info = checkpoint.tensors[head.source]
+        index[t.name] = {"safetensors_file": info.file, "weight_name": head.source,
+                         "dtype": dtype_name(head.dtype), "shape": list(head.shape)}
+    return index
+
+
+def dispatch(model: torch.nn.Module, plan: Plan, checkpoint):
+    """Attach accelerate's hooks; returns the OffloadedWeightsLoader (None without offload)."""
+    from accelerate import dispatch_model
+
+    main = main_device(plan)
+    dm = {k: (int(v) if v.isdigit() else v) for k, v in plan.device_map.items()}
+    index = disk_index(plan, checkpoint)
+    dispatch_model(model, device_map=dm, main_device=int(main) if main.isdigit() else main,
+                   offload_index=index or None)
+    return _find_weights_loader(model)
+
+
+def _find_weights_loader(model):
+    for module in model.modules():
+        hook = getattr(module, "_hf_hook", None)
+        wm = getattr(hook, "weights_map", None)
+        if wm is not None:
+            return getattr(wm, "dataset", wm)
+    return None
+
+
+def offloaded_bytes(loader) -> dict[str, int]:
+    """Bytes held for offloaded modules: CPU copies in memory, disk tensors referenced in files."""
+    out: dict[str, int] = {}
+    if loader is None:
+        return out
+    seen = set()
+    for t in loader.state_dict.values():
+        if t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        out["cpu"] = out.get("cpu", 0) + t.numel() * t.element_size()
+    files = set()
+    for info in loader.index.values():
+        key = (info["safetensors_file"], info["weight_name"])
+        if key in files:
+            continue  # tied names reference one tensor
+        files.add(key)
+        n = 1
+        for d in info["shape"]:
+            n *= d
+        out["disk"] = out.get("disk", 0) + n * torch.empty((), dtype=getattr(torch, info["dtype"])).element_size()
+    return out
