@@ -1,9 +1,14 @@
 """Stage 4: stream every checkpoint tensor to its planned device and dtype.
 
-Shards are read one tensor at a time through safetensors' memory map, in file
-order, so host memory holds at most one tensor in flight, never the whole
-checkpoint. int8 weights are quantized by bitsandbytes on their target device
-as they arrive. Missing and unexpected keys are reported by name.
+Two readers, chosen per tensor by `reader`:
+- stream (GPU tensors under `auto`): pipeline.streaming reads chunks on several
+  threads into a bounded pool of pinned buffers and copies them to the GPU
+  asynchronously; casts and int8 quantization happen on the GPU.
+- safetensors (CPU tensors under `auto`): safe_open's memory map, one tensor at a
+  time in file order; a tensor already in its planned dtype stays a zero-copy,
+  copy-on-write view of the file, so host memory never holds the checkpoint twice.
+int8 weights are quantized by bitsandbytes on their target device as they arrive.
+Tensors planned on disk are not read (accelerate reads them at forward time).
 """
 from __future__ import annotations
 
@@ -20,40 +25,52 @@ from ..errors import UserError
 from ..memory_probe import PeakAnonSampler
 from ..offload import dispatch, needs_dispatch
 from ..planning import TensorPlan
+from ..streaming import Item, ShardStreamer
 
 log = logging.getLogger(__name__)
 
+READERS = ("auto", "stream", "safetensors")
 
-def load_shards(ctx: LoadContext, *, progress: bool | None = None) -> None:
+
+def load_shards(ctx: LoadContext, *, progress: bool | None = None, reader: str = "auto", threads: int = 12,
+                chunk_mib: float = 16, staging_mib: float = 256, temp_mib: float = 1024) -> None:
     plan = ctx.require("plan", "load_shards", "plan")
+    if reader not in READERS:
+        raise UserError(f"stages.load_shards.reader: unknown reader {reader!r}; choose one of {', '.join(READERS)}")
     model = ctx.model
     devices = {dev: _torch_device(dev) for dev in plan.devices if dev != "disk"}
-    # Disk-planned tensors are not read now: accelerate reads them from the shards at forward time.
-    by_source = {t.source: t for t in plan.tensors.values() if t.source and t.device != "disk"}
-    total = sum(ctx.checkpoint.tensors[k].nbytes for k in by_source)
+    todo = [(ctx.checkpoint.tensors[t.source], t) for t in plan.tensors.values() if t.source and t.device != "disk"]
+    streamed = [(i, t) for i, t in todo if reader == "stream" or (reader == "auto" and devices[t.device].type == "cuda")]
+    streamed_names = {i.name for i, _ in streamed}
+    mapped = [(i, t) for i, t in todo if i.name not in streamed_names]
     for dev in devices.values():
         if dev.type == "cuda":
+            torch.zeros(1, device=dev)  # creates the CUDA context if nothing has yet
             torch.cuda.reset_peak_memory_stats(dev)
-    bar = _progress_bar(total, progress)
-    bytes_read = 0
+    bar = _progress_bar(sum(i.nbytes for i, _ in todo), len(todo), progress)
     start = time.perf_counter()
     with PeakAnonSampler() as sampler:
-        for path in ctx.checkpoint.files:
-            infos = sorted((i for i in ctx.checkpoint.tensors.values() if i.file == path), key=lambda i: i.start)
-            with safe_open(path, framework="pt", device="cpu") as fh:
-                for info in infos:
-                    t = by_source.get(info.name)
-                    if t is None:
-                        continue  # unexpected or a tied duplicate: never read
-                    _place(model, t, fh.get_tensor(info.name), devices[t.device])
-                    bytes_read += info.nbytes
-                    if bar is not None:
-                        bar.update(info.nbytes)
+        if streamed:
+            by_name = {i.name: t for i, t in streamed}
+            streamer = ShardStreamer(threads, chunk_mib * 2**20, staging_mib * 2**20, temp_mib * 2**20)
+            items = [Item(i, devices[t.device], final_in_place=_in_place(i, t)) for i, t in streamed]
+
+            def finish(item: Item) -> None:
+                t = by_name[item.info.name]
+                _place(model, t, item.typed(), item.device)
+                _tick(bar)
+
+            streamer.run(items, finish, on_bytes=bar.update if bar is not None else None)
+        _read_mapped(model, mapped, devices, bar)
         _finish_skeleton_tensors(model, plan.tensors, devices)
         _tie(model, plan.tensors)
+        for dev in devices.values():
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
     seconds = time.perf_counter() - start
     if bar is not None:
         bar.close()
+    bytes_read = sum(i.nbytes for i, _ in todo)
     model.hf_device_map = dict(plan.device_map)
     if needs_dispatch(plan):
         ctx.offload = dispatch(model, plan, ctx.checkpoint)
@@ -62,6 +79,8 @@ def load_shards(ctx: LoadContext, *, progress: bool | None = None) -> None:
         "seconds": round(seconds, 4),
         "bytes_read": bytes_read,
         "gb_per_s": round(bytes_read / seconds / 1e9, 3) if seconds > 0 else 0.0,
+        "tensors": len(todo),
+        "reader": {"streamed": len(streamed), "mapped": len(mapped), "threads": threads, "staging_mib": staging_mib},
         "baseline_host_anon_bytes": sampler.baseline,
         "peak_host_anon_bytes": sampler.peak,
         "peak_gpu_bytes": {str(d.index): torch.cuda.max_memory_allocated(d) for d in devices.values() if d.type == "cuda"},
@@ -69,6 +88,26 @@ def load_shards(ctx: LoadContext, *, progress: bool | None = None) -> None:
         "unexpected_keys": plan.unexpected,
     }
     log.info("loaded %d bytes in %.2f s (%.2f GB/s)", bytes_read, seconds, bytes_read / max(seconds, 1e-9) / 1e9)
+
+
+def _in_place(info, t: TensorPlan) -> bool:
+    from ..dtypes import SAFETENSORS_DTYPES
+
+    return not t.quantized and SAFETENSORS_DTYPES[info.dtype] == t.dtype
+
+
+def _read_mapped(model, pairs, devices, bar) -> None:
+    """safe_open's memory map, shard by shard, tensors in file order."""
+    by_file: dict[str, list] = {}
+    for info, t in pairs:
+        by_file.setdefault(info.file, []).append((info, t))
+    for path, group in by_file.items():
+        with safe_open(path, framework="pt", device="cpu") as fh:
+            for info, t in sorted(group, key=lambda p: p[0].start):
+                _place(model, t, fh.get_tensor(info.name), devices[t.device])
+                if bar is not None:
+                    bar.update(info.nbytes)
+                    _tick(bar)
 
 
 def _torch_device(dev: str) -> torch.device:
@@ -85,14 +124,19 @@ def _torch_device(dev: str) -> torch.device:
 
 def _place(model: torch.nn.Module, t: TensorPlan, tensor: torch.Tensor, device: torch.device) -> None:
     if t.quantized:
-        bnb = import_bitsandbytes()
-
-        value = bnb.nn.Int8Params(tensor, requires_grad=False, has_fp16_weights=False).to(device)
+        value = _int8(tensor.to(device))
     else:
         value = tensor.to(device=device, dtype=t.dtype)
         if t.kind == "param":
             value = torch.nn.Parameter(value, requires_grad=False)
     _assign(model, t, value)
+
+
+def _int8(weight: torch.Tensor):
+    """LLM.int8 row-wise quantization on the weight's own device, exactly as Int8Params does it."""
+    bnb = import_bitsandbytes()
+    cb, scb, _ = bnb.functional.int8_vectorwise_quant(weight.contiguous().to(torch.float16))
+    return bnb.nn.Int8Params(cb, requires_grad=False, has_fp16_weights=False, CB=cb, SCB=scb)
 
 
 def _assign(model: torch.nn.Module, t: TensorPlan, value) -> None:
@@ -126,9 +170,18 @@ def _tie(model, tensors: dict[str, TensorPlan]) -> None:
             _assign(model, t, value)
 
 
-def _progress_bar(total: int, progress: bool | None):
+def _progress_bar(total: int, tensors: int, progress: bool | None):
+    """Bytes and tensors with their rate, on a terminal (or when forced with progress=true)."""
     if progress is False or (progress is None and not sys.stderr.isatty()):
         return None
     from tqdm import tqdm
 
-    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="load_shards", file=sys.stderr)
+    bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="load_shards", file=sys.stderr)
+    bar.tensors_total, bar.tensors_done = tensors, 0
+    return bar
+
+
+def _tick(bar) -> None:
+    if bar is not None:
+        bar.tensors_done += 1
+        bar.set_postfix_str(f"{bar.tensors_done}/{bar.tensors_total} tensors", refresh=False)

@@ -52,9 +52,9 @@ def plan(ctx: LoadContext, *, dtype: str = "auto", dtype_overrides: dict | None 
             tied_groups=ctx.tied_groups, int8_modules=int8_modules)
         assign_devices(tensors, dmap)
         result = Plan(strategy, caps, dmap, tensors, key_map, unexpected, missing, tied_dups, int8_modules, skipped)
-    for t in tensors.values():
-        if t.device == "disk" and t.kind == "buffer":
-            t.device = main_device(result)  # accelerate keeps buffers on the execution device
+    for t in result.tensors.values():
+        if t.device in offloaded and t.kind == "buffer":
+            t.device = main_device(result)  # accelerate keeps buffers of offloaded modules on the execution device
     check_caps(result.predicted_bytes, caps)
     if "disk" in result.predicted_bytes and result.predicted_bytes["disk"]:
         log.warning("the plan offloads %s to disk", format_bytes(result.predicted_bytes["disk"]))

@@ -1,0 +1,85 @@
+"""The parallel streaming reader: bit-identical to safetensors' own load, bounded buffers, int8 exact."""
+import pytest
+import torch
+from safetensors import safe_open
+
+from conftest import ARCHS
+from pipeline import load
+from pipeline.bnb import import_bitsandbytes
+
+SMALL = ["stages.load_shards.reader=stream", "stages.load_shards.chunk_mib=0.01", "stages.load_shards.threads=3"]
+
+
+def _safetensors_state(path):
+    out = {}
+    for f in sorted(path.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as fh:
+            out.update({k: fh.get_tensor(k) for k in fh.keys()})
+    return out
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_stream_reader_is_bit_identical_to_safetensors(arch, tiny, tmp_path):
+    path = tiny(arch, torch.bfloat16)
+    result = load([f"checkpoint.path={path}", "quantization=none", *SMALL], run_dir=tmp_path / "run")
+    assert result.report["status"] == "ok"
+    assert result.report["load"]["reader"]["streamed"] == len(_safetensors_state(path))
+    ours = result.model.state_dict()
+    for key, tensor in _safetensors_state(path).items():
+        assert ours[key].dtype == tensor.dtype and torch.equal(ours[key], tensor), key
+
+
+def test_stream_reader_casts_like_torch_with_a_tiny_temp_budget(tiny, tmp_path):
+    path = tiny("llama", torch.bfloat16)
+    result = load([f"checkpoint.path={path}", "quantization=none", "dtype=fp32", "stages.load_shards.temp_mib=0.001",
+                   *SMALL], run_dir=tmp_path / "run")
+    assert result.report["status"] == "ok"
+    ours = result.model.state_dict()
+    for key, tensor in _safetensors_state(path).items():
+        assert ours[key].dtype == torch.float32 and torch.equal(ours[key], tensor.to(torch.float32)), key
+
+
+def test_stream_reader_int8_equals_bitsandbytes(tiny, tmp_path):
+    bnb = import_bitsandbytes()
+    path = tiny("bloom")
+    result = load([f"checkpoint.path={path}", "quantization=int8", *SMALL], run_dir=tmp_path / "run")
+    assert result.report["status"] == "ok"
+    ref = _safetensors_state(path)
+    n = 0
+    for name, m in result.model.named_modules():
+        if isinstance(m, bnb.nn.Linear8bitLt):
+            cb, scb, _ = bnb.functional.int8_vectorwise_quant(ref[f"{name}.weight"].to(torch.float16))
+            scb_ours = m.weight.SCB if m.weight.SCB is not None else m.state.SCB
+            assert torch.equal(m.weight.data, cb) and torch.equal(scb_ours, scb), name
+            n += 1
+    assert n == result.report["quantization"]["quantized"] > 0
+
+
+def test_cpu_tensors_in_their_dtype_are_zero_copy_views_of_the_file(tiny, tmp_path):
+    path = tiny("llama", torch.bfloat16)
+    before = _safetensors_state(path)
+    result = load([f"checkpoint.path={path}", "quantization=none"], run_dir=tmp_path / "run")
+    r = result.report["load"]
+    assert r["reader"]["mapped"] == len(before) and r["reader"]["streamed"] == 0
+    w = result.model.model.layers[0].mlp.up_proj.weight
+    assert _mapped_from(w.data_ptr()).endswith(".safetensors")  # the weight lives in the file's mapping
+    w.data.add_(1)  # copy-on-write: the checkpoint never changes
+    assert torch.equal(_safetensors_state(path)["model.layers.0.mlp.up_proj.weight"], before["model.layers.0.mlp.up_proj.weight"])
+
+
+def _mapped_from(address: int) -> str:
+    """The file behind the memory mapping that holds `address` ('' for anonymous memory)."""
+    with open("/proc/self/maps") as fh:
+        for line in fh:
+            parts = line.split()
+            lo, hi = (int(x, 16) for x in parts[0].split("-"))
+            if lo <= address < hi:
+                return parts[5] if len(parts) > 5 else ""
+    return ""
+
+
+def test_unknown_reader(tiny, tmp_path):
+    from pipeline.errors import UserError
+
+    with pytest.raises(UserError, match="stages.load_shards.reader: unknown reader 'fast'"):
+        load([f"checkpoint.path={tiny('llama')}", "stages.load_shards.reader=fast"], run_dir=tmp_path / "run")
