@@ -65,6 +65,7 @@ def one(method: str, ckpt: str, device: str) -> dict:
                          "stages.validate.perplexity=false", "stages.validate.max_new_tokens=0",
                          f"hydra.run.dir={os.environ.get('BENCH_RUN_DIR', '/tmp/bench_run')}/{method}"]
             overrides.append("memory.max_memory={0: 75GiB}" if cuda else "memory.max_memory={cpu: 64GiB}")
+            overrides += os.environ.get("BENCH_OVERRIDES", "").split()
             r = load(overrides)
             model = r.model
             stages = {s["name"]: s["seconds"] for s in r.report["stages"]}
