@@ -81,7 +81,9 @@ class ShardStreamer:
             self._slots = _Slots(max(2, self.staging // self.chunk), self.chunk)
         pending: deque[Item] = deque()
         temp_in_flight = 0
+        readahead = threading.Thread(target=self._readahead, args=(items,), daemon=True)
         try:
+            readahead.start()
             with ThreadPoolExecutor(self.threads, thread_name_prefix="load_shards") as pool:
                 for item in items:
                     size = 0 if item.final_in_place else item.info.nbytes
@@ -97,6 +99,34 @@ class ShardStreamer:
                 os.close(fd)
             self._fds.clear()
             self._slots = None
+
+    def _readahead(self, items: list[Item]) -> None:
+        """Ask the kernel to read each shard front to back, one shard at a time.
+
+        The workers' parallel chunk reads arrive out of order; on a cold page cache
+        that defeats the disk's sequential read-ahead (measured: 0.7 GB/s against 1.3
+        for one sequential reader). This thread turns the disk traffic back into one
+        sequential stream per shard; on a warm cache it costs nothing.
+        """
+        done = set()
+        for item in items:
+            path = item.info.file
+            if path in done or not hasattr(os, "posix_fadvise"):
+                continue
+            done.add(path)
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except OSError:
+                return
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+                size = os.fstat(fd).st_size
+                for off in range(0, size, 64 * 2**20):
+                    os.posix_fadvise(fd, off, min(64 * 2**20, size - off), os.POSIX_FADV_WILLNEED)
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
 
     def _submit(self, pool, item: Item, on_bytes) -> None:
         info = item.info
