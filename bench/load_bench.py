@@ -62,7 +62,8 @@ def one(method: str, ckpt: str, device: str) -> dict:
         if method.startswith("ours"):
             q = "int8" if method == "ours_int8" else "none"
             overrides = [f"checkpoint.path={ckpt}", f"quantization={q}", "stages.load_shards.progress=false",
-                         "stages.validate.perplexity=false", "stages.validate.max_new_tokens=0",
+                         "stages.validate.metrics.perplexity=false", "stages.validate.metrics.reference=false",
+                         "stages.validate.max_new_tokens=0",
                          f"hydra.run.dir={os.environ.get('BENCH_RUN_DIR', '/tmp/bench_run')}/{method}"]
             overrides.append("memory.max_memory={0: 75GiB}" if cuda else "memory.max_memory={cpu: 64GiB}")
             overrides += os.environ.get("BENCH_OVERRIDES", "").split()

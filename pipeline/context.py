@@ -28,7 +28,8 @@ class LoadContext:
     keep_in_fp32: list[str] = field(default_factory=list)
     checkpoint: Any = None                    # checkpoint.Checkpoint, set by plan
     plan: Any = None                          # planning.Plan, set by plan
-    quantization: dict = field(default_factory=dict)
+    quantization: dict = field(default_factory=dict)   # normalised quantization config, set by plan
+    dtype_policy: tuple = ("auto", {})                   # (dtype, overrides), set by plan
     loaded: bool = False                      # set by load_shards
     offload: Any = None                       # accelerate OffloadedWeightsLoader when modules are offloaded
 

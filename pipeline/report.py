@@ -58,7 +58,11 @@ def format_summary(report: dict, run_dir) -> str:
                      " — FAILED: " + "; ".join(f"{k}: {v}" for k, v in val.get("failures", {}).items())))
         m = val.get("metrics", {})
         if "perplexity" in m:
-            lines.append(f"perplexity: {m['perplexity']:.3f} on the evaluation text")
+            ref = m.get("reference_perplexity")
+            vs = f" (unquantized reference {ref:.3f}, {m['perplexity'] / ref - 1:+.2%})" if ref else ""
+            lines.append(f"perplexity: {m['perplexity']:.3f} on the evaluation text{vs}")
+        if m.get("logits_rel_error"):
+            lines.append(f"logits vs unquantized reference: relative error {m['logits_rel_error']:.4f}")
         if "continuation" in m:
             lines.append(f"greedy: {m['prompt']!r} -> {m['continuation']!r}")
     return "\n".join(lines)

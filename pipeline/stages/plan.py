@@ -60,6 +60,7 @@ def plan(ctx: LoadContext, *, dtype: str = "auto", dtype_overrides: dict | None 
         log.warning("the plan offloads %s to disk", format_bytes(result.predicted_bytes["disk"]))
     ctx.plan = result
     ctx.quantization = quant
+    ctx.dtype_policy = (dtype, dict(dtype_overrides or {}))
     doc = plan_document(result, ctx, dtype=dtype, dtype_overrides=dtype_overrides, quant=quant)
     write_json(ctx.run_dir / output, doc)
     ctx.report["plan"] = {
