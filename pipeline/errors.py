@@ -23,3 +23,7 @@ class CheckFailed(PipelineError):
 
     exit_code = 1
     status = "failed"
+
+
+class OutOfMemory(UserError):
+    """The host or a GPU ran out of memory during a stage: exit 2, naming the stage and the fix."""

@@ -16,7 +16,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from .artifacts import write_json
 from .context import LoadContext, LoadResult
-from .errors import PipelineError, UserError
+from .errors import OutOfMemory, PipelineError, UserError
 from .report import new_report
 from .targets import bind_stage
 
@@ -49,6 +49,20 @@ def run(cfg: DictConfig, run_dir: Path | str) -> LoadResult:
             report["status"] = "ok"
         except PipelineError as exc:
             report["status"], report["error"], error = exc.status, str(exc), exc
+        except (MemoryError, RuntimeError) as exc:
+            if not _is_oom(exc):
+                log.error("internal error:\n%s", traceback.format_exc())
+                report["status"] = "error"
+                report["error"] = f"internal error {exc.__class__.__name__}: {exc} (traceback in {run_dir / 'run.log'})"
+                error = exc
+            else:
+                stage = report["stages"][-1]["name"] if report["stages"] else "setup"
+                error = OutOfMemory(
+                    f"out of memory in stage {stage} ({_first_line(exc)}); lower memory.max_memory for that device "
+                    f"or allow offload to cpu/disk")
+                report["status"], report["error"] = error.status, str(error)
+                ctx.model = None  # free what the load allocated
+                _release_memory()
         except KeyboardInterrupt as exc:
             report["status"], report["error"], error = "interrupted", "interrupted by the user (Ctrl-C)", exc
         except Exception as exc:  # a bug of ours: keep the report, the traceback goes to run.log
@@ -63,6 +77,26 @@ def run(cfg: DictConfig, run_dir: Path | str) -> LoadResult:
         error.result = result
         raise error
     return result
+
+
+def _is_oom(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return isinstance(exc, MemoryError) or any(
+        s in text for s in ("out of memory", "can't allocate memory", "can't start new thread"))
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [exc.__class__.__name__])[0][:200]
+
+
+def _release_memory() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _run_stage(name: str, stage, ctx: LoadContext) -> None:

@@ -61,7 +61,7 @@ def read_header(path: str) -> tuple[dict[str, TensorInfo], dict]:
     tensors: dict[str, TensorInfo] = {}
     for name, entry in header.items():
         tensors[name] = _tensor_info(path, name, entry, data_start, data_len)
-    _check_no_overlap(path, tensors.values())
+    _check_layout(path, tensors.values(), data_start, data_len)
     return tensors, metadata if isinstance(metadata, dict) else {}
 
 
@@ -93,11 +93,16 @@ def _tensor_info(path: str, name: str, entry, data_start: int, data_len: int) ->
     return TensorInfo(name, path, dtype, tuple(shape), data_start + begin, data_start + end)
 
 
-def _check_no_overlap(path: str, infos) -> None:
-    prev = None
+def _check_layout(path: str, infos, data_start: int, data_len: int) -> None:
+    """Tensors must tile the data section in order, as the safetensors format requires:
+    no overlap, no gap, nothing after the last tensor."""
+    cursor, prev = data_start, None
     for info in sorted(infos, key=lambda t: (t.start, t.end)):
-        if prev is not None and info.start < prev.end and info.nbytes and prev.nbytes:
-            raise UserError(
-                f"{path}: tensors {prev.name!r} and {info.name!r} overlap in the file; the file is corrupt"
-            )
-        prev = info
+        if prev is not None and info.start < prev.end:
+            raise UserError(f"{path}: tensors {prev.name!r} and {info.name!r} overlap in the file; the file is corrupt")
+        if info.start != cursor:
+            raise UserError(f"{path}: tensor {info.name!r} starts at data byte {info.start - data_start} but the previous "
+                            f"tensor ends at {cursor - data_start} (offsets out of order or with a gap); the file is corrupt")
+        cursor, prev = info.end, info
+    if cursor != data_start + data_len:
+        raise UserError(f"{path}: {data_start + data_len - cursor} stray bytes after the last tensor; the file is corrupt")

@@ -75,7 +75,7 @@ def _open_sharded(root: str, index_path: str) -> Checkpoint:
     metadata: dict = {}
     for shard in shards:
         if not os.path.isfile(shard):
-            raise UserError(f"{index_path}: names shard {os.path.relpath(shard, root)} which does not exist; restore the missing file")
+            raise UserError(f"{index_path}: names shard {os.path.relpath(shard, root)!r} which does not exist; restore the missing file")
         found, meta = read_header(shard)
         metadata.update(meta)
         for name, info in found.items():
@@ -84,7 +84,7 @@ def _open_sharded(root: str, index_path: str) -> Checkpoint:
     missing = [n for n in weight_map if n not in tensors]
     if missing:
         raise UserError(
-            f"{index_path}: tensor {missing[0]!r} is listed for {weight_map[missing[0]]} but that shard does not hold it"
+            f"{index_path}: tensor {missing[0]!r} is listed for {weight_map[missing[0]]!r} but that shard does not hold it"
             + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
         )
     return Checkpoint(root, shards, tensors, metadata)
@@ -92,11 +92,11 @@ def _open_sharded(root: str, index_path: str) -> Checkpoint:
 
 def _inside(root: str, rel, index_path: str, name: str) -> str:
     """Resolve an index entry, refusing absolute paths and '..' that leave the checkpoint."""
-    if not isinstance(rel, str) or not rel:
-        raise UserError(f"{index_path}: entry for {name!r} is not a file name")
+    if not isinstance(rel, str) or not rel or "\x00" in rel:
+        raise UserError(f"{index_path}: entry for {name!r} is not a file name ({rel!r})")
     if os.path.isabs(rel):
-        raise UserError(f"{index_path}: entry for {name!r} is an absolute path ({rel}); shards must live inside the checkpoint directory")
+        raise UserError(f"{index_path}: entry for {name!r} is an absolute path ({rel!r}); shards must live inside the checkpoint directory")
     full = os.path.realpath(os.path.join(root, rel))
     if os.path.commonpath([full, os.path.realpath(root)]) != os.path.realpath(root):
-        raise UserError(f"{index_path}: entry for {name!r} ({rel}) leaves the checkpoint directory; refusing to read it")
+        raise UserError(f"{index_path}: entry for {name!r} ({rel!r}) leaves the checkpoint directory; refusing to read it")
     return full
