@@ -109,7 +109,7 @@ def test_sharded_index(tmp_path):
 def test_index_names_missing_shard(tmp_path):
     root, _ = _sharded(tmp_path)
     (root / "model-00002-of-00002.safetensors").unlink()
-    with pytest.raises(UserError, match="names shard model-00002-of-00002.safetensors which does not exist"):
+    with pytest.raises(UserError, match="names shard 'model-00002-of-00002.safetensors' which does not exist"):
         open_checkpoint(str(root))
 
 
@@ -126,7 +126,7 @@ def test_index_lists_tensor_the_shard_lacks(tmp_path):
     root, index = _sharded(tmp_path)
     index["weight_map"]["z"] = "model-00001-of-00002.safetensors"
     (root / "model.safetensors.index.json").write_text(json.dumps(index))
-    with pytest.raises(UserError, match="tensor 'z' is listed for model-00001-of-00002.safetensors but that shard does not hold it"):
+    with pytest.raises(UserError, match="tensor 'z' is listed for 'model-00001-of-00002.safetensors' but that shard does not hold it"):
         open_checkpoint(str(root))
 
 
