@@ -72,6 +72,7 @@ def load_shards(ctx: LoadContext, *, progress: bool | None = None, reader: str =
         bar.close()
     bytes_read = sum(i.nbytes for i, _ in todo)
     model.hf_device_map = dict(plan.device_map)
+    model.eval()  # a loaded model is for inference, as from_pretrained returns it
     if needs_dispatch(plan):
         ctx.offload = dispatch(model, plan, ctx.checkpoint)
     ctx.loaded = True

@@ -34,6 +34,7 @@ def quantize(ctx: LoadContext) -> None:
             new = bnb.nn.Linear8bitLt(old.in_features, old.out_features, bias=old.bias is not None,
                                       has_fp16_weights=False, threshold=threshold)
         new.requires_grad_(False)
+        new.train(old.training)  # a fresh module is in training mode; bitsandbytes then skips LLM.int8 on the CPU
         setattr(parent, leaf, new)
     ctx.report["quantization"] = {
         "method": "int8",
