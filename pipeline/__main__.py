@@ -24,7 +24,7 @@ def _app(cfg: DictConfig) -> str:
     hc = HydraConfig.get()
     run_dir = hc.runtime.output_dir
     try:
-        result = run(cfg, run_dir)
+        result = run(cfg, run_dir, reuse=hc.mode == RunMode.MULTIRUN and bool(cfg.get("sweep_reuse", True)))
     except BaseException as exc:
         result = getattr(exc, "result", None)
         if result is None or os.environ.get("PIPELINE_DEBUG"):
@@ -50,6 +50,8 @@ def _preflight(args: list[str]) -> None:
     try:
         compose_config(args)
     except UserError as exc:
+        if "--multirun" in str(exc):
+            return  # sweep values under a config that sets hydra.mode=MULTIRUN: Hydra expands them
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
 

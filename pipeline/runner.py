@@ -18,6 +18,8 @@ from .artifacts import write_json
 from .context import LoadContext, LoadResult
 from .errors import OutOfMemory, PipelineError, UserError
 from .report import new_report
+from .reuse import remember, reuse_key
+from .reuse import take as reuse_take
 from .targets import bind_stage
 
 log = logging.getLogger("pipeline")
@@ -35,8 +37,12 @@ def bind_stages(cfg: DictConfig) -> list[tuple[str, object]]:
         raise UserError(f"{key}: {str(exc).splitlines()[0]}; set it on the command line, e.g. {key}=...") from None
 
 
-def run(cfg: DictConfig, run_dir: Path | str) -> LoadResult:
-    """Run every stage; raise PipelineError (with .result attached) when the run is not ok."""
+def run(cfg: DictConfig, run_dir: Path | str, *, reuse: bool = False) -> LoadResult:
+    """Run every stage; raise PipelineError (with .result attached) when the run is not ok.
+
+    reuse=True (sweeps): keep the loaded model for the next job if it differs only in
+    the int8 threshold (see pipeline/reuse.py).
+    """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     report = new_report()
@@ -44,8 +50,20 @@ def run(cfg: DictConfig, run_dir: Path | str) -> LoadResult:
     error: BaseException | None = None
     with _log_to(run_dir / "run.log"):
         try:
-            for name, stage in bind_stages(cfg):
+            stages = bind_stages(cfg)
+            key = reuse_key(cfg) if reuse else None
+            taken = reuse_take(key, cfg, run_dir, report) if reuse else None
+            done: list[str] = []
+            if taken is not None:
+                ctx, done = taken
+                report["stages"] += [{"name": n, "status": "ok", "seconds": 0.0, "reused": True} for n in done]
+                log.info("reusing the model loaded for %s (only the threshold changed)", ctx.report.get("quantization", {}).get("reused_from"))
+            for name, stage in stages:
+                if name in done:
+                    continue
                 _run_stage(name, stage, ctx)
+                if key is not None and name == "load_shards":
+                    remember(key, ctx, [n for n, _ in stages[: stages.index((name, stage)) + 1]])
             report["status"] = "ok"
         except PipelineError as exc:
             report["status"], report["error"], error = exc.status, str(exc), exc

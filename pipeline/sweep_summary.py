@@ -17,7 +17,7 @@ from hydra.experimental.callback import Callback
 
 log = logging.getLogger(__name__)
 
-BASE_COLUMNS = ["job", "overrides", "status", "error", "load_seconds", "quantized", "perplexity",
+BASE_COLUMNS = ["job", "overrides", "status", "error", "load_seconds", "reused_load_from", "quantized", "perplexity",
                 "reference_perplexity", "logits_rel_error"]
 
 
@@ -60,6 +60,7 @@ def collect_rows(root: Path) -> list[dict]:
             status=r["status"], error=r.get("error") or "",
             load_seconds=(r.get("load") or {}).get("seconds"),
             quantized=(r.get("quantization") or {}).get("quantized"),
+            reused_load_from=Path((r.get("quantization") or {}).get("reused_from") or "").name,
             perplexity=m.get("perplexity"), reference_perplexity=m.get("reference_perplexity"),
             logits_rel_error=m.get("logits_rel_error"),
         )

@@ -1,0 +1,86 @@
+"""Reuse the loaded model across sweep jobs that differ only in the int8 outlier threshold.
+
+LLM.int8's threshold acts at forward time (which activation columns take the
+fp16 path); the int8 weights and their scales do not depend on it. So when a
+job's config equals the previous job's in everything but
+`quantization.threshold` (and the validate stage's own settings), the loaded
+model is kept, each Linear8bitLt gets the new threshold, and only the stages
+after load_shards run again. Only within one process (Hydra's basic launcher
+runs a sweep's jobs in one process; parallel launchers do not share models), and
+only one model is held: a job with another config drops it before loading.
+"""
+from __future__ import annotations
+
+import copy
+import gc
+import json
+import shutil
+
+from omegaconf import OmegaConf
+
+from .context import LoadContext
+
+_last: dict = {}
+
+
+def reuse_key(cfg) -> str | None:
+    """What must be equal for the loaded weights to be reusable; None when reuse cannot apply."""
+    doc = OmegaConf.to_container(cfg, resolve=True)
+    quant = doc.get("quantization") or {}
+    if quant.get("method") != "int8":
+        return None
+    _drop_thresholds(doc)
+    stages = doc.get("stages") or {}
+    if "load_shards" not in stages:
+        return None
+    stages.pop("validate", None)
+    doc.pop("name", None)
+    return json.dumps(doc, sort_keys=True, default=str)
+
+
+def _drop_thresholds(node) -> None:
+    """Remove quantization.threshold wherever the config carries it (the plan stage interpolates it too)."""
+    if isinstance(node, dict):
+        if isinstance(node.get("quantization"), dict):
+            node["quantization"].pop("threshold", None)
+        for value in node.values():
+            _drop_thresholds(value)
+
+
+def forget() -> None:
+    """Drop the held model before another one is loaded (never two models at once)."""
+    _last.clear()
+    gc.collect()
+
+
+def remember(key: str, ctx: LoadContext, reused_stages: list[str]) -> None:
+    forget()
+    _last.update(key=key, ctx=ctx, stages=reused_stages)
+
+
+def take(key: str | None, cfg, run_dir, report: dict) -> tuple[LoadContext, list[str]] | None:
+    """A context for this job built from the held one, with the new threshold applied; None if not reusable."""
+    if key is None or _last.get("key") != key:
+        if _last:
+            forget()
+        return None
+    old: LoadContext = _last["ctx"]
+    threshold = float(cfg.quantization.threshold)
+    for module in old.model.modules():
+        state = getattr(module, "state", None)
+        if state is not None and hasattr(state, "threshold") and type(module).__name__ == "Linear8bitLt":
+            state.threshold = threshold
+    quant = {**old.quantization, "threshold": threshold}
+    ctx = LoadContext(cfg=cfg, run_dir=run_dir, report=report, checkpoint_path=old.checkpoint_path, model=old.model,
+                      model_config=old.model_config, tied_groups=old.tied_groups, no_split=old.no_split,
+                      keep_in_fp32=old.keep_in_fp32, checkpoint=old.checkpoint, plan=old.plan, quantization=quant,
+                      dtype_policy=old.dtype_policy, loaded=old.loaded, offload=old.offload)
+    for key_ in ("checkpoint", "model", "plan", "load", "quantization"):
+        report[key_] = copy.deepcopy(old.report.get(key_))
+    if report.get("quantization"):
+        report["quantization"]["threshold"] = threshold
+        report["quantization"]["reused_from"] = str(old.run_dir)
+    plan_file = old.run_dir / "plan.json"
+    if plan_file.exists():
+        shutil.copyfile(plan_file, run_dir / "plan.json")
+    return ctx, list(_last["stages"])

@@ -1,0 +1,62 @@
+"""Hydra multirun sweeps in a subprocess: summary at the sweep root, failed jobs kept, threshold reuse, joblib."""
+import csv
+import json
+
+import pytest
+
+from conftest import run_cli
+
+pytestmark = pytest.mark.slow
+
+
+def _rows(root):
+    with open(root / "summary.csv") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_threshold_sweep_on_the_default_model(tmp_path):
+    root = tmp_path / "sweep"
+    p = run_cli("-m", "quantization.threshold=0.0,2.0,6.0", f"hydra.sweep.dir={root}")
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = _rows(root)
+    assert [r["quantization.threshold"] for r in rows] == ["0.0", "2.0", "6.0"]
+    assert all(r["status"] == "ok" and float(r["perplexity"]) > 0 and float(r["reference_perplexity"]) > 0 for r in rows)
+    assert [r["reused_load_from"] for r in rows] == ["", "0", "0"]  # one load, three validations
+    assert list(root.glob("*.png")) and (root / "summary.md").read_text().count("\n") == 5
+    # Reuse is safe: the reused model at threshold 6 measures exactly what a fresh load does.
+    single = tmp_path / "single"
+    p = run_cli("quantization.threshold=6.0", f"hydra.run.dir={single}")
+    fresh = json.loads((single / "report.json").read_text())["validation"]["metrics"]
+    assert float(rows[2]["perplexity"]) == fresh["perplexity"]
+    assert float(rows[2]["logits_rel_error"]) == fresh["logits_rel_error"]
+
+
+def test_a_failing_job_is_a_row_and_the_sweep_goes_on(tiny, tmp_path):
+    root = tmp_path / "sweep"
+    p = run_cli("-m", f"checkpoint.path={tiny('bloom')},{tmp_path / 'missing'}", f"hydra.sweep.dir={root}")
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = _rows(root)
+    assert len(rows) == 2
+    assert sorted(r["status"] for r in rows) == ["error", "ok"]
+    failed = next(r for r in rows if r["status"] == "error")
+    assert "does not exist" in failed["error"] and "missing" in failed["overrides"]
+
+
+def test_ready_memory_sweep_with_a_cap_too_small(tmp_path):
+    root = tmp_path / "sweep"
+    p = run_cli("+sweep=memory", f"hydra.sweep.dir={root}")  # auto, cpu_4gib, cpu_64mib on the default model
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = _rows(root)
+    assert [(r["memory"], r["status"]) for r in rows] == [("auto", "ok"), ("cpu_4gib", "ok"), ("cpu_64mib", "error")]
+    assert "memory.max_memory.cpu" in rows[2]["error"] and "missing" in rows[2]["error"]
+    assert (root / "load_and_memory_vs_memory.png").exists()
+
+
+def test_joblib_launcher_runs_jobs_in_parallel_processes(tiny, tmp_path):
+    root = tmp_path / "sweep"
+    p = run_cli("-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", f"checkpoint.path={tiny('llama')}",
+                "quantization.threshold=0.0,6.0", f"hydra.sweep.dir={root}")
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = _rows(root)
+    assert [r["status"] for r in rows] == ["ok", "ok"]
+    assert [r["reused_load_from"] for r in rows] == ["", ""]  # separate processes share no model
