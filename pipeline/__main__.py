@@ -33,11 +33,23 @@ def _app(cfg: DictConfig) -> str:
             print(format_summary(result.report, run_dir))
         print(f"error: {result.report['error']}", file=sys.stderr)
         code = exc.exit_code if isinstance(exc, PipelineError) else 130 if isinstance(exc, KeyboardInterrupt) else 1
-        if hc.mode == RunMode.MULTIRUN:
-            return result.report["status"]  # the sweep goes on; report.json says what happened
+        if hc.mode == RunMode.MULTIRUN:  # the sweep goes on; report.json says what happened
+            return _sweep_value(cfg, result.report)
         raise SystemExit(code) from None
     print(format_summary(result.report, run_dir))
-    return "ok"
+    return _sweep_value(cfg, result.report)
+
+
+def _sweep_value(cfg: DictConfig, report: dict):
+    """What a job returns to the sweeper: the objective when one is configured, else the status."""
+    spec = cfg.get("sweep_objective")
+    if not spec:
+        return report["status"]
+    from omegaconf import OmegaConf
+
+    from .objective import objective
+
+    return objective(report, OmegaConf.to_container(spec, resolve=True))
 
 
 def _preflight(args: list[str]) -> None:

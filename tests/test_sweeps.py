@@ -60,3 +60,18 @@ def test_joblib_launcher_runs_jobs_in_parallel_processes(tiny, tmp_path):
     rows = _rows(root)
     assert [r["status"] for r in rows] == ["ok", "ok"]
     assert [r["reused_load_from"] for r in rows] == ["", ""]  # separate processes share no model
+
+
+def test_optuna_finds_the_lowest_memory_within_the_quality_bound(tiny, tmp_path):
+    import yaml
+
+    root = tmp_path / "sweep"
+    p = run_cli("+sweep=optuna_memory", f"checkpoint.path={tiny('llama')}", "~sweep_objective.max_perplexity_ratio",
+                "+sweep_objective.max_logits_rel_error=0.05", "hydra.sweeper.n_trials=4", f"hydra.sweep.dir={root}")
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = _rows(root)
+    assert len(rows) == 4 and all(r["status"] == "ok" for r in rows)
+    within = [int(r["bytes_cpu"]) / 2**30 for r in rows
+              if r["quantization"] == "none" or float(r["logits_rel_error"]) <= 0.05]
+    best = yaml.safe_load((root / "optimization_results.yaml").read_text())
+    assert best["best_value"] == pytest.approx(min(within))
