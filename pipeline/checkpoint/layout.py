@@ -13,6 +13,7 @@ from ..errors import UserError
 from .header import TensorInfo, read_header
 
 INDEX_NAME = "model.safetensors.index.json"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
 SINGLE_NAME = "model.safetensors"
 
 
@@ -23,6 +24,7 @@ class Checkpoint:
     tensors: dict[str, TensorInfo]
     metadata: dict = field(default_factory=dict)
     format: str = "safetensors"
+    pickled: dict | None = None    # format "pickle": name -> memory-mapped tensor from torch.load
 
     @property
     def bytes(self) -> int:
@@ -36,16 +38,22 @@ class Checkpoint:
         return {"path": self.path, "format": self.format, "files": len(self.files), "bytes": self.bytes}
 
 
-def open_checkpoint(path: str) -> Checkpoint:
-    """Read every header (no tensor bytes) and check the index against the shards."""
+def open_checkpoint(path: str, allow_pickle: bool = False) -> Checkpoint:
+    """Read every header (no tensor bytes) and check the index against the shards.
+
+    Pickle checkpoints (.bin/.pt) are refused unless `allow_pickle`, and then read only
+    with torch.load(weights_only=True), memory-mapped (see checkpoint/pickled.py).
+    """
     if not path:
         raise UserError("checkpoint.path: no checkpoint given; set checkpoint.path=/path/to/model")
     path = os.path.abspath(os.path.expanduser(str(path)))
     if not os.path.exists(path):
         raise UserError(f"checkpoint.path: {path} does not exist; point checkpoint.path at a model directory or .safetensors file")
     if os.path.isfile(path):
+        if path.endswith(PICKLE_SUFFIXES):
+            return _pickled(path, [path], allow_pickle)
         if not path.endswith(".safetensors"):
-            raise UserError(f"checkpoint.path: {path} is not a .safetensors file; pickle checkpoints are not loaded")
+            raise UserError(f"checkpoint.path: {path} is not a .safetensors file (or a .bin/.pt with checkpoint.allow_pickle=true)")
         tensors, meta = read_header(path)
         return Checkpoint(path, [path], tensors, meta)
     index = os.path.join(path, INDEX_NAME)
@@ -55,9 +63,24 @@ def open_checkpoint(path: str) -> Checkpoint:
     if os.path.isfile(single):
         tensors, meta = read_header(single)
         return Checkpoint(path, [single], tensors, meta)
-    found = sorted(f for f in os.listdir(path) if f.endswith((".bin", ".pt", ".pth", ".gguf")))
-    hint = f" (found {', '.join(found[:3])}: only safetensors are loaded)" if found else ""
+    pickles = sorted(f for f in os.listdir(path) if f.endswith(PICKLE_SUFFIXES) and not f.startswith("training_args"))
+    if pickles:
+        return _pickled(path, [os.path.join(path, f) for f in pickles], allow_pickle)
+    found = sorted(f for f in os.listdir(path) if f.endswith(".gguf"))
+    hint = f" (found {', '.join(found[:3])}: only safetensors and opted-in pickles are loaded)" if found else ""
     raise UserError(f"{path}: no {SINGLE_NAME} or {INDEX_NAME}{hint}; save the model with safetensors")
+
+
+def _pickled(root: str, files: list[str], allow: bool) -> Checkpoint:
+    if not allow:
+        raise UserError(
+            f"{files[0]}: a pickle checkpoint; pickles can run code, so they load only when asked: "
+            f"set checkpoint.allow_pickle=true (read with torch.load(weights_only=True)) or convert to safetensors"
+        )
+    from .pickled import read_pickled
+
+    tensors, infos = read_pickled(files)
+    return Checkpoint(root, files, infos, {}, format="pickle", pickled=tensors)
 
 
 def _open_sharded(root: str, index_path: str) -> Checkpoint:

@@ -40,7 +40,9 @@ def load_shards(ctx: LoadContext, *, progress: bool | None = None, reader: str =
     model = ctx.model
     devices = {dev: _torch_device(dev) for dev in plan.devices if dev != "disk"}
     todo = [(ctx.checkpoint.tensors[t.source], t) for t in plan.tensors.values() if t.source and t.device != "disk"]
-    streamed = [(i, t) for i, t in todo if reader == "stream" or (reader == "auto" and devices[t.device].type == "cuda")]
+    pickled = ctx.checkpoint.pickled  # pickle checkpoints: memory-mapped by torch.load, no byte offsets to stream
+    streamed = [] if pickled is not None else [
+        (i, t) for i, t in todo if reader == "stream" or (reader == "auto" and devices[t.device].type == "cuda")]
     streamed_names = {i.name for i, _ in streamed}
     mapped = [(i, t) for i, t in todo if i.name not in streamed_names]
     for dev in devices.values():
@@ -61,7 +63,7 @@ def load_shards(ctx: LoadContext, *, progress: bool | None = None, reader: str =
                 _tick(bar)
 
             streamer.run(items, finish, on_bytes=bar.update if bar is not None else None)
-        _read_mapped(model, mapped, devices, bar)
+        _read_mapped(model, mapped, devices, bar, pickled)
         _finish_skeleton_tensors(model, plan.tensors, devices)
         _tie(model, plan.tensors)
         for dev in devices.values():
@@ -97,8 +99,15 @@ def _in_place(info, t: TensorPlan) -> bool:
     return not t.quantized and SAFETENSORS_DTYPES[info.dtype] == t.dtype
 
 
-def _read_mapped(model, pairs, devices, bar) -> None:
-    """safe_open's memory map, shard by shard, tensors in file order."""
+def _read_mapped(model, pairs, devices, bar, pickled=None) -> None:
+    """safe_open's memory map, shard by shard, tensors in file order (or torch.load's map for pickles)."""
+    if pickled is not None:
+        for info, t in pairs:
+            _place(model, t, pickled[info.name], devices[t.device])
+            if bar is not None:
+                bar.update(info.nbytes)
+                _tick(bar)
+        return
     by_file: dict[str, list] = {}
     for info, t in pairs:
         by_file.setdefault(info.file, []).append((info, t))

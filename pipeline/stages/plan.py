@@ -13,6 +13,7 @@ from ..checkpoint import open_checkpoint
 from ..context import LoadContext
 from ..device_map import check_caps, compute_device_map, resolve_max_memory
 from ..dtypes import dtype_name
+from ..errors import UserError
 from ..int8_targets import select_int8_modules
 from ..offload import main_device, offloaded_devices
 from ..planning import Plan, assign_devices, plan_tensors
@@ -24,9 +25,9 @@ log = logging.getLogger(__name__)
 
 def plan(ctx: LoadContext, *, dtype: str = "auto", dtype_overrides: dict | None = None, strategy: str = "auto",
          device_map: dict | None = None, max_memory: dict | None = None, quantization: dict | None = None,
-         output: str = "plan.json") -> None:
+         allow_pickle: bool = False, output: str = "plan.json") -> None:
     model = ctx.require("model", "plan", "instantiate_empty")
-    checkpoint = open_checkpoint(ctx.checkpoint_path)
+    checkpoint = open_checkpoint(ctx.checkpoint_path, allow_pickle=allow_pickle)
     ctx.checkpoint = checkpoint
     ctx.report["checkpoint"] = checkpoint.summary()
     quant = normalize_quantization(quantization)
@@ -56,6 +57,9 @@ def plan(ctx: LoadContext, *, dtype: str = "auto", dtype_overrides: dict | None 
         if t.device in offloaded and t.kind == "buffer":
             t.device = main_device(result)  # accelerate keeps buffers of offloaded modules on the execution device
     check_caps(result.predicted_bytes, caps)
+    if checkpoint.format == "pickle" and result.predicted_bytes.get("disk"):
+        raise UserError("memory.max_memory: disk offload reads tensors in place from safetensors files; "
+                        "this checkpoint is a pickle: convert it to safetensors or raise the caps")
     if "disk" in result.predicted_bytes and result.predicted_bytes["disk"]:
         log.warning("the plan offloads %s to disk", format_bytes(result.predicted_bytes["disk"]))
     ctx.plan = result
