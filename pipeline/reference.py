@@ -9,6 +9,8 @@ one extra read of the checkpoint (from the page cache, usually) per forward.
 """
 from __future__ import annotations
 
+import logging
+
 from accelerate import init_empty_weights
 
 from .context import LoadContext
@@ -44,5 +46,11 @@ def streamed_reference(ctx: LoadContext):
         for leaf, buf in module._buffers.items():
             if buf is not None:
                 module._buffers[leaf] = buf.to(main)
-    dispatch(ref, plan, ctx.checkpoint)
+    quiet = logging.getLogger("accelerate.big_modeling")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # "parameters on the meta device because offloaded": that is the point here
+    try:
+        dispatch(ref, plan, ctx.checkpoint)
+    finally:
+        quiet.setLevel(level)
     return ref
