@@ -72,6 +72,35 @@ def tree_digest(path: Path) -> str:
     return h.hexdigest()
 
 
+def with_extra_tensor(src: Path, dest: Path) -> Path:
+    """A copy of a sharded checkpoint plus one tensor no model parameter takes (the source is untouched)."""
+    import json
+    import shutil
+
+    from safetensors.torch import save_file
+
+    shutil.copytree(src, dest)
+    save_file({"extra.weight": torch.zeros(2)}, dest / "extra.safetensors")
+    index = json.loads((dest / "model.safetensors.index.json").read_text())
+    index["weight_map"]["extra.weight"] = "extra.safetensors"
+    (dest / "model.safetensors.index.json").write_text(json.dumps(index))
+    return dest
+
+
+def rewrite_header(shard: Path, mutate) -> None:
+    """Apply `mutate` to a safetensors file's JSON header in place (for corrupt-file tests)."""
+    import json
+    import struct
+
+    raw = shard.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + n])
+    mutate(header)
+    blob = json.dumps(header).encode()
+    blob += b" " * ((8 - len(blob) % 8) % 8)
+    shard.write_bytes(struct.pack("<Q", len(blob)) + blob + raw[8 + n:])
+
+
 def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("PIPELINE_DEBUG", None)

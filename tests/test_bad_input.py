@@ -6,21 +6,11 @@ import struct
 
 import pytest
 
-from conftest import run_cli, tree_digest
+from conftest import rewrite_header, run_cli, tree_digest
 
 
 def _first_shard(ck):
     return sorted(ck.glob("*.safetensors"))[0]
-
-
-def _rewrite_header(shard, mutate):
-    raw = shard.read_bytes()
-    (n,) = struct.unpack("<Q", raw[:8])
-    header = json.loads(raw[8:8 + n])
-    mutate(header)
-    blob = json.dumps(header).encode()
-    blob += b" " * ((8 - len(blob) % 8) % 8)
-    shard.write_bytes(struct.pack("<Q", len(blob)) + blob + raw[8 + n:])
 
 
 def _tensor_names(shard):
@@ -58,7 +48,7 @@ def not_json(ck):
 def unknown_dtype(ck):
     s = _first_shard(ck)
     name = _tensor_names(s)[0]
-    _rewrite_header(s, lambda h: h[name].update(dtype="Q4"))
+    rewrite_header(s, lambda h: h[name].update(dtype="Q4"))
     return name
 
 
@@ -72,14 +62,14 @@ def overlapping(ck):
         a, b = sorted(names, key=lambda n: h[n]["data_offsets"][0])[:2]
         size_b = h[b]["data_offsets"][1] - h[b]["data_offsets"][0]
         h[b]["data_offsets"] = [h[a]["data_offsets"][0], h[a]["data_offsets"][0] + size_b]
-    _rewrite_header(s, mutate)
+    rewrite_header(s, mutate)
     return s.name
 
 
 def past_the_end(ck):
     s = _first_shard(ck)
     name = _tensor_names(s)[-1]
-    _rewrite_header(s, lambda h: h[name].update(data_offsets=[h[name]["data_offsets"][0] + 10**9,
+    rewrite_header(s, lambda h: h[name].update(data_offsets=[h[name]["data_offsets"][0] + 10**9,
                                                               h[name]["data_offsets"][1] + 10**9]))
     return name
 
@@ -90,22 +80,20 @@ def index_missing_shard(ck):
     return s.name
 
 
-def index_absolute(ck):
+def _index_entry(ck, entry):
     idx = ck / "model.safetensors.index.json"
     doc = json.loads(idx.read_text())
-    key = next(iter(doc["weight_map"]))
-    doc["weight_map"][key] = "/etc/passwd"
+    doc["weight_map"][next(iter(doc["weight_map"]))] = entry
     idx.write_text(json.dumps(doc))
-    return "/etc/passwd"
+    return entry
+
+
+def index_absolute(ck):
+    return _index_entry(ck, "/etc/passwd")
 
 
 def index_dotdot(ck):
-    idx = ck / "model.safetensors.index.json"
-    doc = json.loads(idx.read_text())
-    key = next(iter(doc["weight_map"]))
-    doc["weight_map"][key] = "../../secret.safetensors"
-    idx.write_text(json.dumps(doc))
-    return "../../secret.safetensors"
+    return _index_entry(ck, "../../secret.safetensors")
 
 
 def index_not_json(ck):

@@ -6,6 +6,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from conftest import rewrite_header
 from pipeline.checkpoint import open_checkpoint
 from pipeline.checkpoint.header import read_header
 from pipeline.errors import UserError
@@ -16,16 +17,6 @@ def st_file(tmp_path):
     path = tmp_path / "model.safetensors"
     save_file({"a": torch.arange(6, dtype=torch.float32).reshape(2, 3), "b": torch.ones(4, dtype=torch.bfloat16)}, path)
     return path
-
-
-def _rewrite_header(path, mutate):
-    raw = path.read_bytes()
-    (n,) = struct.unpack("<Q", raw[:8])
-    header = json.loads(raw[8:8 + n])
-    mutate(header)
-    blob = json.dumps(header).encode()
-    blob += b" " * ((8 - len(blob) % 8) % 8)
-    path.write_bytes(struct.pack("<Q", len(blob)) + blob + raw[8 + n:])
 
 
 def test_reads_headers_without_loading(st_file):
@@ -71,7 +62,7 @@ def test_header_not_json(st_file):
 
 
 def test_unknown_dtype(st_file):
-    _rewrite_header(st_file, lambda h: h["a"].update(dtype="F7"))
+    rewrite_header(st_file, lambda h: h["a"].update(dtype="F7"))
     with pytest.raises(UserError, match="tensor 'a' has unknown dtype 'F7'"):
         read_header(str(st_file))
 
@@ -79,13 +70,13 @@ def test_unknown_dtype(st_file):
 def test_overlapping_offsets(st_file):
     def overlap(h):
         h["b"]["data_offsets"] = [16, 24]
-    _rewrite_header(st_file, overlap)
+    rewrite_header(st_file, overlap)
     with pytest.raises(UserError, match="overlap"):
         read_header(str(st_file))
 
 
 def test_offsets_not_matching_shape(st_file):
-    _rewrite_header(st_file, lambda h: h["a"].update(shape=[3, 3]))
+    rewrite_header(st_file, lambda h: h["a"].update(shape=[3, 3]))
     with pytest.raises(UserError, match="tensor 'a' spans bytes"):
         read_header(str(st_file))
 

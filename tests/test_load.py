@@ -1,12 +1,13 @@
 """All five stages through the Python API on tiny checkpoints of real architectures."""
 import json
+import shutil
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
-from conftest import ARCHS, tree_digest
+from conftest import ARCHS, tree_digest, with_extra_tensor
 from pipeline import load
 from pipeline.bnb import import_bitsandbytes
 from pipeline.errors import CheckFailed, UserError
@@ -196,25 +197,14 @@ def test_missing_weight_fails_validation_and_names_it(tiny, tmp_path):
 
 
 def test_unexpected_tensor_fails_validation(tiny, tmp_path):
-    src = tiny("gpt2")
-    dest = tmp_path / "ck"
-    dest.mkdir()
-    for f in src.iterdir():
-        (dest / f.name).write_bytes(f.read_bytes())
-    save_file({"extra.weight": torch.zeros(2)}, dest / "extra.safetensors")
-    index = json.loads((dest / "model.safetensors.index.json").read_text())
-    index["weight_map"]["extra.weight"] = "extra.safetensors"
-    (dest / "model.safetensors.index.json").write_text(json.dumps(index))
+    dest = with_extra_tensor(tiny("gpt2"), tmp_path / "ck")
     with pytest.raises(CheckFailed, match="unused checkpoint tensors: extra.weight"):
         load([f"checkpoint.path={dest}"], run_dir=tmp_path / "run")
 
 
 def test_shape_mismatch_names_the_tensor(tiny, tmp_path):
-    src = tiny("llama")
     dest = tmp_path / "ck"
-    dest.mkdir()
-    for f in src.iterdir():
-        (dest / f.name).write_bytes(f.read_bytes())
+    shutil.copytree(tiny("llama"), dest)
     cfg = json.loads((dest / "config.json").read_text())
     cfg["intermediate_size"] = 96
     (dest / "config.json").write_text(json.dumps(cfg))

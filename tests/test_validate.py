@@ -1,10 +1,12 @@
 """Each validation check passes on a good load and fails, naming the culprit, on a broken one."""
 import json
+import shutil
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from conftest import with_extra_tensor
 from pipeline import load
 from pipeline.api import compose_config
 from pipeline.context import LoadContext
@@ -91,11 +93,8 @@ def test_nan_forward(tiny, tmp_path):
 
 
 def test_nan_in_checkpoint_fails_the_nan_scan(tiny, tmp_path):
-    src = tiny("llama")
     dest = tmp_path / "ck"
-    dest.mkdir()
-    for f in src.iterdir():
-        (dest / f.name).write_bytes(f.read_bytes())
+    shutil.copytree(tiny("llama"), dest)
     index = json.loads((dest / "model.safetensors.index.json").read_text())
     shard = dest / index["weight_map"]["model.layers.2.self_attn.o_proj.weight"]
     tensors = load_file(shard)
@@ -108,14 +107,7 @@ def test_nan_in_checkpoint_fails_the_nan_scan(tiny, tmp_path):
 
 
 def test_checks_can_be_switched_off(tiny, tmp_path):
-    dest = tmp_path / "ck"
-    dest.mkdir()
-    for f in tiny("gpt2").iterdir():
-        (dest / f.name).write_bytes(f.read_bytes())
-    save_file({"extra.weight": torch.zeros(2)}, dest / "extra.safetensors")
-    index = json.loads((dest / "model.safetensors.index.json").read_text())
-    index["weight_map"]["extra.weight"] = "extra.safetensors"
-    (dest / "model.safetensors.index.json").write_text(json.dumps(index))
+    dest = with_extra_tensor(tiny("gpt2"), tmp_path / "ck")
     with pytest.raises(CheckFailed, match="all_checkpoint_tensors_used"):
         load([f"checkpoint.path={dest}"], run_dir=tmp_path / "on")
     result = load([f"checkpoint.path={dest}", "stages.validate.checks.all_checkpoint_tensors_used=false"],
