@@ -5,20 +5,32 @@ quantize (which swaps the modules), so the two can never disagree.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 
 from .module_names import matches
 
 
-def select_int8_modules(model: torch.nn.Module, *, tied_groups, keep_in_fp32, skip_modules) -> tuple[list[str], dict[str, str]]:
-    """(names to quantize, {skipped name: reason}) over the model's Linear-like layers."""
+@dataclass
+class Int8Selection:
+    modules: list[str]                                           # Linear layers to swap, in model order
+    skipped: dict[str, str] = field(default_factory=dict)        # name -> why it stays as it is
+    thresholds: dict[str, float] = field(default_factory=dict)   # per-module thresholds from overrides
+    warnings: list[str] = field(default_factory=list)            # patterns that matched nothing
+
+
+def select_int8_modules(model: torch.nn.Module, *, tied_groups, keep_in_fp32, skip_modules=(),
+                        overrides=None) -> Int8Selection:
+    """Which Linear-like layers to quantize, which to skip and why, and per-module thresholds."""
     tied = {name for group in tied_groups for name in group}
     head = _output_head_name(model)
-    quantize: list[str] = []
-    skipped: dict[str, str] = {}
+    overrides = dict(overrides or {})
+    used: set[str] = set()
+    out = Int8Selection([])
     for name, module in model.named_modules():
         if type(module).__name__ == "Conv1D":
-            skipped[name] = "Conv1D (GPT-2 style) layers are not converted yet"
+            out.skipped[name] = "Conv1D (GPT-2 style) layers are not converted yet"
             continue
         if not isinstance(module, torch.nn.Linear):
             continue
@@ -29,15 +41,24 @@ def select_int8_modules(model: torch.nn.Module, *, tied_groups, keep_in_fp32, sk
             reason = "tied weight"
         elif any(matches(name, p) for p in keep_in_fp32 or ()):
             reason = "kept in fp32 by the model"
-        else:
-            hit = next((p for p in skip_modules or () if matches(name, p)), None)
-            if hit is not None:
-                reason = f"skip_modules pattern {hit!r}"
+        hit = next((p for p in skip_modules or () if matches(name, p)), None)
+        if hit is not None:
+            used.add(hit)
+            reason = reason or f"skip_modules pattern {hit!r}"
+        rule = next((p for p in overrides if matches(name, p)), None)
+        if rule is not None:
+            used.add(rule)
+            if overrides[rule] == "skip":
+                reason = reason or f"overrides pattern {rule!r}: skip"
+            elif reason is None:
+                out.thresholds[name] = overrides[rule]
         if reason:
-            skipped[name] = reason
+            out.skipped[name] = reason
         else:
-            quantize.append(name)
-    return quantize, skipped
+            out.modules.append(name)
+    for key, patterns in (("skip_modules", skip_modules or ()), ("overrides", overrides)):
+        out.warnings += [f"quantization.{key} pattern {p!r} matches no Linear layer" for p in patterns if p not in used]
+    return out
 
 
 def _output_head_name(model: torch.nn.Module) -> str | None:

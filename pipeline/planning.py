@@ -51,6 +51,8 @@ class Plan:
     tied_duplicates: list[str] = field(default_factory=list)  # checkpoint keys of tied copies, not loaded again
     int8_modules: list[str] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
+    int8_thresholds: dict[str, float] = field(default_factory=dict)  # per-module overrides of the threshold
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def predicted_bytes(self) -> dict[str, int]:

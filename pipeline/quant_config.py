@@ -23,4 +23,16 @@ def normalize_quantization(node) -> dict:
     skips = node.get("skip_modules") or []
     if isinstance(skips, str):
         skips = [skips]
-    return {"method": method, "threshold": threshold, "skip_modules": [str(s) for s in skips]}
+    overrides = {}
+    for pattern, value in dict(node.get("overrides") or {}).items():
+        if str(value).lower() == "skip":
+            overrides[str(pattern)] = "skip"
+            continue
+        try:
+            t = float(value)
+        except (TypeError, ValueError):
+            t = -1.0
+        if t < 0 or t != t:
+            raise UserError(f"quantization.overrides.{pattern}: {value!r} is not a threshold; use a number >= 0 or skip")
+        overrides[str(pattern)] = t
+    return {"method": method, "threshold": threshold, "skip_modules": [str(s) for s in skips], "overrides": overrides}

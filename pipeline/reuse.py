@@ -66,10 +66,9 @@ def take(key: str | None, cfg, run_dir, report: dict) -> tuple[LoadContext, list
         return None
     old: LoadContext = _last["ctx"]
     threshold = float(cfg.quantization.threshold)
-    for module in old.model.modules():
-        state = getattr(module, "state", None)
-        if state is not None and hasattr(state, "threshold") and type(module).__name__ == "Linear8bitLt":
-            state.threshold = threshold
+    for name, module in old.model.named_modules():
+        if type(module).__name__ == "Linear8bitLt":
+            module.state.threshold = old.plan.int8_thresholds.get(name, threshold)  # per-module overrides stay
     quant = {**old.quantization, "threshold": threshold}
     ctx = LoadContext(cfg=cfg, run_dir=run_dir, report=report, checkpoint_path=old.checkpoint_path, model=old.model,
                       model_config=old.model_config, tied_groups=old.tied_groups, no_split=old.no_split,

@@ -98,7 +98,7 @@ def test_dtype_auto_keeps_checkpoint_dtype(tiny, tmp_path):
 
 def test_dtype_override_by_pattern(tiny, tmp_path):
     load([f"checkpoint.path={tiny('llama')}", "quantization=none", "dtype=bf16", "+experiment=dry_run",
-          "+dtype.overrides={norm: fp32, up_proj: fp16}"], run_dir=tmp_path / "run")
+          "dtype.overrides={norm: fp32, up_proj: fp16}"], run_dir=tmp_path / "run")
     tensors = json.loads((tmp_path / "run" / "plan.json").read_text())["tensors"]
     assert tensors["model.norm.weight"]["dtype"] == "float32"
     assert tensors["model.layers.0.input_layernorm.weight"]["dtype"] == "bfloat16"

@@ -14,7 +14,7 @@ from ..context import LoadContext
 from ..device_map import check_caps, compute_device_map, resolve_max_memory
 from ..dtypes import dtype_name
 from ..errors import UserError
-from ..int8_targets import select_int8_modules
+from ..int8_targets import Int8Selection, select_int8_modules
 from ..offload import main_device, offloaded_devices
 from ..planning import Plan, assign_devices, plan_tensors
 from ..quant_config import normalize_quantization
@@ -31,10 +31,13 @@ def plan(ctx: LoadContext, *, dtype: str = "auto", dtype_overrides: dict | None 
     ctx.checkpoint = checkpoint
     ctx.report["checkpoint"] = checkpoint.summary()
     quant = normalize_quantization(quantization)
-    int8_modules, skipped = ([], {})
+    selection = Int8Selection([])
     if quant["method"] == "int8":
-        int8_modules, skipped = select_int8_modules(
-            model, tied_groups=ctx.tied_groups, keep_in_fp32=ctx.keep_in_fp32, skip_modules=quant["skip_modules"])
+        selection = select_int8_modules(model, tied_groups=ctx.tied_groups, keep_in_fp32=ctx.keep_in_fp32,
+                                        skip_modules=quant["skip_modules"], overrides=quant["overrides"])
+        for warning in selection.warnings:
+            log.warning(warning)
+    int8_modules, skipped = selection.modules, selection.skipped
     tensors, key_map, unexpected, missing, tied_dups = plan_tensors(
         model, checkpoint, dtype=dtype, overrides=dtype_overrides or {}, keep_in_fp32=ctx.keep_in_fp32,
         tied_groups=ctx.tied_groups, int8_modules=int8_modules)
@@ -62,6 +65,8 @@ def plan(ctx: LoadContext, *, dtype: str = "auto", dtype_overrides: dict | None 
                         "this checkpoint is a pickle: convert it to safetensors or raise the caps")
     if "disk" in result.predicted_bytes and result.predicted_bytes["disk"]:
         log.warning("the plan offloads %s to disk", format_bytes(result.predicted_bytes["disk"]))
+    result.int8_thresholds = {m: t for m, t in selection.thresholds.items() if m in result.int8_modules}
+    result.warnings = selection.warnings
     ctx.plan = result
     ctx.quantization = quant
     ctx.dtype_policy = (dtype, dict(dtype_overrides or {}))

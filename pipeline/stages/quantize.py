@@ -32,7 +32,7 @@ def quantize(ctx: LoadContext) -> None:
         old = getattr(parent, leaf)
         with init_empty_weights():
             new = bnb.nn.Linear8bitLt(old.in_features, old.out_features, bias=old.bias is not None,
-                                      has_fp16_weights=False, threshold=threshold)
+                                      has_fp16_weights=False, threshold=plan.int8_thresholds.get(name, threshold))
         new.requires_grad_(False)
         new.train(old.training)  # a fresh module is in training mode; bitsandbytes then skips LLM.int8 on the CPU
         setattr(parent, leaf, new)
@@ -42,5 +42,7 @@ def quantize(ctx: LoadContext) -> None:
         "quantized": len(plan.int8_modules),
         "skipped": sorted(plan.skipped),
         "skipped_reasons": dict(sorted(plan.skipped.items())),
+        "thresholds": dict(plan.int8_thresholds),
+        "warnings": list(plan.warnings),
     }
     log.info("int8: %d Linear layers to LLM.int8 (threshold %.2f), %d skipped", len(plan.int8_modules), threshold, len(plan.skipped))
