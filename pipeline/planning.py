@@ -53,6 +53,7 @@ class Plan:
     skipped: dict[str, str] = field(default_factory=dict)
     int8_thresholds: dict[str, float] = field(default_factory=dict)  # per-module overrides of the threshold
     warnings: list[str] = field(default_factory=list)
+    scales: dict[str, str] = field(default_factory=dict)   # saved int8 checkpoints: weight name -> its .SCB key
 
     @property
     def predicted_bytes(self) -> dict[str, int]:

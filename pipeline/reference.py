@@ -23,8 +23,8 @@ def streamed_reference(ctx: LoadContext):
     """A reference model whose weights stay in the checkpoint files; None when it cannot be built."""
     model = ctx.model
     config = getattr(model, "config", None)
-    if config is None or ctx.plan.missing or ctx.checkpoint.format != "safetensors":
-        return None  # the reference streams from safetensors files in place
+    if config is None or ctx.plan.missing or ctx.checkpoint.format != "safetensors" or ctx.quantization.get("prequantized"):
+        return None  # the reference streams unquantized weights from safetensors files in place
     cls = type(model)
     with init_empty_weights(include_buffers=False):
         ref = (getattr(cls, "_from_config", None) or cls.from_config)(config)

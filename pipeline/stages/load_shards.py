@@ -59,11 +59,11 @@ def load_shards(ctx: LoadContext, *, progress: bool | None = None, reader: str =
 
             def finish(item: Item) -> None:
                 t = by_name[item.info.name]
-                _place(model, t, item.typed(), item.device)
+                _place(model, t, item.typed(), item.device, _saved_scale(ctx, t))
                 _tick(bar)
 
             streamer.run(items, finish, on_bytes=bar.update if bar is not None else None)
-        _read_mapped(model, mapped, devices, bar, pickled)
+        _read_mapped(model, mapped, devices, bar, pickled, lambda t: _saved_scale(ctx, t))
         _finish_skeleton_tensors(model, plan.tensors, devices)
         _tie(model, plan.tensors)
         for dev in devices.values():
@@ -99,11 +99,11 @@ def _in_place(info, t: TensorPlan) -> bool:
     return not t.quantized and SAFETENSORS_DTYPES[info.dtype] == t.dtype
 
 
-def _read_mapped(model, pairs, devices, bar, pickled=None) -> None:
+def _read_mapped(model, pairs, devices, bar, pickled=None, scale_of=lambda t: None) -> None:
     """safe_open's memory map, shard by shard, tensors in file order (or torch.load's map for pickles)."""
     if pickled is not None:
         for info, t in pairs:
-            _place(model, t, pickled[info.name], devices[t.device])
+            _place(model, t, pickled[info.name], devices[t.device], scale_of(t))
             if bar is not None:
                 bar.update(info.nbytes)
                 _tick(bar)
@@ -114,7 +114,7 @@ def _read_mapped(model, pairs, devices, bar, pickled=None) -> None:
     for path, group in by_file.items():
         with safe_open(path, framework="pt", device="cpu") as fh:
             for info, t in sorted(group, key=lambda p: p[0].start):
-                _place(model, t, fh.get_tensor(info.name), devices[t.device])
+                _place(model, t, fh.get_tensor(info.name), devices[t.device], scale_of(t))
                 if bar is not None:
                     bar.update(info.nbytes)
                     _tick(bar)
@@ -132,14 +132,28 @@ def _torch_device(dev: str) -> torch.device:
     return torch.device("cuda", int(dev))
 
 
-def _place(model: torch.nn.Module, t: TensorPlan, tensor: torch.Tensor, device: torch.device) -> None:
-    if t.quantized:
+def _place(model: torch.nn.Module, t: TensorPlan, tensor: torch.Tensor, device: torch.device, scale=None) -> None:
+    if t.quantized and scale is not None:  # saved int8: the weight and its scales as they were written
+        bnb = import_bitsandbytes()
+        cb, scb = tensor.to(device), scale.to(device)
+        value = bnb.nn.Int8Params(cb, requires_grad=False, has_fp16_weights=False, CB=cb, SCB=scb)
+    elif t.quantized:
         value = _int8(tensor.to(device))
     else:
         value = tensor.to(device=device, dtype=t.dtype)
         if t.kind == "param":
             value = torch.nn.Parameter(value, requires_grad=False)
     _assign(model, t, value)
+
+
+def _saved_scale(ctx: LoadContext, t: TensorPlan):
+    """The fp32 row scales a saved int8 checkpoint keeps beside a weight (None for other tensors)."""
+    key = ctx.plan.scales.get(t.name)
+    if key is None:
+        return None
+    info = ctx.checkpoint.tensors[key]
+    with safe_open(info.file, framework="pt", device="cpu") as fh:
+        return fh.get_tensor(key)
 
 
 def _int8(weight: torch.Tensor):

@@ -16,6 +16,7 @@ from ..dtypes import dtype_name
 from ..errors import UserError
 from ..int8_targets import Int8Selection, select_int8_modules
 from ..offload import main_device, offloaded_devices
+from ..prequantized import saved_quantization, scale_key
 from ..planning import Plan, assign_devices, plan_tensors
 from ..quant_config import normalize_quantization
 from ..sizes import format_bytes
@@ -32,7 +33,10 @@ def plan(ctx: LoadContext, *, dtype: str = "auto", dtype_overrides: dict | None 
     ctx.report["checkpoint"] = checkpoint.summary()
     quant = normalize_quantization(quantization)
     selection = Int8Selection([])
-    if quant["method"] == "int8":
+    saved = saved_quantization(checkpoint)
+    if saved is not None:  # written by the save stage: already int8, keep its layers; the threshold is ours
+        quant, selection = _saved_selection(model, saved, quant)
+    elif quant["method"] == "int8":
         selection = select_int8_modules(model, tied_groups=ctx.tied_groups, keep_in_fp32=ctx.keep_in_fp32,
                                         skip_modules=quant["skip_modules"], overrides=quant["overrides"])
         for warning in selection.warnings:
@@ -48,6 +52,9 @@ def plan(ctx: LoadContext, *, dtype: str = "auto", dtype_overrides: dict | None 
     result = Plan(strategy, caps, dmap, tensors, key_map, unexpected, missing, tied_dups, int8_modules, skipped)
     offloaded = offloaded_devices(result)
     demoted = [m for m in int8_modules if tensors[f"{m}.weight"].device in offloaded]
+    if demoted and saved is not None:
+        raise UserError(f"memory.max_memory: {demoted[0]} is saved as int8 and would be offloaded to "
+                        f"{tensors[f'{demoted[0]}.weight'].device}; saved int8 layers run on a GPU or the CPU: raise the caps")
     if demoted:  # int8 runs on the execution device; offloaded layers stay in their load dtype
         int8_modules = [m for m in int8_modules if m not in demoted]
         skipped.update({m: f"offloaded to {tensors[f'{m}.weight'].device}" for m in demoted})
@@ -66,6 +73,9 @@ def plan(ctx: LoadContext, *, dtype: str = "auto", dtype_overrides: dict | None 
     if "disk" in result.predicted_bytes and result.predicted_bytes["disk"]:
         log.warning("the plan offloads %s to disk", format_bytes(result.predicted_bytes["disk"]))
     result.int8_thresholds = {m: t for m, t in selection.thresholds.items() if m in result.int8_modules}
+    if saved is not None:
+        result.scales = {f"{m}.weight": scale_key(m) for m in result.int8_modules}
+        result.unexpected = [k for k in result.unexpected if k not in set(result.scales.values())]
     result.warnings = selection.warnings
     ctx.plan = result
     ctx.quantization = quant
@@ -83,6 +93,18 @@ def plan(ctx: LoadContext, *, dtype: str = "auto", dtype_overrides: dict | None 
         log.warning("the checkpoint has no tensor for %d model parameters, first %s", len(missing), missing[0])
     if unexpected:
         log.warning("%d checkpoint tensors match no model parameter, first %s", len(unexpected), unexpected[0])
+
+
+def _saved_selection(model, saved: dict, quant: dict) -> tuple[dict, Int8Selection]:
+    import torch
+
+    linear = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    modules = [m for m in linear if m in set(saved.get("modules") or [])]
+    skipped = {n: "not int8 in the saved checkpoint" for n in linear if n not in modules}
+    thresholds = {m: float(t) for m, t in (saved.get("thresholds") or {}).items() if m in modules}
+    threshold = quant["threshold"] if quant["method"] == "int8" else float(saved.get("threshold") or 0.0)
+    return ({"method": "int8", "threshold": threshold, "skip_modules": [], "overrides": {}, "prequantized": True},
+            Int8Selection(modules, skipped, thresholds))
 
 
 def plan_document(p: Plan, ctx: LoadContext, *, dtype, dtype_overrides, quant) -> dict:
