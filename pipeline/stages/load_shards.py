@@ -33,7 +33,7 @@ READERS = ("auto", "stream", "safetensors")
 
 
 def load_shards(ctx: LoadContext, *, progress: bool | None = None, reader: str = "auto", threads: int = 12,
-                chunk_mib: float = 16, staging_mib: float = 256, temp_mib: float = 1024) -> None:
+                chunk_mib: float = 16, staging_mib: float = 256, temp_mib: float = 1024, readahead: bool = True) -> None:
     plan = ctx.require("plan", "load_shards", "plan")
     if reader not in READERS:
         raise UserError(f"stages.load_shards.reader: unknown reader {reader!r}; choose one of {', '.join(READERS)}")
@@ -54,7 +54,7 @@ def load_shards(ctx: LoadContext, *, progress: bool | None = None, reader: str =
     with PeakAnonSampler() as sampler:
         if streamed:
             by_name = {i.name: t for i, t in streamed}
-            streamer = ShardStreamer(threads, chunk_mib * 2**20, staging_mib * 2**20, temp_mib * 2**20)
+            streamer = ShardStreamer(threads, chunk_mib * 2**20, staging_mib * 2**20, temp_mib * 2**20, readahead)
             items = [Item(i, devices[t.device], final_in_place=_in_place(i, t)) for i, t in streamed]
 
             def finish(item: Item) -> None:
