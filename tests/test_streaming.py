@@ -83,3 +83,16 @@ def test_unknown_reader(tiny, tmp_path):
 
     with pytest.raises(UserError, match="stages.load_shards.reader: unknown reader 'fast'"):
         load([f"checkpoint.path={tiny('llama')}", "stages.load_shards.reader=fast"], run_dir=tmp_path / "run")
+
+
+def test_resident_fraction_tells_cached_from_never_read(tmp_path):
+    from pipeline.streaming import resident_fraction
+
+    cached = tmp_path / "cached.bin"
+    cached.write_bytes(b"x" * (8 * 2**20))
+    cached.read_bytes()
+    hole = tmp_path / "hole.bin"
+    with open(hole, "wb") as fh:
+        fh.truncate(64 * 2**20)  # a sparse file never read: nothing of it is in the page cache
+    assert resident_fraction(str(cached)) > 0.9
+    assert resident_fraction(str(hole)) < 0.1
