@@ -15,6 +15,7 @@ from accelerate import init_empty_weights
 
 from .context import LoadContext
 from .offload import dispatch
+from .stages.instantiate_empty import build_from_config
 from .planning import Plan, assign_devices, plan_tensors
 from .quality import input_device
 
@@ -27,7 +28,7 @@ def streamed_reference(ctx: LoadContext):
         return None  # the reference streams unquantized weights from safetensors files in place
     cls = type(model)
     with init_empty_weights(include_buffers=False):
-        ref = (getattr(cls, "_from_config", None) or cls.from_config)(config)
+        ref = build_from_config(cls, config)
     if hasattr(ref, "tie_weights"):
         ref.tie_weights()
     ref.eval()

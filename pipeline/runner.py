@@ -67,27 +67,21 @@ def run(cfg: DictConfig, run_dir: Path | str, *, reuse: bool = False) -> LoadRes
             report["status"] = "ok"
         except PipelineError as exc:
             report["status"], report["error"], error = exc.status, str(exc), exc
-        except (MemoryError, RuntimeError) as exc:
-            if not _is_oom(exc):
+        except KeyboardInterrupt as exc:
+            report["status"], report["error"], error = "interrupted", "interrupted by the user (Ctrl-C)", exc
+        except Exception as exc:
+            if _is_oom(exc):
+                stage = report["stages"][-1]["name"] if report["stages"] else "setup"
+                error = OutOfMemory(f"out of memory in stage {stage} ({_first_line(exc)}); lower memory.max_memory "
+                                    f"for that device or allow offload to cpu/disk")
+                report["status"], report["error"] = error.status, str(error)
+                ctx.model = None  # free what the load allocated
+                _release_memory()
+            else:  # a bug of ours: keep the report, the traceback goes to run.log
                 log.error("internal error:\n%s", traceback.format_exc())
                 report["status"] = "error"
                 report["error"] = f"internal error {exc.__class__.__name__}: {exc} (traceback in {run_dir / 'run.log'})"
                 error = exc
-            else:
-                stage = report["stages"][-1]["name"] if report["stages"] else "setup"
-                error = OutOfMemory(
-                    f"out of memory in stage {stage} ({_first_line(exc)}); lower memory.max_memory for that device "
-                    f"or allow offload to cpu/disk")
-                report["status"], report["error"] = error.status, str(error)
-                ctx.model = None  # free what the load allocated
-                _release_memory()
-        except KeyboardInterrupt as exc:
-            report["status"], report["error"], error = "interrupted", "interrupted by the user (Ctrl-C)", exc
-        except Exception as exc:  # a bug of ours: keep the report, the traceback goes to run.log
-            log.error("internal error:\n%s", traceback.format_exc())
-            report["status"] = "error"
-            report["error"] = f"internal error {exc.__class__.__name__}: {exc} (traceback in {run_dir / 'run.log'})"
-            error = exc
         finally:
             write_json(run_dir / "report.json", report)
     result = LoadResult(ctx.model, report, run_dir)

@@ -31,9 +31,10 @@ def instantiate_empty(ctx: LoadContext, *, path: str | None, builtin: str | None
     if not os.path.exists(path):
         raise UserError(f"checkpoint.path: {path} does not exist; point checkpoint.path at a model directory or .safetensors file")
     ctx.checkpoint_path = path
-    config = _read_config(path) if model is None or _wants_config(model, allow_targets) else None
+    target = locate(model.get("_target_"), "checkpoint.model", allow_targets or ()) if model is not None else None
+    config = _read_config(path) if target is None or _is_model_class(target) else None
     with init_empty_weights(include_buffers=False):
-        module = _build(path, model, config, allow_targets)
+        module = _build(target, model, config)
     if not isinstance(module, torch.nn.Module):
         raise UserError(f"checkpoint.model: {model.get('_target_')} built a {type(module).__name__}, not a torch.nn.Module")
     if hasattr(module, "tie_weights"):
@@ -70,31 +71,27 @@ def _read_config(path: str):
         raise UserError(f"{cfg_file}: transformers cannot read it ({str(exc).splitlines()[0][:120]}); check model_type") from None
 
 
-def _wants_config(node: dict, allow_targets) -> bool:
-    obj = locate(node.get("_target_"), "checkpoint.model", allow_targets or ())
-    return _is_model_class(obj)
-
-
 def _is_model_class(obj) -> bool:
     return isinstance(obj, type) and (hasattr(obj, "_from_config") or hasattr(obj, "from_config"))
 
 
-def _build(path: str, node: dict | None, config, allow_targets):
+def _build(obj, node: dict | None, config):
+    """The skeleton: a model class built from config.json (node keys override it), or any allow-listed factory."""
     if node is None:
-        return _from_config(_auto_class(config), config)
-    obj = locate(node.get("_target_"), "checkpoint.model", allow_targets or ())
+        return build_from_config(_auto_class(config), config)
     if _is_model_class(obj):
         for key, value in node.items():  # extra keys override config.json fields
             if not key.startswith("_"):
                 setattr(config, key, value)
-        return _from_config(obj, config)
+        return build_from_config(obj, config)
     try:
         return instantiate(node, _convert_="all")
     except Exception as exc:
         raise UserError(f"checkpoint.model: {node.get('_target_')} failed to build ({exc.__class__.__name__}: {str(exc)[:160]}); check its keys") from None
 
 
-def _from_config(cls, config):
+def build_from_config(cls, config):
+    """A transformers model class (or auto class) built from a config, as from_pretrained would."""
     builder = getattr(cls, "_from_config", None) or cls.from_config
     return builder(config)
 

@@ -21,6 +21,7 @@ from safetensors import safe_open
 
 from ..bnb import import_bitsandbytes
 from ..context import LoadContext
+from ..dtypes import SAFETENSORS_DTYPES
 from ..errors import UserError
 from ..memory_probe import PeakAnonSampler
 from ..offload import dispatch, needs_dispatch
@@ -94,8 +95,6 @@ def load_shards(ctx: LoadContext, *, progress: bool | None = None, reader: str =
 
 
 def _in_place(info, t: TensorPlan) -> bool:
-    from ..dtypes import SAFETENSORS_DTYPES
-
     return not t.quantized and SAFETENSORS_DTYPES[info.dtype] == t.dtype
 
 

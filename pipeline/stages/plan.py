@@ -7,6 +7,7 @@ inputs give a byte-identical plan.json.
 from __future__ import annotations
 
 import logging
+import os
 
 from ..artifacts import write_json
 from ..checkpoint import open_checkpoint
@@ -111,7 +112,7 @@ def plan_document(p: Plan, ctx: LoadContext, *, dtype, dtype_overrides, quant) -
     ck = ctx.checkpoint
     return {
         "inputs": {
-            "checkpoint": {"path": ck.path, "files": [{"name": f, "bytes": _size(f)} for f in ck.files]},
+            "checkpoint": {"path": ck.path, "files": [{"name": f, "bytes": os.path.getsize(f)} for f in ck.files]},
             "model_class": type(ctx.model).__name__,
             "dtype": dtype,
             "dtype_overrides": dict(dtype_overrides or {}),
@@ -130,12 +131,6 @@ def plan_document(p: Plan, ctx: LoadContext, *, dtype, dtype_overrides, quant) -
         "unexpected_keys": p.unexpected,
         "tensors": {name: t.to_json() for name, t in sorted(p.tensors.items())},
     }
-
-
-def _size(path: str) -> int:
-    import os
-
-    return os.path.getsize(path)
 
 
 def plan_table(p: Plan) -> str:
