@@ -48,8 +48,19 @@ def device_str(device: torch.device) -> str:
     return str(device.index or 0) if device.type == "cuda" else device.type
 
 
+def quant_state_tensors(state) -> list:
+    """The tensors a bitsandbytes 4-bit QuantState holds (nested state included)."""
+    if state is None:
+        return []
+    out = [state.absmax, state.code, getattr(state, "offset", None)]
+    nested = getattr(state, "state2", None) if state.nested else None
+    if nested is not None:
+        out += [nested.absmax, nested.code]
+    return [t for t in out if isinstance(t, torch.Tensor)]
+
+
 def measured_bytes(model: torch.nn.Module, offload=None) -> dict[str, int]:
-    """Bytes held per device by parameters, buffers and int8 scales, each storage counted once,
+    """Bytes held per device by parameters, buffers and quantization state, each storage counted once,
     plus what accelerate holds for offloaded modules (CPU copies, tensors referenced on disk)."""
     seen: set[tuple] = set()
     out: dict[str, int] = {}
@@ -67,6 +78,8 @@ def measured_bytes(model: torch.nn.Module, offload=None) -> dict[str, int]:
     for p in model.parameters():
         add(p)
         add(getattr(p, "SCB", None))  # bitsandbytes Int8Params keep their row scales beside the weight
+        for t in quant_state_tensors(getattr(p, "quant_state", None)):  # Params4bit: absmax, code books
+            add(t)
     for b in model.buffers():
         add(b)
     for m in model.modules():  # after a first forward, Linear8bitLt moves the scales into its state

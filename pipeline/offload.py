@@ -4,7 +4,9 @@ Modules planned on "disk" are never read at load time: accelerate's
 OffloadedWeightsLoader gets an index that points at the tensors inside the
 checkpoint's own safetensors files (no copy, no offload folder) and reads them
 at forward time, cast to the planned dtype. Modules planned on "cpu" while a GPU
-is the main device are loaded to the CPU and moved to the GPU per forward.
+is the main device are loaded to the CPU and moved to the GPU per forward, unless
+they hold quantized layers (quantization.offloaded=int8/nf4/fp4): then they run on
+the CPU, with bitsandbytes' CPU kernels, and only activations cross to and fro.
 """
 from __future__ import annotations
 
@@ -22,6 +24,14 @@ def main_device(plan: Plan) -> str:
 
 def offloaded_devices(plan: Plan) -> set[str]:
     return {"disk"} if main_device(plan) == "cpu" else {"cpu", "disk"}
+
+
+def runs_on_cpu(plan: Plan) -> bool:
+    """True when CPU-planned modules execute on the CPU (they hold quantized layers, which accelerate
+    cannot stream to the GPU) rather than being streamed to the GPU per forward."""
+    if main_device(plan) == "cpu":
+        return False
+    return any(plan.tensors[f"{m}.weight"].device == "cpu" for m in plan.quantized_modules)
 
 
 def needs_dispatch(plan: Plan) -> bool:
@@ -49,9 +59,35 @@ def dispatch(model: torch.nn.Module, plan: Plan, checkpoint):
     main = main_device(plan)
     dm = {k: (int(v) if v.isdigit() else v) for k, v in plan.device_map.items()}
     index = disk_index(plan, checkpoint)
-    dispatch_model(model, device_map=dm, main_device=int(main) if main.isdigit() else main,
-                   offload_index=index or None)
+    if runs_on_cpu(plan):
+        _dispatch_with_cpu_execution(model, dm, int(main), index)
+    else:
+        dispatch_model(model, device_map=dm, main_device=int(main) if main.isdigit() else main,
+                       offload_index=index or None)
     return _find_weights_loader(model)
+
+
+def _dispatch_with_cpu_execution(model, device_map: dict, main: int, index: dict) -> None:
+    """dispatch_model, except that "cpu" entries execute on the CPU instead of being offloaded.
+
+    accelerate always runs CPU-mapped modules on the main GPU; quantized weights
+    cannot make that trip, so we attach the same hooks with the CPU as their
+    execution device. Disk entries are streamed to the main GPU as usual.
+    """
+    from accelerate.hooks import attach_align_device_hook_on_blocks
+    from accelerate.utils import OffloadedWeightsLoader, find_tied_parameters, retie_parameters
+
+    execution = {name: main if dev == "disk" else dev for name, dev in device_map.items()}
+    execution[""] = main
+    offload = {name: dev == "disk" for name, dev in device_map.items()}
+    weights_map = OffloadedWeightsLoader(index=index, device=main) if index else None
+    tied = find_tied_parameters(model)
+    tied_map = {getattr(model.get_parameter(n), "data_ptr")(): {} for g in tied for n in g
+                if model.get_parameter(n).device.type != "meta"}
+    attach_align_device_hook_on_blocks(model, execution_device=execution, offload=offload, weights_map=weights_map,
+                                       tied_params_map=tied_map)
+    retie_parameters(model, tied)
+    model.hf_device_map = dict(device_map)
 
 
 def _find_weights_loader(model):

@@ -1,8 +1,8 @@
 """Exact per-tensor sizes and where each tensor goes, computed from headers alone.
 
 The sizes here are the bytes the loaded model will hold: the target dtype of
-every tensor after the dtype policy, int8 weights at one byte per element plus
-bitsandbytes' fp32 scale per output row, tied weights once, buffers included.
+every tensor after the dtype policy, quantized weights as bitsandbytes stores
+them (pipeline.quant_sizes), tied weights once, buffers included.
 """
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import torch
 from .dtypes import SAFETENSORS_DTYPES, dtype_name, itemsize, policy_dtype
 from .errors import UserError
 from .module_names import map_checkpoint_keys, matches, owner
+from .quant_sizes import quantized_nbytes, quantized_storage_dtype
 from .sizes import device_order
 
 
@@ -24,7 +25,7 @@ class TensorPlan:
     dtype: torch.dtype
     nbytes: int                # 0 for tied members that share the canonical tensor
     source: str | None         # checkpoint key, None when the skeleton provides it
-    quantized: bool = False
+    quantized: str | None = None   # "int8", "nf4" or "fp4" for bitsandbytes weights
     tied_to: str | None = None
     device: str = "cpu"
 
@@ -33,7 +34,7 @@ class TensorPlan:
         if self.source and self.source != self.name:
             out["source"] = self.source
         if self.quantized:
-            out["quantized"] = "int8"
+            out["quantized"] = self.quantized
         if self.tied_to:
             out["tied_to"] = self.tied_to
         return out
@@ -49,7 +50,7 @@ class Plan:
     unexpected: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
     tied_duplicates: list[str] = field(default_factory=list)  # checkpoint keys of tied copies, not loaded again
-    int8_modules: list[str] = field(default_factory=list)
+    quantized_modules: list[str] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
     int8_thresholds: dict[str, float] = field(default_factory=dict)  # per-module overrides of the threshold
     warnings: list[str] = field(default_factory=list)
@@ -91,7 +92,7 @@ def model_tensors(model: torch.nn.Module):
 
 
 def plan_tensors(model, checkpoint, *, dtype: str, overrides: dict, keep_in_fp32, tied_groups,
-                 int8_modules) -> tuple[dict[str, TensorPlan], dict, list, list, list]:
+                 quantized_modules, quant: dict | None = None) -> tuple[dict[str, TensorPlan], dict, list, list, list]:
     """Per-tensor dtype and bytes; (tensors, key_map, unexpected, missing, tied_duplicates)."""
     entries = list(model_tensors(model))
     names = {n for n, *_ in entries}
@@ -105,7 +106,10 @@ def plan_tensors(model, checkpoint, *, dtype: str, overrides: dict, keep_in_fp32
             source_of[name] = key
     policy = None if str(dtype).lower() == "auto" else policy_dtype(dtype, "dtype")
     override_dtypes = {str(p): policy_dtype(d, f"dtype.overrides.{p}") for p, d in (overrides or {}).items()}
-    int8_weights = {f"{m}.weight" for m in int8_modules}
+    quant = quant or {"method": "none"}
+    quantized_weights = {f"{m}.weight" for m in quantized_modules}
+    four_bit_biases = {f"{m}.bias" for m in quantized_modules} if quant["method"] in ("nf4", "fp4") else set()
+    compute = policy_dtype(quant["compute_dtype"], "quantization.compute_dtype") if four_bit_biases else None
     canonical, tied_duplicates = _tied_canonical(tied_groups, source_of)
     tensors: dict[str, TensorPlan] = {}
     for name, kind, tensor, persistent in entries:
@@ -122,10 +126,12 @@ def plan_tensors(model, checkpoint, *, dtype: str, overrides: dict, keep_in_fp32
         if name in canonical and canonical[name] != name:
             tensors[name] = TensorPlan(name, kind, shape, tensor.dtype, 0, None, tied_to=canonical[name])
             continue
-        if name in int8_weights:
-            rows = shape[0]
-            numel = _numel(shape)
-            tensors[name] = TensorPlan(name, kind, shape, torch.int8, numel + 4 * rows, key, quantized=True)
+        if name in quantized_weights:
+            tensors[name] = TensorPlan(name, kind, shape, quantized_storage_dtype(quant), quantized_nbytes(shape, quant),
+                                       key, quantized=quant["method"])
+            continue
+        if name in four_bit_biases:  # Linear4bit casts its bias to the compute dtype at the first forward
+            tensors[name] = TensorPlan(name, kind, shape, compute, _numel(shape) * itemsize(compute), key)
             continue
         src_dtype = SAFETENSORS_DTYPES[info.dtype] if info else tensor.dtype
         target = _target_dtype(name, src_dtype, policy, override_dtypes, keep_in_fp32, from_checkpoint=info is not None)

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import logging
 
+import torch
+
 from accelerate import init_empty_weights
 
 from .context import LoadContext
@@ -35,7 +37,15 @@ def streamed_reference(ctx: LoadContext):
     dtype, overrides = ctx.dtype_policy
     tensors, key_map, unexpected, missing, dups = plan_tensors(
         ref, ctx.checkpoint, dtype=dtype, overrides=overrides, keep_in_fp32=ctx.keep_in_fp32,
-        tied_groups=ctx.tied_groups, int8_modules=[])
+        tied_groups=ctx.tied_groups, quantized_modules=[])
+    for t in tensors.values():  # offload hooks cast each weight to its meta tensor's dtype: make that the planned one
+        if t.kind == "param" and not t.tied_to:
+            mod_name, _, leaf = t.name.rpartition(".")
+            module = ref.get_submodule(mod_name) if mod_name else ref
+            module._parameters[leaf] = torch.nn.Parameter(torch.empty(t.shape, dtype=t.dtype, device="meta"),
+                                                          requires_grad=False)
+    if hasattr(ref, "tie_weights"):
+        ref.tie_weights()
     main = input_device(model)
     main_key = str(main.index or 0) if main.type == "cuda" else "cpu"
     assign_devices(tensors, {"": "disk"})

@@ -48,7 +48,9 @@ def format_summary(report: dict, run_dir) -> str:
         )
     quant = report.get("quantization")
     if quant and quant["method"] != "none":
-        lines.append(f"int8: {quant['quantized']} layers quantized (threshold {quant['threshold']}), "
+        how = (f"threshold {quant['threshold']}" if quant["method"] == "int8" else
+               f"compute {quant['compute_dtype']}, double quant {'on' if quant['double_quant'] else 'off'}")
+        lines.append(f"{quant['method']}: {quant['quantized']} layers quantized ({how}), "
                      f"{len(quant['skipped'])} skipped" + (f": {', '.join(quant['skipped'][:4])}" if quant["skipped"] else ""))
     val = report.get("validation")
     if val:

@@ -7,7 +7,8 @@ Two readers, chosen per tensor by `reader`:
 - safetensors (CPU tensors under `auto`): safe_open's memory map, one tensor at a
   time in file order; a tensor already in its planned dtype stays a zero-copy,
   copy-on-write view of the file, so host memory never holds the checkpoint twice.
-int8 weights are quantized by bitsandbytes on their target device as they arrive.
+Quantized weights (int8, nf4, fp4) are quantized by bitsandbytes on their target
+device as they arrive.
 Tensors planned on disk are not read (accelerate reads them at forward time).
 """
 from __future__ import annotations
@@ -60,11 +61,11 @@ def load_shards(ctx: LoadContext, *, progress: bool | None = None, reader: str =
 
             def finish(item: Item) -> None:
                 t = by_name[item.info.name]
-                _place(model, t, item.typed(), item.device, _saved_scale(ctx, t))
+                _place(model, t, item.typed(), item.device, _saved_scale(ctx, t), ctx.quantization)
                 _tick(bar)
 
             streamer.run(items, finish, on_bytes=bar.update if bar is not None else None)
-        _read_mapped(model, mapped, devices, bar, pickled, lambda t: _saved_scale(ctx, t))
+        _read_mapped(model, mapped, devices, bar, pickled, lambda t: _saved_scale(ctx, t), ctx.quantization)
         _finish_skeleton_tensors(model, plan.tensors, devices)
         _tie(model, plan.tensors)
         for dev in devices.values():
@@ -98,11 +99,11 @@ def _in_place(info, t: TensorPlan) -> bool:
     return not t.quantized and SAFETENSORS_DTYPES[info.dtype] == t.dtype
 
 
-def _read_mapped(model, pairs, devices, bar, pickled=None, scale_of=lambda t: None) -> None:
+def _read_mapped(model, pairs, devices, bar, pickled=None, scale_of=lambda t: None, quant=None) -> None:
     """safe_open's memory map, shard by shard, tensors in file order (or torch.load's map for pickles)."""
     if pickled is not None:
         for info, t in pairs:
-            _place(model, t, pickled[info.name], devices[t.device], scale_of(t))
+            _place(model, t, pickled[info.name], devices[t.device], scale_of(t), quant)
             if bar is not None:
                 bar.update(info.nbytes)
                 _tick(bar)
@@ -113,7 +114,7 @@ def _read_mapped(model, pairs, devices, bar, pickled=None, scale_of=lambda t: No
     for path, group in by_file.items():
         with safe_open(path, framework="pt", device="cpu") as fh:
             for info, t in sorted(group, key=lambda p: p[0].start):
-                _place(model, t, fh.get_tensor(info.name), devices[t.device], scale_of(t))
+                _place(model, t, fh.get_tensor(info.name), devices[t.device], scale_of(t), quant)
                 if bar is not None:
                     bar.update(info.nbytes)
                     _tick(bar)
@@ -131,13 +132,16 @@ def _torch_device(dev: str) -> torch.device:
     return torch.device("cuda", int(dev))
 
 
-def _place(model: torch.nn.Module, t: TensorPlan, tensor: torch.Tensor, device: torch.device, scale=None) -> None:
+def _place(model: torch.nn.Module, t: TensorPlan, tensor: torch.Tensor, device: torch.device, scale=None,
+           quant=None) -> None:
     if t.quantized and scale is not None:  # saved int8: the weight and its scales as they were written
         bnb = import_bitsandbytes()
         cb, scb = tensor.to(device), scale.to(device)
         value = bnb.nn.Int8Params(cb, requires_grad=False, has_fp16_weights=False, CB=cb, SCB=scb)
-    elif t.quantized:
+    elif t.quantized == "int8":
         value = _int8(tensor.to(device))
+    elif t.quantized:
+        value = _four_bit(tensor.to(device), model.get_submodule(t.name.rpartition(".")[0]), quant)
     else:
         value = tensor.to(device=device, dtype=t.dtype)
         if t.kind == "param":
@@ -160,6 +164,25 @@ def _int8(weight: torch.Tensor):
     bnb = import_bitsandbytes()
     cb, scb, _ = bnb.functional.int8_vectorwise_quant(weight.contiguous().to(torch.float16))
     return bnb.nn.Int8Params(cb, requires_grad=False, has_fp16_weights=False, CB=cb, SCB=scb)
+
+
+def _four_bit(weight: torch.Tensor, module, quant: dict):
+    """nf4/fp4 blockwise quantization on the weight's own device, from the compute dtype (as Params4bit does
+    from the load dtype), so that dequantized weights come back in the dtype the layer multiplies in.
+
+    On CPUs with AVX512-BF16, bitsandbytes would repack the weight at the first forward (absmax to bf16,
+    double quantization undone), changing its size after the plan; we keep the canonical layout there, so
+    the plan holds on every device and double quantization keeps its saving on the CPU.
+    """
+    bnb = import_bitsandbytes()
+    packed, state = bnb.functional.quantize_4bit(
+        weight.contiguous().to(module.compute_dtype), blocksize=quant["blocksize"],
+        compress_statistics=quant["double_quant"], quant_type=quant["method"], quant_storage=torch.uint8)
+    module.support_avx512bf16_for_cpu = False
+    module.quant_state = state
+    return bnb.nn.Params4bit(packed, requires_grad=False, quant_state=state, blocksize=quant["blocksize"],
+                             compress_statistics=quant["double_quant"], quant_type=quant["method"],
+                             quant_storage=torch.uint8, module=module, bnb_quantized=True)
 
 
 def _assign(model: torch.nn.Module, t: TensorPlan, value) -> None:

@@ -41,7 +41,7 @@ def save(ctx: LoadContext, *, path: str | None = None, max_shard_mib: int = 2048
     plan = ctx.plan
     info = {"quantization": {"method": ctx.quantization.get("method", "none"),
                              "threshold": ctx.quantization.get("threshold"),
-                             "modules": list(plan.int8_modules), "thresholds": dict(plan.int8_thresholds)},
+                             "modules": list(plan.quantized_modules), "thresholds": dict(plan.int8_thresholds)},
             "source": ctx.checkpoint.path, "dtype": ctx.dtype_policy[0]}
     parent = os.path.dirname(dest) or "."
     os.makedirs(parent, exist_ok=True)

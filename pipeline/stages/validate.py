@@ -55,7 +55,7 @@ def validate(ctx: LoadContext, *, checks: dict | None = None, metrics: dict | No
     planned = [(n, t) for n, t in plan.tensors.items() if n in placed]
     check("devices_as_planned", *_mismatch(planned, placed, lambda x: _device_of(x), lambda t: t.device, "device"))
     check("dtypes_as_planned", *_mismatch(planned, placed, lambda x: x.dtype, lambda t: t.dtype, "dtype"))
-    check("shapes_as_planned", *_mismatch(planned, placed, lambda x: tuple(x.shape), lambda t: t.shape, "shape"))
+    check("shapes_as_planned", *_mismatch(planned, placed, _logical_shape, lambda t: t.shape, "shape"))
     untied = [g for g in ctx.tied_groups
               if not any(n in offloaded for n in g) and len({placed[n].data_ptr() for n in g if n in placed}) > 1]
     check("tied_weights_tied", not untied, f"no longer tied: {', '.join(untied[0]) if untied else ''}")
@@ -88,6 +88,12 @@ def validate(ctx: LoadContext, *, checks: dict | None = None, metrics: dict | No
     }
     if failures:
         raise CheckFailed("; ".join(f"{k}: {v}" for k, v in failures.items()))
+
+
+def _logical_shape(x) -> tuple:
+    """A 4-bit weight is stored packed; its quant_state keeps the shape it stands for."""
+    state = getattr(x, "quant_state", None)
+    return tuple(state.shape) if state is not None and getattr(state, "shape", None) is not None else tuple(x.shape)
 
 
 def _measure(ctx, check, found, wanted, eval_path, max_eval_tokens, prompt, max_new_tokens) -> None:

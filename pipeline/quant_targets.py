@@ -1,4 +1,4 @@
-"""Which Linear layers LLM.int8 replaces, and why the others are skipped.
+"""Which Linear layers are quantized (int8 or 4-bit), and why the others are skipped.
 
 Shared by plan (which must size int8 weights before any byte is read) and
 quantize (which swaps the modules), so the two can never disagree.
@@ -13,21 +13,21 @@ from .module_names import matches
 
 
 @dataclass
-class Int8Selection:
+class QuantSelection:
     modules: list[str]                                           # Linear layers to swap, in model order
     skipped: dict[str, str] = field(default_factory=dict)        # name -> why it stays as it is
     thresholds: dict[str, float] = field(default_factory=dict)   # per-module thresholds from overrides
     warnings: list[str] = field(default_factory=list)            # patterns that matched nothing
 
 
-def select_int8_modules(model: torch.nn.Module, *, tied_groups, keep_in_fp32, skip_modules=(),
-                        overrides=None) -> Int8Selection:
+def select_quantized_modules(model: torch.nn.Module, *, tied_groups, keep_in_fp32, skip_modules=(),
+                        overrides=None) -> QuantSelection:
     """Which Linear-like layers to quantize, which to skip and why, and per-module thresholds."""
     tied = {name for group in tied_groups for name in group}
     head = _output_head_name(model)
     overrides = dict(overrides or {})
     used: set[str] = set()
-    out = Int8Selection([])
+    out = QuantSelection([])
     for name, module in model.named_modules():
         if type(module).__name__ == "Conv1D":
             out.skipped[name] = "Conv1D (GPT-2 style) layers are not converted yet"
