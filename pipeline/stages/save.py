@@ -37,6 +37,9 @@ def save(ctx: LoadContext, *, path: str | None = None, max_shard_mib: int = 2048
         raise UserError(f"stages.save.path: {dest} is inside the source checkpoint {source}; loading never writes there")
     if os.path.exists(dest) and os.listdir(dest) and not overwrite:
         raise UserError(f"stages.save.path: {dest} exists and is not empty; choose a new directory or set stages.save.overwrite=true")
+    if ctx.quantization.get("method") in ("nf4", "fp4"):
+        raise UserError(f"stages.save: saving {ctx.quantization['method']} models is not supported yet; "
+                        f"save with quantization=int8 or quantization=none")
     tensors = _tensors_to_save(ctx)
     plan = ctx.plan
     info = {"quantization": {"method": ctx.quantization.get("method", "none"),

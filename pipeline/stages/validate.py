@@ -134,6 +134,7 @@ def _compare_with_reference(ctx, inputs, out, tokenizer, text, max_eval_tokens, 
         return
     ref_out, _ = quality.forward_output(ref, inputs)
     found["reference"] = "unquantized, streamed layer by layer from the checkpoint"
+    found["reference_dtype"] = ctx.dtype_policy[0]  # the dtype policy of everything quantization leaves alone
     found["logits_rel_error"] = round(quality.relative_error(out, ref_out), 6)
     if not quality.is_causal_lm(ctx.model):
         found["output_cosine_to_reference"] = round(quality.mean_cosine(out, ref_out), 6)
