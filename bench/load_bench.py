@@ -23,7 +23,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-GPU_METHODS = ["ours_bf16", "hf_bf16", "ours_int8", "hf_int8", "accelerate", "st_cuda", "st_cpu_to", "read_seq"]
+GPU_METHODS = ["ours_bf16", "hf_bf16", "ours_int8", "hf_int8", "ours_nf4", "hf_nf4", "accelerate", "st_cuda", "st_cpu_to",
+               "read_seq"]
 CPU_METHODS = ["ours_cpu", "hf_cpu"]
 
 
@@ -45,7 +46,7 @@ def one(method: str, ckpt: str, device: str) -> dict:
         from transformers import LlamaForCausalLM  # noqa: F401
 
         transformers.AutoModelForCausalLM  # noqa: B018
-        if "int8" in method:
+        if "int8" in method or "nf4" in method:
             from pipeline.bnb import import_bitsandbytes
 
             import_bitsandbytes()
@@ -60,12 +61,14 @@ def one(method: str, ckpt: str, device: str) -> dict:
     with PeakAnonSampler(0.002) as sampler:
         t0 = time.perf_counter()
         if method.startswith("ours"):
-            q = "int8" if method == "ours_int8" else "none"
+            q = method.removeprefix("ours_") if method in ("ours_int8", "ours_nf4") else "none"
             overrides = [f"checkpoint.path={ckpt}", f"quantization={q}", "stages.load_shards.progress=false",
                          "stages.validate.metrics.perplexity=false", "stages.validate.metrics.reference=false",
                          "stages.validate.max_new_tokens=0",
                          f"hydra.run.dir={os.environ.get('BENCH_RUN_DIR', '/tmp/bench_run')}/{method}"]
             overrides.append("memory.max_memory={0: 75GiB}" if cuda else "memory.max_memory={cpu: 64GiB}")
+            # like transformers' BitsAndBytesConfig: what is not quantized stays in the load dtype (bf16)
+            overrides.append("quantization.unquantized_dtype=null")
             overrides += os.environ.get("BENCH_OVERRIDES", "").split()
             r = load(overrides)
             model = r.model
@@ -96,12 +99,16 @@ def one(method: str, ckpt: str, device: str) -> dict:
 def _peer(method: str, ckpt: str, device: str):
     import torch
 
-    if method in ("hf_bf16", "hf_int8", "hf_cpu"):
+    if method in ("hf_bf16", "hf_int8", "hf_nf4", "hf_cpu"):
         from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
         kw = {"dtype": torch.bfloat16, "device_map": "cuda"}
         if method == "hf_int8":
             kw["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=6.0)
+        if method == "hf_nf4":
+            kw["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                           bnb_4bit_compute_dtype=torch.bfloat16,
+                                                           bnb_4bit_use_double_quant=True)
         if method == "hf_cpu":
             kw = {"dtype": "auto"}
         return AutoModelForCausalLM.from_pretrained(ckpt, **kw)
