@@ -146,7 +146,8 @@ def plot(root: Path, rows: list[dict], swept: list[str], devices: list[str]) -> 
             if not xs:
                 ax.set_xticks(x, [labels[i] for i in order], rotation=20)
             ax.grid(alpha=0.3)
-            ax.legend(fontsize=8)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=8)
         fig.suptitle(f"load time and memory vs {key}" + ("  (x: failed job)" if not all(ok) else ""))
         fig.tight_layout()
         path = root / f"load_and_memory_vs_{key.replace('.', '_')}.png"
@@ -163,7 +164,8 @@ def plot(root: Path, rows: list[dict], swept: list[str], devices: list[str]) -> 
             if not xs:
                 ax.set_xticks(x, [labels[i] for i in order], rotation=20)
             ax.grid(alpha=0.3)
-            ax.legend(fontsize=8)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=8)
             ax.set_title(f"quality vs {key}")
             fig.tight_layout()
             path = root / f"quality_vs_{key.replace('.', '_')}.png"
