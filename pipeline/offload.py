@@ -82,8 +82,8 @@ def _dispatch_with_cpu_execution(model, device_map: dict, main: int, index: dict
     offload = {name: dev == "disk" for name, dev in device_map.items()}
     weights_map = OffloadedWeightsLoader(index=index, device=main) if index else None
     tied = find_tied_parameters(model)
-    tied_map = {getattr(model.get_parameter(n), "data_ptr")(): {} for g in tied for n in g
-                if model.get_parameter(n).device.type != "meta"}
+    params = [model.get_parameter(n) for group in tied for n in group]
+    tied_map = {p.data_ptr(): {} for p in params if p.device.type != "meta"}
     attach_align_device_hook_on_blocks(model, execution_device=execution, offload=offload, weights_map=weights_map,
                                        tied_params_map=tied_map)
     retie_parameters(model, tied)

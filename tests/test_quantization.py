@@ -44,36 +44,26 @@ def test_pattern_matching_nothing_is_a_warning_in_the_report(tiny, tmp_path):
     ]
 
 
-@pytest.mark.parametrize("override,match", [
-    ("quantization.overrides={q_proj: -2}", "quantization.overrides.q_proj"),
-    ("quantization.overrides={q_proj: lots}", "quantization.overrides.q_proj"),
-    ("quantization.method=int4", "quantization.method: unknown method 'int4'"),
+NF4 = "quantization=nf4"
+
+
+@pytest.mark.parametrize("overrides,match", [
+    (["quantization.overrides={q_proj: -2}"], "quantization.overrides.q_proj"),
+    (["quantization.overrides={q_proj: lots}"], "quantization.overrides.q_proj"),
+    (["quantization.method=int4"], "quantization.method: unknown method 'int4'"),
+    (["quantization.offloaded=sometimes"], "quantization.offloaded: 'sometimes' is not valid"),
+    (["quantization.unquantized_dtype=int3"], "quantization.unquantized_dtype: unknown dtype 'int3'"),
+    (["quantization.threshold=-1"], "quantization.threshold: -1 is negative"),
+    ([NF4, "quantization.compute_dtype=fp8"], "quantization.compute_dtype: unknown dtype 'fp8'"),
+    ([NF4, "quantization.blocksize=100"], "quantization.blocksize: 100; choose one of 64"),
+    ([NF4, "quantization.double_quant=maybe"], "quantization.double_quant: 'maybe' is not true or false"),
+    ([NF4, "quantization.overrides={q_proj: 2.0}"],
+     "quantization.overrides.q_proj: 2.0; with quantization=nf4 an override can only be skip"),
+    ([NF4, "quantization.offloaded=int8"], "quantization.offloaded: 'int8' is not valid with quantization=nf4"),
 ])
-def test_bad_quantization_values(override, match, tiny, tmp_path):
+def test_bad_quantization_values(overrides, match, tiny, tmp_path):
     with pytest.raises(UserError, match=match):
-        load([f"checkpoint.path={tiny('llama')}", override], run_dir=tmp_path / "r")
-
-
-@pytest.mark.parametrize("override,match", [
-    ("quantization.offloaded=sometimes", "quantization.offloaded: 'sometimes' is not valid"),
-    ("quantization.unquantized_dtype=int3", "quantization.unquantized_dtype: unknown dtype 'int3'"),
-    ("quantization.threshold=-1", "quantization.threshold: -1 is negative"),
-])
-def test_bad_int8_values(override, match, tiny, tmp_path):
-    with pytest.raises(UserError, match=match):
-        load([f"checkpoint.path={tiny('llama')}", override], run_dir=tmp_path / "r")
-
-
-@pytest.mark.parametrize("override,match", [
-    ("quantization.compute_dtype=fp8", "quantization.compute_dtype: unknown dtype 'fp8'"),
-    ("quantization.blocksize=100", "quantization.blocksize: 100; choose one of 64"),
-    ("quantization.double_quant=maybe", "quantization.double_quant: 'maybe' is not true or false"),
-    ("quantization.overrides={q_proj: 2.0}", "quantization.overrides.q_proj: 2.0; with quantization=nf4 an override can only be skip"),
-    ("quantization.offloaded=int8", "quantization.offloaded: 'int8' is not valid with quantization=nf4"),
-])
-def test_bad_four_bit_values(override, match, tiny, tmp_path):
-    with pytest.raises(UserError, match=match):
-        load([f"checkpoint.path={tiny('llama')}", "quantization=nf4", override], run_dir=tmp_path / "r")
+        load([f"checkpoint.path={tiny('llama')}", *overrides], run_dir=tmp_path / "r")
 
 
 def test_unquantized_dtype_sets_what_int8_leaves_alone(tiny, tmp_path):
