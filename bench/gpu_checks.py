@@ -5,6 +5,7 @@ int8 quantized on the GPU, CPU offload through accelerate's hooks, two GPUs when
 present) and compared with safetensors' own tensors, bitsandbytes' own
 quantization and the single-device logits. Prints one JSON object per check.
 """
+
 from __future__ import annotations
 
 import json
@@ -18,11 +19,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
-from conftest import make_checkpoint  # noqa: E402
+from helpers import make_checkpoint  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 
 from pipeline import load  # noqa: E402
-from pipeline.bnb import import_bitsandbytes  # noqa: E402
+from pipeline.quant.bnb import import_bitsandbytes  # noqa: E402
 
 
 def state(path):
@@ -46,77 +47,164 @@ def main():
     for arch in ["llama", "bloom", "t5", "gpt2"]:
         path = make_checkpoint(arch, tmp / arch, torch.bfloat16)
         ref = state(path)
-        r = load([f"checkpoint.path={path}", "quantization=none", "memory.max_memory={0: 10GiB}",
-                  "stages.load_shards.chunk_mib=0.01"], run_dir=tmp / f"run_{arch}")
+        r = load(
+            [
+                f"checkpoint.path={path}",
+                "quantization=none",
+                "memory.max_memory={0: 10GiB}",
+                "stages.load_shards.chunk_mib=0.01",
+            ],
+            run_dir=tmp / f"run_{arch}",
+        )
         sd = r.model.state_dict()
         same = all(sd[k].device.type == "cuda" and torch.equal(sd[k].cpu(), v) for k, v in ref.items())
-        all_ok &= report(f"{arch} bf16 to GPU bit-identical", same and r.ok, plan_error=r.report["validation"]["plan_error"],
-                         checks=r.report["validation"]["checks"])
-        r8 = load([f"checkpoint.path={path}", "quantization=int8", "memory.max_memory={0: 10GiB}"], run_dir=tmp / f"run8_{arch}")
+        all_ok &= report(
+            f"{arch} bf16 to GPU bit-identical",
+            same and r.ok,
+            plan_error=r.report["validation"]["plan_error"],
+            checks=r.report["validation"]["checks"],
+        )
+        r8 = load(
+            [f"checkpoint.path={path}", "quantization=int8", "memory.max_memory={0: 10GiB}"],
+            run_dir=tmp / f"run8_{arch}",
+        )
         exact = True
         for name, m in r8.model.named_modules():
             if isinstance(m, bnb.nn.Linear8bitLt):
                 cb, scb, _ = bnb.functional.int8_vectorwise_quant(ref[f"{name}.weight"].cuda().to(torch.float16))
                 scb_ours = m.weight.SCB if m.weight.SCB is not None else m.state.SCB
                 exact &= torch.equal(m.weight.data, cb) and torch.equal(scb_ours, scb)
-        all_ok &= report(f"{arch} int8 on GPU equals bitsandbytes", exact and r8.ok, quantized=r8.report["quantization"]["quantized"],
-                         plan_error=r8.report["validation"]["plan_error"], checks=r8.report["validation"]["checks"])
+        all_ok &= report(
+            f"{arch} int8 on GPU equals bitsandbytes",
+            exact and r8.ok,
+            quantized=r8.report["quantization"]["quantized"],
+            plan_error=r8.report["validation"]["plan_error"],
+            checks=r8.report["validation"]["checks"],
+        )
     path = tmp / "llama"
-    full = load([f"checkpoint.path={path}", "quantization=none", "memory.max_memory={0: 10GiB}"], run_dir=tmp / "full").model
-    off = load([f"checkpoint.path={path}", "quantization=none", "memory.max_memory={0: 150KiB, cpu: 1GiB}",
-                "device_map=sequential"], run_dir=tmp / "off")
+    full = load(
+        [f"checkpoint.path={path}", "quantization=none", "memory.max_memory={0: 10GiB}"], run_dir=tmp / "full"
+    ).model
+    off = load(
+        [
+            f"checkpoint.path={path}",
+            "quantization=none",
+            "memory.max_memory={0: 150KiB, cpu: 1GiB}",
+            "device_map=sequential",
+        ],
+        run_dir=tmp / "off",
+    )
     with torch.inference_mode():
         same = torch.equal(off.model(ids.cuda()).logits.cpu(), full(ids.cuda()).logits.cpu())
-    all_ok &= report("cpu offload on GPU: logits equal, plan exact", same and off.ok,
-                     predicted=off.report["plan"]["predicted_bytes"], plan_error=off.report["validation"]["plan_error"],
-                     checks=off.report["validation"]["checks"])
+    all_ok &= report(
+        "cpu offload on GPU: logits equal, plan exact",
+        same and off.ok,
+        predicted=off.report["plan"]["predicted_bytes"],
+        plan_error=off.report["validation"]["plan_error"],
+        checks=off.report["validation"]["checks"],
+    )
     gpu8 = load([f"checkpoint.path={path}", "quantization=int8", "memory.max_memory={0: 10GiB}"], run_dir=tmp / "gpu8")
     with torch.inference_mode():
         gpu8_logits = gpu8.model(ids.cuda()).logits.float().cpu()
     for mode in ("int8", "keep"):
-        off8 = load([f"checkpoint.path={path}", "quantization=int8", f"quantization.offloaded={mode}",
-                     "memory.max_memory={0: 80KiB, cpu: 1GiB}", "device_map=sequential"], run_dir=tmp / f"off8_{mode}")
-        on_cpu = [n for n, m in off8.model.named_modules()
-                  if isinstance(m, bnb.nn.Linear8bitLt) and m.weight.device.type == "cpu"]
+        off8 = load(
+            [
+                f"checkpoint.path={path}",
+                "quantization=int8",
+                f"quantization.offloaded={mode}",
+                "memory.max_memory={0: 80KiB, cpu: 1GiB}",
+                "device_map=sequential",
+            ],
+            run_dir=tmp / f"off8_{mode}",
+        )
+        on_cpu = [
+            n
+            for n, m in off8.model.named_modules()
+            if isinstance(m, bnb.nn.Linear8bitLt) and m.weight.device.type == "cpu"
+        ]
         with torch.inference_mode():
             logits = off8.model(ids.cuda()).logits.float().cpu()
             text_ids = off8.model.generate(ids[:, :4].cuda(), max_new_tokens=6, do_sample=False)
         err = float((logits - gpu8_logits).norm() / gpu8_logits.norm())
-        all_ok &= report(f"int8 with cpu offload, offloaded={mode}", off8.ok and (bool(on_cpu) == (mode == "int8")),
-                         int8_layers_on_cpu=len(on_cpu), logits_rel_error_vs_all_gpu_int8=round(err, 6),
-                         generated=text_ids.shape[1], predicted=off8.report["plan"]["predicted_bytes"],
-                         plan_error=off8.report["validation"]["plan_error"], checks=off8.report["validation"]["checks"])
+        all_ok &= report(
+            f"int8 with cpu offload, offloaded={mode}",
+            off8.ok and (bool(on_cpu) == (mode == "int8")),
+            int8_layers_on_cpu=len(on_cpu),
+            logits_rel_error_vs_all_gpu_int8=round(err, 6),
+            generated=text_ids.shape[1],
+            predicted=off8.report["plan"]["predicted_bytes"],
+            plan_error=off8.report["validation"]["plan_error"],
+            checks=off8.report["validation"]["checks"],
+        )
     try:  # the peer: transformers refuses int8 with CPU-mapped modules unless they stay fp32
         from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
         dm = {k: ("cpu" if v == "cpu" else int(v)) for k, v in off8.report["plan"]["device_map"].items()}
-        AutoModelForCausalLM.from_pretrained(path, device_map=dm, quantization_config=BitsAndBytesConfig(load_in_8bit=True))
+        AutoModelForCausalLM.from_pretrained(
+            path, device_map=dm, quantization_config=BitsAndBytesConfig(load_in_8bit=True)
+        )
         report("transformers int8 with a CPU-mapped layer", True, outcome="loaded")
     except Exception as exc:  # noqa: BLE001 - recording what the peer says
         report("transformers int8 with a CPU-mapped layer", True, outcome=f"{type(exc).__name__}: {str(exc)[:200]}")
     for method in ("nf4", "fp4"):
-        r4 = load([f"checkpoint.path={path}", f"quantization={method}", "memory.max_memory={0: 10GiB}"],
-                  run_dir=tmp / f"gpu_{method}")
+        r4 = load(
+            [f"checkpoint.path={path}", f"quantization={method}", "memory.max_memory={0: 10GiB}"],
+            run_dir=tmp / f"gpu_{method}",
+        )
         from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-        cfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=method, bnb_4bit_compute_dtype=torch.bfloat16,
-                                 bnb_4bit_use_double_quant=True)
-        hf = AutoModelForCausalLM.from_pretrained(path, quantization_config=cfg, device_map={"": 0}, dtype=torch.bfloat16)
-        same_bytes = all(torch.equal(m.weight.data.view(-1), hf.get_submodule(n).weight.data.view(-1))
-                         and torch.equal(m.weight.quant_state.absmax, hf.get_submodule(n).weight.quant_state.absmax)
-                         for n, m in r4.model.named_modules() if isinstance(m, bnb.nn.Linear4bit))
+        cfg = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=method,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+            bnb_4bit_use_double_quant=True,
+        )
+        hf = AutoModelForCausalLM.from_pretrained(
+            path, quantization_config=cfg, device_map={"": 0}, dtype=torch.bfloat16
+        )
+        same_bytes = all(
+            torch.equal(m.weight.data.view(-1), hf.get_submodule(n).weight.data.view(-1))
+            and torch.equal(m.weight.quant_state.absmax, hf.get_submodule(n).weight.quant_state.absmax)
+            for n, m in r4.model.named_modules()
+            if isinstance(m, bnb.nn.Linear4bit)
+        )
         with torch.inference_mode():
             same_logits = torch.equal(r4.model(ids.cuda()).logits.cpu(), hf.eval()(ids.cuda()).logits.cpu())
-        all_ok &= report(f"{method} on GPU equals transformers' load_in_4bit", r4.ok and same_bytes and same_logits,
-                         same_bytes=same_bytes, same_logits=same_logits, plan_error=r4.report["validation"]["plan_error"],
-                         measured=r4.report["validation"]["measured_bytes"], checks=r4.report["validation"]["checks"])
-    off4 = load([f"checkpoint.path={path}", "quantization=nf4", "memory.max_memory={0: 60KiB, cpu: 1GiB}",
-                 "device_map=sequential"], run_dir=tmp / "off4")
-    all_ok &= report("nf4 with cpu offload, offloaded=nf4", off4.ok, predicted=off4.report["plan"]["predicted_bytes"],
-                     plan_error=off4.report["validation"]["plan_error"], checks=off4.report["validation"]["checks"])
+        all_ok &= report(
+            f"{method} on GPU equals transformers' load_in_4bit",
+            r4.ok and same_bytes and same_logits,
+            same_bytes=same_bytes,
+            same_logits=same_logits,
+            plan_error=r4.report["validation"]["plan_error"],
+            measured=r4.report["validation"]["measured_bytes"],
+            checks=r4.report["validation"]["checks"],
+        )
+    off4 = load(
+        [
+            f"checkpoint.path={path}",
+            "quantization=nf4",
+            "memory.max_memory={0: 60KiB, cpu: 1GiB}",
+            "device_map=sequential",
+        ],
+        run_dir=tmp / "off4",
+    )
+    all_ok &= report(
+        "nf4 with cpu offload, offloaded=nf4",
+        off4.ok,
+        predicted=off4.report["plan"]["predicted_bytes"],
+        plan_error=off4.report["validation"]["plan_error"],
+        checks=off4.report["validation"]["checks"],
+    )
     if torch.cuda.device_count() > 1:
-        two = load([f"checkpoint.path={path}", "quantization=none", "memory.max_memory={0: 250KiB, 1: 1GiB}",
-                    "device_map=sequential"], run_dir=tmp / "two")
+        two = load(
+            [
+                f"checkpoint.path={path}",
+                "quantization=none",
+                "memory.max_memory={0: 250KiB, 1: 1GiB}",
+                "device_map=sequential",
+            ],
+            run_dir=tmp / "two",
+        )
         with torch.inference_mode():
             same = torch.equal(two.model(ids.cuda()).logits.cpu(), full(ids.cuda()).logits.cpu())
         all_ok &= report("two GPUs: logits equal", same and two.ok, predicted=two.report["plan"]["predicted_bytes"])

@@ -9,6 +9,7 @@ Prints a table of medians, GB/s and ratios, and writes all samples as JSON.
     python bench/load_bench.py --dir /tmp/llama7b --rounds 3 --out results.json
     python bench/load_bench.py --device cpu --shape llama-400m --dtype fp32 --dir /tmp/l400
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,17 +24,28 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-GPU_METHODS = ["ours_bf16", "hf_bf16", "ours_int8", "hf_int8", "ours_nf4", "hf_nf4", "accelerate", "st_cuda", "st_cpu_to",
-               "read_seq"]
+GPU_METHODS = [
+    "ours_bf16",
+    "hf_bf16",
+    "ours_int8",
+    "hf_int8",
+    "ours_nf4",
+    "hf_nf4",
+    "accelerate",
+    "st_cuda",
+    "st_cpu_to",
+    "read_seq",
+]
 CPU_METHODS = ["ours_cpu", "hf_cpu"]
 
 
 # ---------------------------------------------------------------- one measurement (in a subprocess)
 
+
 def one(method: str, ckpt: str, device: str) -> dict:
     import torch
 
-    from pipeline.memory_probe import PeakAnonSampler
+    from pipeline.measure.memory import PeakAnonSampler
 
     cuda = device == "cuda"
     if cuda:
@@ -47,11 +59,12 @@ def one(method: str, ckpt: str, device: str) -> dict:
 
         transformers.AutoModelForCausalLM  # noqa: B018
         if "int8" in method or "nf4" in method:
-            from pipeline.bnb import import_bitsandbytes
+            from pipeline.quant.bnb import import_bitsandbytes
 
             import_bitsandbytes()
             from transformers import BitsAndBytesConfig  # noqa: F401
         import accelerate  # noqa: F401
+
         import pipeline.api  # noqa: F401
         import pipeline.stages.instantiate_empty  # noqa: F401
 
@@ -62,10 +75,15 @@ def one(method: str, ckpt: str, device: str) -> dict:
         t0 = time.perf_counter()
         if method.startswith("ours"):
             q = method.removeprefix("ours_") if method in ("ours_int8", "ours_nf4") else "none"
-            overrides = [f"checkpoint.path={ckpt}", f"quantization={q}", "stages.load_shards.progress=false",
-                         "stages.validate.metrics.perplexity=false", "stages.validate.metrics.reference=false",
-                         "stages.validate.max_new_tokens=0",
-                         f"hydra.run.dir={os.environ.get('BENCH_RUN_DIR', '/tmp/bench_run')}/{method}"]
+            overrides = [
+                f"checkpoint.path={ckpt}",
+                f"quantization={q}",
+                "stages.load_shards.progress=false",
+                "stages.validate.metrics.perplexity=false",
+                "stages.validate.metrics.reference=false",
+                "stages.validate.max_new_tokens=0",
+                f"hydra.run.dir={os.environ.get('BENCH_RUN_DIR', '/tmp/bench_run')}/{method}",
+            ]
             overrides.append("memory.max_memory={0: 75GiB}" if cuda else "memory.max_memory={cpu: 64GiB}")
             # like transformers' BitsAndBytesConfig: what is not quantized stays in the load dtype (bf16)
             overrides.append("quantization.unquantized_dtype=null")
@@ -73,8 +91,11 @@ def one(method: str, ckpt: str, device: str) -> dict:
             r = load(overrides)
             model = r.model
             stages = {s["name"]: s["seconds"] for s in r.report["stages"]}
-            extra = {"load_shards_s": stages["load_shards"], "plan_error": r.report["validation"]["plan_error"],
-                     "checks_ok": all(r.report["validation"]["checks"].values())}
+            extra = {
+                "load_shards_s": stages["load_shards"],
+                "plan_error": r.report["validation"]["plan_error"],
+                "checks_ok": all(r.report["validation"]["checks"].values()),
+            }
             seconds = sum(v for k, v in stages.items() if k != "validate")
         else:
             model = _peer(method, ckpt, device) if method != "read_seq" else _read_seq(ckpt)
@@ -89,8 +110,13 @@ def one(method: str, ckpt: str, device: str) -> dict:
             extra["pass_s"] = time.perf_counter() - t1
             seconds += extra["pass_s"]
     nbytes = sum(os.path.getsize(f) for f in Path(ckpt).glob("*.safetensors"))
-    out = {"method": method, "seconds": seconds, "gb_per_s": nbytes / seconds / 1e9,
-           "peak_host_anon_above_baseline": sampler.peak - sampler.baseline, **extra}
+    out = {
+        "method": method,
+        "seconds": seconds,
+        "gb_per_s": nbytes / seconds / 1e9,
+        "peak_host_anon_above_baseline": sampler.peak - sampler.baseline,
+        **extra,
+    }
     if cuda:
         out["peak_gpu_bytes"] = torch.cuda.max_memory_allocated()
     return out
@@ -106,9 +132,12 @@ def _peer(method: str, ckpt: str, device: str):
         if method == "hf_int8":
             kw["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=6.0)
         if method == "hf_nf4":
-            kw["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                                           bnb_4bit_compute_dtype=torch.bfloat16,
-                                                           bnb_4bit_use_double_quant=True)
+            kw["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True,
+                bnb_4bit_quant_type="nf4",
+                bnb_4bit_compute_dtype=torch.bfloat16,
+                bnb_4bit_use_double_quant=True,
+            )
         if method == "hf_cpu":
             kw = {"dtype": "auto"}
         return AutoModelForCausalLM.from_pretrained(ckpt, **kw)
@@ -151,6 +180,7 @@ class _Holder:
 
 
 # ---------------------------------------------------------------- the driver
+
 
 def drop_caches() -> bool:
     try:
@@ -208,7 +238,7 @@ def main() -> None:
     samples = []
     for mode in modes:
         for r in range(a.rounds):
-            order = methods[r % len(methods):] + methods[: r % len(methods)]
+            order = methods[r % len(methods) :] + methods[: r % len(methods)]
             for m in order:
                 if mode == "cold":
                     if not drop_caches():
@@ -233,18 +263,25 @@ def summarize(samples, methods, modes) -> str:
         for m in methods:
             ok = [s for s in samples if s["method"] == m and s.get("mode") == mode and "seconds" in s]
             if ok:
-                med[m] = {k: statistics.median(s[k] for s in ok) for k in ("seconds", "gb_per_s", "peak_host_anon_above_baseline")}
+                med[m] = {
+                    k: statistics.median(s[k] for s in ok)
+                    for k in ("seconds", "gb_per_s", "peak_host_anon_above_baseline")
+                }
                 if "peak_gpu_bytes" in ok[0]:
                     med[m]["peak_gpu_bytes"] = statistics.median(s["peak_gpu_bytes"] for s in ok)
                 med[m]["n"] = len(ok)
         lines.append(f"\n{mode} cache, medians")
-        lines.append("| method | n | seconds | GB/s | x vs " + ref + " | peak host anon above baseline (GiB) | peak GPU (GiB) |")
+        lines.append(
+            "| method | n | seconds | GB/s | x vs " + ref + " | peak host anon above baseline (GiB) | peak GPU (GiB) |"
+        )
         lines.append("| --- | --- | --- | --- | --- | --- | --- |")
         for m, v in med.items():
             ratio = med[ref]["seconds"] / v["seconds"] if ref in med else float("nan")
             gpu = f"{v['peak_gpu_bytes'] / 2**30:.2f}" if "peak_gpu_bytes" in v else "-"
-            lines.append(f"| {m} | {v['n']} | {v['seconds']:.3f} | {v['gb_per_s']:.2f} | {ratio:.2f} | "
-                         f"{v['peak_host_anon_above_baseline'] / 2**30:.2f} | {gpu} |")
+            lines.append(
+                f"| {m} | {v['n']} | {v['seconds']:.3f} | {v['gb_per_s']:.2f} | {ratio:.2f} | "
+                f"{v['peak_host_anon_above_baseline'] / 2**30:.2f} | {gpu} |"
+            )
         errs = [s for s in samples if s.get("mode") == mode and "error" in s]
         for s in errs:
             lines.append(f"error: {s['method']}: {s['error']}")

@@ -1,5 +1,6 @@
 """int8 on one GPU with most layers planned on the CPU: quantization.offloaded=int8 (run on the CPU)
 against keep (streamed to the GPU per forward). Load time, plan error, greedy tokens/s. One JSON line each."""
+
 from __future__ import annotations
 
 import json
@@ -16,11 +17,20 @@ from pipeline import load  # noqa: E402
 def main(ckpt: str, gpu_cap: str) -> None:
     for mode in ("int8", "keep"):
         t0 = time.perf_counter()
-        r = load([f"checkpoint.path={ckpt}", "quantization=int8", f"quantization.offloaded={mode}",
-                  "quantization.unquantized_dtype=null", f"memory.max_memory={{0: {gpu_cap}, cpu: 100GiB}}",
-                  "stages.load_shards.progress=false", "stages.validate.metrics.perplexity=false",
-                  "stages.validate.metrics.reference=false", "stages.validate.max_new_tokens=0"],
-                 run_dir=f"/tmp/offload7b_{mode}")
+        r = load(
+            [
+                f"checkpoint.path={ckpt}",
+                "quantization=int8",
+                f"quantization.offloaded={mode}",
+                "quantization.unquantized_dtype=null",
+                f"memory.max_memory={{0: {gpu_cap}, cpu: 100GiB}}",
+                "stages.load_shards.progress=false",
+                "stages.validate.metrics.perplexity=false",
+                "stages.validate.metrics.reference=false",
+                "stages.validate.max_new_tokens=0",
+            ],
+            run_dir=f"/tmp/offload7b_{mode}",
+        )
         wall = time.perf_counter() - t0
         ids = torch.arange(1, 9).unsqueeze(0).cuda()
         with torch.inference_mode():
@@ -29,11 +39,22 @@ def main(ckpt: str, gpu_cap: str) -> None:
             out = r.model.generate(ids, max_new_tokens=16, do_sample=False, min_new_tokens=16)
             gen = time.perf_counter() - t1
         q = r.report["quantization"]
-        print(json.dumps({"offloaded": mode, "ok": r.ok, "wall_s": round(wall, 2),
-                          "stages": {s["name"]: s["seconds"] for s in r.report["stages"]},
-                          "predicted": r.report["plan"]["predicted_bytes"], "plan_error": r.report["validation"]["plan_error"],
-                          "quantized": q["quantized"], "kept": sum(v.startswith("offloaded") for v in q["skipped_reasons"].values()),
-                          "tokens_per_s": round((out.shape[1] - ids.shape[1]) / gen, 2)}), flush=True)
+        print(
+            json.dumps(
+                {
+                    "offloaded": mode,
+                    "ok": r.ok,
+                    "wall_s": round(wall, 2),
+                    "stages": {s["name"]: s["seconds"] for s in r.report["stages"]},
+                    "predicted": r.report["plan"]["predicted_bytes"],
+                    "plan_error": r.report["validation"]["plan_error"],
+                    "quantized": q["quantized"],
+                    "kept": sum(v.startswith("offloaded") for v in q["skipped_reasons"].values()),
+                    "tokens_per_s": round((out.shape[1] - ids.shape[1]) / gen, 2),
+                }
+            ),
+            flush=True,
+        )
         del r
         torch.cuda.empty_cache()
 

@@ -3,7 +3,8 @@
 `from pipeline import load` is the Python API; `python -m pipeline` the CLI.
 Imports stay lazy so that `import pipeline` (and Hydra reading conf/) is cheap.
 """
-from . import resolvers  # noqa: F401  (registers the config resolvers)
+
+from .engine import resolvers  # noqa: F401  (registers the config resolvers)
 
 
 def load(overrides=(), **kwargs):

@@ -1,4 +1,5 @@
 """`python -m pipeline [overrides]`: the only @hydra.main. Exit 0 ok, 1 a check failed, 2 bad input."""
+
 from __future__ import annotations
 
 import os
@@ -17,9 +18,9 @@ def _app(cfg: DictConfig) -> str:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
+    from .engine.report import format_summary
+    from .engine.runner import run
     from .errors import PipelineError
-    from .report import format_summary
-    from .runner import run
 
     hc = HydraConfig.get()
     run_dir = hc.runtime.output_dir
@@ -47,7 +48,7 @@ def _sweep_value(cfg: DictConfig, report: dict):
         return report["status"]
     from omegaconf import OmegaConf
 
-    from .objective import objective
+    from .sweeps.objective import objective
 
     return objective(report, OmegaConf.to_container(spec, resolve=True))
 

@@ -1,4 +1,5 @@
 """`load([...overrides])` for Python programs: the same configs and stages as the CLI."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -10,9 +11,10 @@ from hydra.errors import HydraException
 from omegaconf import OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
-from .context import LoadResult
+from .engine.binding import check_moved_targets
+from .engine.result import LoadResult
+from .engine.runner import run, save_config
 from .errors import UserError
-from .runner import run, save_config
 
 
 def compose_config(overrides=(), config_name: str = "config"):
@@ -22,9 +24,11 @@ def compose_config(overrides=(), config_name: str = "config"):
         GlobalHydra.instance().clear()
     try:
         with initialize_config_module("conf", version_base="1.3"):
-            return compose(config_name, overrides=overrides, return_hydra_config=True)
+            cfg = compose(config_name, overrides=overrides, return_hydra_config=True)
     except (HydraException, OmegaConfBaseException) as exc:
         raise UserError(f"overrides: {_one_line(str(exc))}") from None
+    check_moved_targets(OmegaConf.to_container(cfg, resolve=False))
+    return cfg
 
 
 def _one_line(message: str) -> str:

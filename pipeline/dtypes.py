@@ -1,5 +1,8 @@
 """Dtype names as users write them, as safetensors headers write them, and as torch has them."""
+
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import torch
 
@@ -7,16 +10,26 @@ from .errors import UserError
 
 # Names a user may give in `dtype=` or in per-module overrides.
 POLICY_DTYPES = {
-    "fp32": torch.float32, "float32": torch.float32,
-    "fp16": torch.float16, "float16": torch.float16,
-    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
 }
 
 # safetensors header dtype strings (the format's spec).
 SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "BOOL": torch.bool,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
 }
 if hasattr(torch, "float8_e4m3fn"):
     SAFETENSORS_DTYPES["F8_E4M3"] = torch.float8_e4m3fn
@@ -39,3 +52,12 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 def itemsize(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
+
+
+@dataclass(frozen=True)
+class DtypePolicy:
+    """The `dtype` group as the planner applies it: a policy name (auto keeps the checkpoint's dtype)
+    and per-module overrides by pattern."""
+
+    name: str = "auto"
+    overrides: dict = field(default_factory=dict)

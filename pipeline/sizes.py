@@ -4,6 +4,7 @@ YAML gives GPU keys as ints (`0:`) while command-line overrides give strings
 (`+memory.max_memory.0=`); values come as ints, "20GiB" (binary) or "500MB"
 (decimal). Everything downstream sees {"0": bytes, "cpu": bytes, "disk": bytes}.
 """
+
 from __future__ import annotations
 
 import re
@@ -11,9 +12,16 @@ import re
 from .errors import UserError
 
 _UNITS = {
-    "": 1, "b": 1,
-    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+    "": 1,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
 }
 _SIZE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*$")
 
@@ -48,9 +56,7 @@ def device_key(key, where: str = "memory.max_memory") -> str:
         return str(int(k))
     if k in ("cpu", "disk"):
         return k
-    raise UserError(
-        f"{where}: unknown device key {key!r}; use a GPU index (0, 1, ...), cpu or disk"
-    )
+    raise UserError(f"{where}: unknown device key {key!r}; use a GPU index (0, 1, ...), cpu or disk")
 
 
 def device_order(key: str) -> tuple:

@@ -1,4 +1,5 @@
 """Stages used only by tests, admitted through the config's allow_targets (as a user would add theirs)."""
+
 import resource
 
 

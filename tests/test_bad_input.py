@@ -1,12 +1,12 @@
 """Every bad checkpoint a user can hand us: exit 2, the culprit on the last stderr line, no traceback,
 and the checkpoint directory byte-identical afterwards."""
+
 import json
 import shutil
 import struct
 
 import pytest
-
-from conftest import rewrite_header, run_cli, tree_digest
+from helpers import rewrite_header, run_cli, tree_digest
 
 
 def _first_shard(ck):
@@ -16,7 +16,7 @@ def _first_shard(ck):
 def _tensor_names(shard):
     raw = shard.read_bytes()
     (n,) = struct.unpack("<Q", raw[:8])
-    return [k for k in json.loads(raw[8:8 + n]) if k != "__metadata__"]
+    return [k for k in json.loads(raw[8 : 8 + n]) if k != "__metadata__"]
 
 
 def no_config(ck):
@@ -62,6 +62,7 @@ def overlapping(ck):
         a, b = sorted(names, key=lambda n: h[n]["data_offsets"][0])[:2]
         size_b = h[b]["data_offsets"][1] - h[b]["data_offsets"][0]
         h[b]["data_offsets"] = [h[a]["data_offsets"][0], h[a]["data_offsets"][0] + size_b]
+
     rewrite_header(s, mutate)
     return s.name
 
@@ -69,8 +70,10 @@ def overlapping(ck):
 def past_the_end(ck):
     s = _first_shard(ck)
     name = _tensor_names(s)[-1]
-    rewrite_header(s, lambda h: h[name].update(data_offsets=[h[name]["data_offsets"][0] + 10**9,
-                                                              h[name]["data_offsets"][1] + 10**9]))
+    rewrite_header(
+        s,
+        lambda h: h[name].update(data_offsets=[h[name]["data_offsets"][0] + 10**9, h[name]["data_offsets"][1] + 10**9]),
+    )
     return name
 
 
@@ -109,8 +112,20 @@ def shape_mismatch(ck):
     return "has shape"
 
 
-CASES = [no_config, truncated, absurd_length, not_json, unknown_dtype, overlapping, past_the_end,
-         index_missing_shard, index_absolute, index_dotdot, index_not_json, shape_mismatch]
+CASES = [
+    no_config,
+    truncated,
+    absurd_length,
+    not_json,
+    unknown_dtype,
+    overlapping,
+    past_the_end,
+    index_missing_shard,
+    index_absolute,
+    index_dotdot,
+    index_not_json,
+    shape_mismatch,
+]
 
 
 @pytest.mark.parametrize("corrupt", CASES, ids=[c.__name__ for c in CASES])

@@ -1,12 +1,13 @@
 """Header and index parsing on real safetensors files, and every malformed case a user can hit."""
+
 import json
 import struct
 
 import pytest
 import torch
+from helpers import rewrite_header
 from safetensors.torch import save_file
 
-from conftest import rewrite_header
 from pipeline.checkpoint import open_checkpoint
 from pipeline.checkpoint.header import read_header
 from pipeline.errors import UserError
@@ -56,7 +57,7 @@ def test_absurd_header_length(st_file):
 def test_header_not_json(st_file):
     raw = st_file.read_bytes()
     (n,) = struct.unpack("<Q", raw[:8])
-    st_file.write_bytes(raw[:8] + b"{" + b"x" * (n - 1) + raw[8 + n:])
+    st_file.write_bytes(raw[:8] + b"{" + b"x" * (n - 1) + raw[8 + n :])
     with pytest.raises(UserError, match="not valid JSON"):
         read_header(str(st_file))
 
@@ -70,6 +71,7 @@ def test_unknown_dtype(st_file):
 def test_overlapping_offsets(st_file):
     def overlap(h):
         h["b"]["data_offsets"] = [16, 24]
+
     rewrite_header(st_file, overlap)
     with pytest.raises(UserError, match="overlap"):
         read_header(str(st_file))
@@ -86,7 +88,10 @@ def _sharded(tmp_path):
     root.mkdir()
     save_file({"x": torch.zeros(2)}, root / "model-00001-of-00002.safetensors")
     save_file({"y": torch.zeros(3)}, root / "model-00002-of-00002.safetensors")
-    index = {"metadata": {}, "weight_map": {"x": "model-00001-of-00002.safetensors", "y": "model-00002-of-00002.safetensors"}}
+    index = {
+        "metadata": {},
+        "weight_map": {"x": "model-00001-of-00002.safetensors", "y": "model-00002-of-00002.safetensors"},
+    }
     (root / "model.safetensors.index.json").write_text(json.dumps(index))
     return root, index
 
@@ -117,7 +122,9 @@ def test_index_lists_tensor_the_shard_lacks(tmp_path):
     root, index = _sharded(tmp_path)
     index["weight_map"]["z"] = "model-00001-of-00002.safetensors"
     (root / "model.safetensors.index.json").write_text(json.dumps(index))
-    with pytest.raises(UserError, match="tensor 'z' is listed for 'model-00001-of-00002.safetensors' but that shard does not hold it"):
+    with pytest.raises(
+        UserError, match="tensor 'z' is listed for 'model-00001-of-00002.safetensors' but that shard does not hold it"
+    ):
         open_checkpoint(str(root))
 
 

@@ -1,9 +1,9 @@
 """The CLI in a subprocess: run artifacts, exit codes 0/1/2, one clear last line on errors."""
+
 import json
 
 import pytest
-
-from conftest import run_cli, tree_digest
+from helpers import run_cli, tree_digest
 from test_load import _copy_without
 
 STAGES = ["instantiate_empty", "plan", "quantize", "load_shards", "validate"]
@@ -40,19 +40,22 @@ def test_dry_run_reads_no_tensor(tiny, tmp_path):
     assert json.loads((out / "plan.json").read_text())["predicted_bytes"]
 
 
-@pytest.mark.parametrize("args,culprit", [
-    (["checkpoint.path=/nonexistent/model"], "/nonexistent/model"),
-    (["stages=[instantiate_empty,unpack]"], "stages/unpack"),
-    (["dtype=fp12"], "dtype"),
-    (["quantization.threshold=-1"], "quantization.threshold"),
-    (["quantization.threshold=abc"], "quantization.threshold"),
-    (["quantization=nf4", "quantization.blocksize=100"], "quantization.blocksize"),
-    (["quantization.offloaded=sometimes"], "quantization.offloaded"),
-    (["quantization=int4"], "quantization/int4"),
-    (["memory.max_memory={cpu: 12 parsecs}"], "memory.max_memory.cpu"),
-    (["memory.max_memory={gpu7: 1GiB}"], "gpu7"),
-    (["stages.plan._target_=os.system"], "os.system"),
-])
+@pytest.mark.parametrize(
+    "args,culprit",
+    [
+        (["checkpoint.path=/nonexistent/model"], "/nonexistent/model"),
+        (["stages=[instantiate_empty,unpack]"], "stages/unpack"),
+        (["dtype=fp12"], "dtype"),
+        (["quantization.threshold=-1"], "quantization.threshold"),
+        (["quantization.threshold=abc"], "quantization.threshold"),
+        (["quantization=nf4", "quantization.blocksize=100"], "quantization.blocksize"),
+        (["quantization.offloaded=sometimes"], "quantization.offloaded"),
+        (["quantization=int4"], "quantization/int4"),
+        (["memory.max_memory={cpu: 12 parsecs}"], "memory.max_memory.cpu"),
+        (["memory.max_memory={gpu7: 1GiB}"], "gpu7"),
+        (["stages.plan._target_=os.system"], "os.system"),
+    ],
+)
 def test_bad_input_exits_2_naming_the_culprit(args, culprit, tiny, tmp_path):
     base = [] if any(a.startswith("checkpoint.path") for a in args) else [f"checkpoint.path={tiny('llama')}"]
     p = run_cli(*base, *args, f"hydra.run.dir={tmp_path / 'run'}")
@@ -74,8 +77,9 @@ def test_failed_check_exits_1_and_names_the_weight(tiny, tmp_path):
 
 def test_sweep_keeps_going_past_a_failed_job(tiny, tmp_path):
     sweep = tmp_path / "sweep"
-    p = run_cli("-m", f"checkpoint.path={tiny('bloom')},{tmp_path / 'missing'}", "quantization=none",
-                f"hydra.sweep.dir={sweep}")
+    p = run_cli(
+        "-m", f"checkpoint.path={tiny('bloom')},{tmp_path / 'missing'}", "quantization=none", f"hydra.sweep.dir={sweep}"
+    )
     assert p.returncode == 0, p.stderr
     statuses = sorted(json.loads((sweep / str(i) / "report.json").read_text())["status"] for i in (0, 1))
     assert statuses == ["error", "ok"]

@@ -1,13 +1,14 @@
 """Config composition: every option of every group composes and binds to its stage's signature."""
+
 from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
 
 from pipeline.api import compose_config
+from pipeline.engine.runner import bind_stages
 from pipeline.errors import UserError
-from pipeline.quant_config import normalize_quantization
-from pipeline.runner import bind_stages
+from pipeline.quant.spec import QuantSpec
 from pipeline.sizes import normalize_max_memory
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -58,14 +59,14 @@ def test_unknown_group_option_is_a_user_error():
 
 def test_threshold_int_is_coerced():
     cfg = compose_config(["quantization.threshold=4"])
-    q = normalize_quantization(OmegaConf.to_container(cfg.quantization))
-    assert q["threshold"] == 4.0 and isinstance(q["threshold"], float)
+    q = QuantSpec.from_config(OmegaConf.to_container(cfg.quantization))
+    assert q.threshold == 4.0 and isinstance(q.threshold, float)
 
 
 @pytest.mark.parametrize("bad,match", [(-1, "negative"), ("abc", "not a number")])
 def test_bad_threshold(bad, match):
     with pytest.raises(UserError, match=match):
-        normalize_quantization({"method": "int8", "threshold": bad})
+        QuantSpec.from_config({"method": "int8", "threshold": bad})
 
 
 def test_memory_caps_from_the_command_line_normalise_like_yaml():

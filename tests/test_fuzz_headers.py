@@ -1,4 +1,5 @@
 """Property test: mutated safetensors headers and indexes either load correctly or give the clean error."""
+
 import json
 import struct
 
@@ -13,14 +14,24 @@ from pipeline.checkpoint.header import read_header
 from pipeline.dtypes import SAFETENSORS_DTYPES
 from pipeline.errors import UserError
 
-FUZZ = settings(max_examples=1500, derandomize=True, deadline=None,
-                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+FUZZ = settings(
+    max_examples=1500,
+    derandomize=True,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 
 
 def _original(tmp_path_factory):
     path = tmp_path_factory.mktemp("fuzz") / "orig.safetensors"
-    save_file({"a": torch.arange(6, dtype=torch.float32).reshape(2, 3), "b": torch.ones(4, dtype=torch.bfloat16),
-               "c": torch.zeros(3, dtype=torch.int64)}, path)
+    save_file(
+        {
+            "a": torch.arange(6, dtype=torch.float32).reshape(2, 3),
+            "b": torch.ones(4, dtype=torch.bfloat16),
+            "c": torch.zeros(3, dtype=torch.int64),
+        },
+        path,
+    )
     return path.read_bytes()
 
 
@@ -49,7 +60,7 @@ def _mutate(raw: bytes, ops) -> bytes:
         if kind == "flip" and data:
             data[pos % len(data)] = val
         elif kind == "truncate":
-            del data[pos % (len(data) + 1):]
+            del data[pos % (len(data) + 1) :]
         elif kind == "insert":
             data.insert(pos % (len(data) + 1), val)
         elif kind == "length" and len(data) >= 8:
@@ -76,15 +87,26 @@ def test_mutated_headers_load_correctly_or_fail_cleanly(ops, tmp_path_factory):
         for name, info in tensors.items():
             t = fh.get_tensor(name)
             assert tuple(t.shape) == info.shape and t.dtype == SAFETENSORS_DTYPES[info.dtype]
-            assert t.contiguous().view(torch.uint8).numpy().tobytes() == raw[info.start:info.end]
+            assert t.contiguous().view(torch.uint8).numpy().tobytes() == raw[info.start : info.end]
 
 
 @FUZZ
-@given(weight_map=st.dictionaries(st.text(min_size=1, max_size=5),
-                                  st.one_of(st.just("s1.safetensors"), st.just("s2.safetensors"), st.text(max_size=12),
-                                            st.just("../s1.safetensors"), st.just("/etc/passwd"), st.integers(), st.none()),
-                                  max_size=4),
-       wrap=st.booleans())
+@given(
+    weight_map=st.dictionaries(
+        st.text(min_size=1, max_size=5),
+        st.one_of(
+            st.just("s1.safetensors"),
+            st.just("s2.safetensors"),
+            st.text(max_size=12),
+            st.just("../s1.safetensors"),
+            st.just("/etc/passwd"),
+            st.integers(),
+            st.none(),
+        ),
+        max_size=4,
+    ),
+    wrap=st.booleans(),
+)
 def test_mutated_indexes_load_correctly_or_fail_cleanly(weight_map, wrap, tmp_path_factory):
     root = tmp_path_factory.getbasetemp() / "fuzz_index"
     root.mkdir(exist_ok=True)

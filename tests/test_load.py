@@ -1,16 +1,17 @@
 """All five stages through the Python API on tiny checkpoints of real architectures."""
+
 import json
 import shutil
 
 import pytest
 import torch
+from helpers import ARCHS, tree_digest, with_extra_tensor
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
-from conftest import ARCHS, tree_digest, with_extra_tensor
 from pipeline import load
-from pipeline.bnb import import_bitsandbytes
 from pipeline.errors import CheckFailed, UserError
+from pipeline.quant.bnb import import_bitsandbytes
 
 STAGES = ["instantiate_empty", "plan", "quantize", "load_shards", "validate"]
 
@@ -49,7 +50,9 @@ def test_unquantized_load_equals_transformers(arch, tiny, tmp_path):
 def test_int8_load_matches_bitsandbytes(arch, tiny, tmp_path):
     bnb = import_bitsandbytes()
     path = tiny(arch)
-    result = load([f"checkpoint.path={path}", "quantization=int8", "quantization.threshold=4"], run_dir=tmp_path / "run")
+    result = load(
+        [f"checkpoint.path={path}", "quantization=int8", "quantization.threshold=4"], run_dir=tmp_path / "run"
+    )
     _assert_ok(result)
     q = result.report["quantization"]
     assert q["method"] == "int8" and q["threshold"] == 4.0
@@ -79,7 +82,9 @@ def test_tied_weights_stay_tied_and_are_counted_once(tiny, tmp_path):
     assert result.report["plan"]["predicted_bytes"]["cpu"] == ck_bytes + buffers
 
 
-@pytest.mark.parametrize("policy,expected", [("bf16", torch.bfloat16), ("fp16", torch.float16), ("fp32", torch.float32)])
+@pytest.mark.parametrize(
+    "policy,expected", [("bf16", torch.bfloat16), ("fp16", torch.float16), ("fp32", torch.float32)]
+)
 def test_dtype_policy_casts_like_torch(policy, expected, tiny, tmp_path):
     path = tiny("llama")
     result = load([f"checkpoint.path={path}", "quantization=none", f"dtype={policy}"], run_dir=tmp_path / "run")
@@ -97,8 +102,16 @@ def test_dtype_auto_keeps_checkpoint_dtype(tiny, tmp_path):
 
 
 def test_dtype_override_by_pattern(tiny, tmp_path):
-    load([f"checkpoint.path={tiny('llama')}", "quantization=none", "dtype=bf16", "+experiment=dry_run",
-          "dtype.overrides={norm: fp32, up_proj: fp16}"], run_dir=tmp_path / "run")
+    load(
+        [
+            f"checkpoint.path={tiny('llama')}",
+            "quantization=none",
+            "dtype=bf16",
+            "+experiment=dry_run",
+            "dtype.overrides={norm: fp32, up_proj: fp16}",
+        ],
+        run_dir=tmp_path / "run",
+    )
     tensors = json.loads((tmp_path / "run" / "plan.json").read_text())["tensors"]
     assert tensors["model.norm.weight"]["dtype"] == "float32"
     assert tensors["model.layers.0.input_layernorm.weight"]["dtype"] == "bfloat16"
@@ -115,28 +128,39 @@ def test_t5_keeps_wo_in_fp32_under_fp16(tiny, tmp_path):
 
 @pytest.mark.parametrize("strategy", ["auto", "balanced", "balanced_low_0", "sequential", "cpu"])
 def test_strategies_on_a_cpu_machine(strategy, tiny, tmp_path):
-    result = load([f"checkpoint.path={tiny('bloom')}", f"device_map={strategy}", "memory=cpu_4gib"], run_dir=tmp_path / "run")
+    result = load(
+        [f"checkpoint.path={tiny('bloom')}", f"device_map={strategy}", "memory=cpu_4gib"], run_dir=tmp_path / "run"
+    )
     _assert_ok(result)
     assert set(result.report["plan"]["predicted_bytes"]) == {"cpu"}
 
 
 def test_explicit_map(tiny, tmp_path):
-    result = load([f"checkpoint.path={tiny('llama')}", "device_map=explicit",
-                   "device_map.map={model: cpu, lm_head: cpu}"], run_dir=tmp_path / "run")
+    result = load(
+        [f"checkpoint.path={tiny('llama')}", "device_map=explicit", "device_map.map={model: cpu, lm_head: cpu}"],
+        run_dir=tmp_path / "run",
+    )
     _assert_ok(result)
     assert result.report["plan"]["device_map"] == {"model": "cpu", "lm_head": "cpu"}
 
 
 def test_explicit_map_must_name_real_modules(tiny, tmp_path):
     with pytest.raises(UserError, match="'decoder' is not a module of LlamaForCausalLM"):
-        load([f"checkpoint.path={tiny('llama')}", "device_map=explicit", "device_map.map={model: cpu, decoder: cpu}"],
-             run_dir=tmp_path / "run")
+        load(
+            [f"checkpoint.path={tiny('llama')}", "device_map=explicit", "device_map.map={model: cpu, decoder: cpu}"],
+            run_dir=tmp_path / "run",
+        )
 
 
 def test_dry_run_plans_gpus_that_do_not_exist(tiny, tmp_path):
     path = tiny("llama")
-    overrides = [f"checkpoint.path={path}", "+experiment=dry_run", "device_map=sequential", "quantization=none",
-                 "memory.max_memory={0: 220KiB, 1: 220KiB, cpu: 1GiB}"]
+    overrides = [
+        f"checkpoint.path={path}",
+        "+experiment=dry_run",
+        "device_map=sequential",
+        "quantization=none",
+        "memory.max_memory={0: 220KiB, 1: 220KiB, cpu: 1GiB}",
+    ]
     result = load(overrides, run_dir=tmp_path / "a")
     r = result.report
     assert r["status"] == "ok" and [s["name"] for s in r["stages"]] == ["instantiate_empty", "plan"]
@@ -162,7 +186,11 @@ def test_caps_too_small_name_device_and_missing_bytes(tiny, tmp_path):
     with pytest.raises(UserError, match=r"memory\.max_memory\.cpu: \d+ bytes \(.*\) missing") as exc:
         load([f"checkpoint.path={tiny('llama')}", "memory.max_memory={cpu: 10KiB}"], run_dir=tmp_path / "run")
     report = json.loads((tmp_path / "run" / "report.json").read_text())
-    assert report["status"] == "error" and report["stages"][-1] == {**report["stages"][-1], "name": "plan", "status": "error"}
+    assert report["status"] == "error" and report["stages"][-1] == {
+        **report["stages"][-1],
+        "name": "plan",
+        "status": "error",
+    }
     assert exc.value.result.report == report
 
 
@@ -215,9 +243,14 @@ def test_shape_mismatch_names_the_tensor(tiny, tmp_path):
 def test_single_file_with_a_torch_model_target(tmp_path):
     lin = torch.nn.Linear(4, 3)
     save_file(lin.state_dict(), tmp_path / "lin.safetensors")
-    result = load([f"checkpoint.path={tmp_path / 'lin.safetensors'}", "quantization=none",
-                   "checkpoint.model={_target_: torch.nn.Linear, in_features: 4, out_features: 3}"],
-                  run_dir=tmp_path / "run")
+    result = load(
+        [
+            f"checkpoint.path={tmp_path / 'lin.safetensors'}",
+            "quantization=none",
+            "checkpoint.model={_target_: torch.nn.Linear, in_features: 4, out_features: 3}",
+        ],
+        run_dir=tmp_path / "run",
+    )
     _assert_ok(result)
     assert torch.equal(result.model.weight, lin.weight) and torch.equal(result.model.bias, lin.bias)
 

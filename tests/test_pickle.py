@@ -1,11 +1,12 @@
 """Pickle checkpoints: refused unless asked, then read only with torch.load(weights_only=True)."""
+
 import json
 import pickle
 import shutil
 
 import torch
+from helpers import run_cli, tree_digest
 
-from conftest import run_cli, tree_digest
 from pipeline import load
 
 
@@ -40,7 +41,9 @@ def test_pickle_is_refused_unless_asked(tiny, tmp_path):
 
 def test_opted_in_pickle_loads_bit_for_bit(tiny, tmp_path):
     ck, state = _pickle_checkpoint(tiny("llama"), tmp_path / "ck")
-    result = load([f"checkpoint.path={ck}", "checkpoint.allow_pickle=true", "quantization=none"], run_dir=tmp_path / "run")
+    result = load(
+        [f"checkpoint.path={ck}", "checkpoint.allow_pickle=true", "quantization=none"], run_dir=tmp_path / "run"
+    )
     assert result.report["status"] == "ok" and result.report["checkpoint"]["format"] == "pickle"
     ours = result.model.state_dict()
     for name, t in state.items():

@@ -1,10 +1,11 @@
 """int8 options: skip patterns, per-module thresholds and skips, warnings for patterns matching nothing."""
+
 import pytest
 import torch
 
 from pipeline import load
-from pipeline.bnb import import_bitsandbytes
 from pipeline.errors import UserError
+from pipeline.quant.bnb import import_bitsandbytes
 
 
 def _int8_layers(model):
@@ -23,8 +24,14 @@ def test_skip_modules_pattern(tiny, tmp_path):
 
 
 def test_per_module_threshold_and_skip(tiny, tmp_path):
-    r = load([f"checkpoint.path={tiny('llama')}", "quantization.threshold=5.0",
-              "quantization.overrides={q_proj: 0.0, o_proj: skip}"], run_dir=tmp_path / "r")
+    r = load(
+        [
+            f"checkpoint.path={tiny('llama')}",
+            "quantization.threshold=5.0",
+            "quantization.overrides={q_proj: 0.0, o_proj: skip}",
+        ],
+        run_dir=tmp_path / "r",
+    )
     layers = _int8_layers(r.model)
     assert {m.state.threshold for n, m in layers.items() if n.endswith("q_proj")} == {0.0}
     assert {m.state.threshold for n, m in layers.items() if not n.endswith("q_proj")} == {5.0}
@@ -35,8 +42,14 @@ def test_per_module_threshold_and_skip(tiny, tmp_path):
 
 
 def test_pattern_matching_nothing_is_a_warning_in_the_report(tiny, tmp_path):
-    r = load([f"checkpoint.path={tiny('llama')}", "quantization.skip_modules=[attention_xyz]",
-              "quantization.overrides={nothing_here: 1.0}"], run_dir=tmp_path / "r")
+    r = load(
+        [
+            f"checkpoint.path={tiny('llama')}",
+            "quantization.skip_modules=[attention_xyz]",
+            "quantization.overrides={nothing_here: 1.0}",
+        ],
+        run_dir=tmp_path / "r",
+    )
     assert r.report["status"] == "ok"
     assert r.report["quantization"]["warnings"] == [
         "quantization.skip_modules pattern 'attention_xyz' matches no Linear layer",
@@ -47,20 +60,25 @@ def test_pattern_matching_nothing_is_a_warning_in_the_report(tiny, tmp_path):
 NF4 = "quantization=nf4"
 
 
-@pytest.mark.parametrize("overrides,match", [
-    (["quantization.overrides={q_proj: -2}"], "quantization.overrides.q_proj"),
-    (["quantization.overrides={q_proj: lots}"], "quantization.overrides.q_proj"),
-    (["quantization.method=int4"], "quantization.method: unknown method 'int4'"),
-    (["quantization.offloaded=sometimes"], "quantization.offloaded: 'sometimes' is not valid"),
-    (["quantization.unquantized_dtype=int3"], "quantization.unquantized_dtype: unknown dtype 'int3'"),
-    (["quantization.threshold=-1"], "quantization.threshold: -1 is negative"),
-    ([NF4, "quantization.compute_dtype=fp8"], "quantization.compute_dtype: unknown dtype 'fp8'"),
-    ([NF4, "quantization.blocksize=100"], "quantization.blocksize: 100; choose one of 64"),
-    ([NF4, "quantization.double_quant=maybe"], "quantization.double_quant: 'maybe' is not true or false"),
-    ([NF4, "quantization.overrides={q_proj: 2.0}"],
-     "quantization.overrides.q_proj: 2.0; with quantization=nf4 an override can only be skip"),
-    ([NF4, "quantization.offloaded=int8"], "quantization.offloaded: 'int8' is not valid with quantization=nf4"),
-])
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        (["quantization.overrides={q_proj: -2}"], "quantization.overrides.q_proj"),
+        (["quantization.overrides={q_proj: lots}"], "quantization.overrides.q_proj"),
+        (["quantization.method=int4"], "quantization.method: unknown method 'int4'"),
+        (["quantization.offloaded=sometimes"], "quantization.offloaded: 'sometimes' is not valid"),
+        (["quantization.unquantized_dtype=int3"], "quantization.unquantized_dtype: unknown dtype 'int3'"),
+        (["quantization.threshold=-1"], "quantization.threshold: -1 is negative"),
+        ([NF4, "quantization.compute_dtype=fp8"], "quantization.compute_dtype: unknown dtype 'fp8'"),
+        ([NF4, "quantization.blocksize=100"], "quantization.blocksize: 100; choose one of 64"),
+        ([NF4, "quantization.double_quant=maybe"], "quantization.double_quant: 'maybe' is not true or false"),
+        (
+            [NF4, "quantization.overrides={q_proj: 2.0}"],
+            "quantization.overrides.q_proj: 2.0; with quantization=nf4 an override can only be skip",
+        ),
+        ([NF4, "quantization.offloaded=int8"], "quantization.offloaded: 'int8' is not valid with quantization=nf4"),
+    ],
+)
 def test_bad_quantization_values(overrides, match, tiny, tmp_path):
     with pytest.raises(UserError, match=match):
         load([f"checkpoint.path={tiny('llama')}", *overrides], run_dir=tmp_path / "r")
@@ -74,7 +92,9 @@ def test_unquantized_dtype_sets_what_int8_leaves_alone(tiny, tmp_path):
     assert default.model.model.norm.weight.dtype == torch.float32
     assert follow.model.model.embed_tokens.weight.dtype == torch.bfloat16
     for r in (default, follow):
-        assert all(r.report["validation"]["checks"].values()) and set(r.report["validation"]["plan_error"].values()) == {0.0}
+        assert all(r.report["validation"]["checks"].values()) and set(
+            r.report["validation"]["plan_error"].values()
+        ) == {0.0}
         assert r.report["quantization"]["quantized"] == 21
     emb = 256 * 64  # tied embedding and head, the only large tensor int8 leaves alone
     assert default.report["plan"]["predicted_bytes"]["cpu"] - follow.report["plan"]["predicted_bytes"]["cpu"] >= 2 * emb
@@ -89,8 +109,15 @@ def _gpu_plan(ck, tmp_path, *extra):
     """A dry run (instantiate_empty + plan) for a declared GPU whose cap forces layers onto the CPU."""
     import json
 
-    r = load([f"checkpoint.path={ck}", "stages=[instantiate_empty,plan]", "memory.max_memory={0: 150KiB, cpu: 1GiB}",
-              *extra], run_dir=tmp_path)
+    r = load(
+        [
+            f"checkpoint.path={ck}",
+            "stages=[instantiate_empty,plan]",
+            "memory.max_memory={0: 150KiB, cpu: 1GiB}",
+            *extra,
+        ],
+        run_dir=tmp_path,
+    )
     return r.report, json.loads((tmp_path / "plan.json").read_text())
 
 
@@ -120,8 +147,15 @@ def _four_bit_layers(model):
 @pytest.mark.parametrize("method", ["nf4", "fp4"])
 @pytest.mark.parametrize("double_quant", [True, False])
 def test_four_bit_plan_is_exact(method, double_quant, tiny, tmp_path):
-    r = load([f"checkpoint.path={tiny('llama')}", f"quantization={method}", f"quantization.double_quant={double_quant}",
-              "quantization.compute_dtype=fp32"], run_dir=tmp_path / "r")
+    r = load(
+        [
+            f"checkpoint.path={tiny('llama')}",
+            f"quantization={method}",
+            f"quantization.double_quant={double_quant}",
+            "quantization.compute_dtype=fp32",
+        ],
+        run_dir=tmp_path / "r",
+    )
     layers = _four_bit_layers(r.model)
     assert len(layers) == r.report["quantization"]["quantized"] == 21 and "lm_head" not in layers
     for m in layers.values():
@@ -139,8 +173,12 @@ def test_four_bit_weights_match_transformers(tiny, tmp_path):
 
     ck = tiny("llama", torch.bfloat16)
     ours = load([f"checkpoint.path={ck}", "quantization=nf4"], run_dir=tmp_path / "r").model
-    cfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
-                             bnb_4bit_use_double_quant=True)
+    cfg = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_compute_dtype=torch.bfloat16,
+        bnb_4bit_use_double_quant=True,
+    )
     theirs = AutoModelForCausalLM.from_pretrained(ck, quantization_config=cfg, device_map="cpu", dtype=torch.bfloat16)
     a = ours.get_submodule("model.layers.1.mlp.down_proj").weight
     b = theirs.get_submodule("model.layers.1.mlp.down_proj").weight
@@ -156,6 +194,13 @@ def test_four_bit_weights_match_transformers(tiny, tmp_path):
 
 def test_four_bit_save_is_refused_clearly(tiny, tmp_path):
     with pytest.raises(UserError, match="stages.save: saving nf4 models is not supported yet"):
-        load([f"checkpoint.path={tiny('llama')}", "quantization=nf4", "stages=[instantiate_empty,plan,quantize,load_shards,save]",
-              f"stages.save.path={tmp_path / 'out'}"], run_dir=tmp_path / "r")
+        load(
+            [
+                f"checkpoint.path={tiny('llama')}",
+                "quantization=nf4",
+                "stages=[instantiate_empty,plan,quantize,load_shards,save]",
+                f"stages.save.path={tmp_path / 'out'}",
+            ],
+            run_dir=tmp_path / "r",
+        )
     assert not (tmp_path / "out").exists()

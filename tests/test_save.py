@@ -1,11 +1,12 @@
 """The save stage: a saved int8 checkpoint reloads without quantizing, bit for bit, same logits."""
+
 import pytest
 import torch
+from helpers import tree_digest
 
-from conftest import tree_digest
 from pipeline import load
-from pipeline.bnb import import_bitsandbytes
 from pipeline.errors import UserError
+from pipeline.quant.bnb import import_bitsandbytes
 
 SAVE = "stages=[instantiate_empty,plan,quantize,load_shards,validate,save]"
 
@@ -23,8 +24,15 @@ def _int8_state(model):
 def test_saved_int8_reloads_bit_for_bit(arch, tiny, tmp_path):
     src = tiny(arch)
     before = tree_digest(src)
-    first = load([f"checkpoint.path={src}", "quantization.overrides={dense_4h_to_h: 2.0, down_proj: 2.0}", SAVE,
-                  f"stages.save.path={tmp_path / 'int8'}"], run_dir=tmp_path / "a")
+    first = load(
+        [
+            f"checkpoint.path={src}",
+            "quantization.overrides={dense_4h_to_h: 2.0, down_proj: 2.0}",
+            SAVE,
+            f"stages.save.path={tmp_path / 'int8'}",
+        ],
+        run_dir=tmp_path / "a",
+    )
     assert first.report["save"]["tensors"] > 0 and tree_digest(src) == before
     again = load([f"checkpoint.path={tmp_path / 'int8'}"], run_dir=tmp_path / "b")
     r = again.report

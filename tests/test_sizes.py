@@ -4,10 +4,21 @@ from pipeline.errors import UserError
 from pipeline.sizes import device_key, format_bytes, normalize_max_memory, parse_size
 
 
-@pytest.mark.parametrize("text,expected", [
-    (123, 123), ("123", 123), ("1KB", 1000), ("1KiB", 1024), ("20GiB", 20 * 2**30), ("20GB", 20 * 10**9),
-    ("500MB", 500 * 10**6), ("1.5 GiB", int(1.5 * 2**30)), ("64mib", 64 * 2**20), ("7B", 7),
-])
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        (123, 123),
+        ("123", 123),
+        ("1KB", 1000),
+        ("1KiB", 1024),
+        ("20GiB", 20 * 2**30),
+        ("20GB", 20 * 10**9),
+        ("500MB", 500 * 10**6),
+        ("1.5 GiB", int(1.5 * 2**30)),
+        ("64mib", 64 * 2**20),
+        ("7B", 7),
+    ],
+)
 def test_parse_size_units(text, expected):
     assert parse_size(text) == expected
 
@@ -20,7 +31,13 @@ def test_parse_size_rejects_and_names_key(bad):
 
 def test_max_memory_keys_from_yaml_and_cli_are_the_same():
     from_yaml = normalize_max_memory({0: "1GiB", 1: 2**30, "cpu": "2GiB"})
-    from_cli = normalize_max_memory({"1": "1GiB", "0": "1GiB", "cpu": "2GiB", })
+    from_cli = normalize_max_memory(
+        {
+            "1": "1GiB",
+            "0": "1GiB",
+            "cpu": "2GiB",
+        }
+    )
     assert from_yaml == from_cli == {"0": 2**30, "1": 2**30, "cpu": 2 * 2**30}
     assert list(from_cli) == ["0", "1", "cpu"]
 

@@ -1,11 +1,12 @@
 """The parallel streaming reader: bit-identical to safetensors' own load, bounded buffers, int8 exact."""
+
 import pytest
 import torch
+from helpers import ARCHS
 from safetensors import safe_open
 
-from conftest import ARCHS
 from pipeline import load
-from pipeline.bnb import import_bitsandbytes
+from pipeline.quant.bnb import import_bitsandbytes
 
 SMALL = ["stages.load_shards.reader=stream", "stages.load_shards.chunk_mib=0.01", "stages.load_shards.threads=3"]
 
@@ -31,8 +32,10 @@ def test_stream_reader_is_bit_identical_to_safetensors(arch, tiny, tmp_path):
 
 def test_stream_reader_casts_like_torch_with_a_tiny_temp_budget(tiny, tmp_path):
     path = tiny("llama", torch.bfloat16)
-    result = load([f"checkpoint.path={path}", "quantization=none", "dtype=fp32", "stages.load_shards.temp_mib=0.001",
-                   *SMALL], run_dir=tmp_path / "run")
+    result = load(
+        [f"checkpoint.path={path}", "quantization=none", "dtype=fp32", "stages.load_shards.temp_mib=0.001", *SMALL],
+        run_dir=tmp_path / "run",
+    )
     assert result.report["status"] == "ok"
     ours = result.model.state_dict()
     for key, tensor in _safetensors_state(path).items():
@@ -64,7 +67,9 @@ def test_cpu_tensors_in_their_dtype_are_zero_copy_views_of_the_file(tiny, tmp_pa
     w = result.model.model.layers[0].mlp.up_proj.weight
     assert _mapped_from(w.data_ptr()).endswith(".safetensors")  # the weight lives in the file's mapping
     w.data.add_(1)  # copy-on-write: the checkpoint never changes
-    assert torch.equal(_safetensors_state(path)["model.layers.0.mlp.up_proj.weight"], before["model.layers.0.mlp.up_proj.weight"])
+    assert torch.equal(
+        _safetensors_state(path)["model.layers.0.mlp.up_proj.weight"], before["model.layers.0.mlp.up_proj.weight"]
+    )
 
 
 def _mapped_from(address: int) -> str:
@@ -86,7 +91,7 @@ def test_unknown_reader(tiny, tmp_path):
 
 
 def test_resident_fraction_tells_cached_from_never_read(tmp_path):
-    from pipeline.streaming import resident_fraction
+    from pipeline.loading.streamer import resident_fraction
 
     cached = tmp_path / "cached.bin"
     cached.write_bytes(b"x" * (8 * 2**20))

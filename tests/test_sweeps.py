@@ -1,10 +1,10 @@
 """Hydra multirun sweeps in a subprocess: summary at the sweep root, failed jobs kept, threshold reuse, joblib."""
+
 import csv
 import json
 
 import pytest
-
-from conftest import run_cli
+from helpers import run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -20,7 +20,9 @@ def test_threshold_sweep_on_the_default_model(tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     rows = _rows(root)
     assert [r["quantization.threshold"] for r in rows] == ["0.0", "2.0", "6.0"]
-    assert all(r["status"] == "ok" and float(r["perplexity"]) > 0 and float(r["reference_perplexity"]) > 0 for r in rows)
+    assert all(
+        r["status"] == "ok" and float(r["perplexity"]) > 0 and float(r["reference_perplexity"]) > 0 for r in rows
+    )
     assert [r["reused_load_from"] for r in rows] == ["", "0", "0"]  # one load, three validations
     assert list(root.glob("*.png")) and (root / "summary.md").read_text().count("\n") == 5
     # Reuse is safe: the reused model at threshold 6 measures exactly what a fresh load does.
@@ -54,8 +56,14 @@ def test_ready_memory_sweep_with_a_cap_too_small(tmp_path):
 
 def test_joblib_launcher_runs_jobs_in_parallel_processes(tiny, tmp_path):
     root = tmp_path / "sweep"
-    p = run_cli("-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", f"checkpoint.path={tiny('llama')}",
-                "quantization.threshold=0.0,6.0", f"hydra.sweep.dir={root}")
+    p = run_cli(
+        "-m",
+        "hydra/launcher=joblib",
+        "hydra.launcher.n_jobs=2",
+        f"checkpoint.path={tiny('llama')}",
+        "quantization.threshold=0.0,6.0",
+        f"hydra.sweep.dir={root}",
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     rows = _rows(root)
     assert [r["status"] for r in rows] == ["ok", "ok"]
@@ -66,12 +74,19 @@ def test_optuna_finds_the_lowest_memory_within_the_quality_bound(tiny, tmp_path)
     import yaml
 
     root = tmp_path / "sweep"
-    p = run_cli("+sweep=optuna_memory", f"checkpoint.path={tiny('llama')}", "~sweep_objective.max_perplexity_ratio",
-                "+sweep_objective.max_logits_rel_error=0.05", "hydra.sweeper.n_trials=4", f"hydra.sweep.dir={root}")
+    p = run_cli(
+        "+sweep=optuna_memory",
+        f"checkpoint.path={tiny('llama')}",
+        "~sweep_objective.max_perplexity_ratio",
+        "+sweep_objective.max_logits_rel_error=0.05",
+        "hydra.sweeper.n_trials=4",
+        f"hydra.sweep.dir={root}",
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     rows = _rows(root)
     assert len(rows) == 4 and all(r["status"] == "ok" for r in rows)
-    within = [int(r["bytes_cpu"]) / 2**30 for r in rows
-              if r["quantization"] == "none" or float(r["logits_rel_error"]) <= 0.05]
+    within = [
+        int(r["bytes_cpu"]) / 2**30 for r in rows if r["quantization"] == "none" or float(r["logits_rel_error"]) <= 0.05
+    ]
     best = yaml.safe_load((root / "optimization_results.yaml").read_text())
     assert best["best_value"] == pytest.approx(min(within))

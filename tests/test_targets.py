@@ -1,11 +1,12 @@
 """Only allow-listed `_target_`s are instantiated, and the rest are refused before import."""
+
 import sys
 
 import pytest
 import torch
 
+from pipeline.engine.binding import is_allowed, locate
 from pipeline.errors import UserError
-from pipeline.targets import is_allowed, locate
 
 
 @pytest.fixture
@@ -28,7 +29,9 @@ def test_user_allow_list_admits_it(booby_trapped_module):
     assert booby_trapped_module.exists()
 
 
-@pytest.mark.parametrize("target", ["os.system", "subprocess.run", "builtins.eval", "torch.load", "pipeline.runner.run"])
+@pytest.mark.parametrize(
+    "target", ["os.system", "subprocess.run", "builtins.eval", "torch.load", "pipeline.engine.runner.run"]
+)
 def test_dangerous_targets(target):
     assert not is_allowed(target)
 

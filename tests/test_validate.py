@@ -1,18 +1,18 @@
 """Each validation check passes on a good load and fails, naming the culprit, on a broken one."""
+
+import dataclasses
 import json
 import shutil
 
 import pytest
 import torch
+from helpers import with_extra_tensor
 from safetensors.torch import load_file, save_file
 
-from conftest import with_extra_tensor
 from pipeline import load
 from pipeline.api import compose_config
-from pipeline.context import LoadContext
+from pipeline.engine.runner import bind_stages, start_context
 from pipeline.errors import CheckFailed, UserError
-from pipeline.report import new_report
-from pipeline.runner import bind_stages
 from pipeline.stages.validate import CHECKS
 
 
@@ -20,7 +20,7 @@ def _loaded(path, tmp_path, *overrides):
     """A context after load_shards, and the bound validate stage: break the model in between."""
     cfg = compose_config([f"checkpoint.path={path}", "quantization=none", *overrides])
     stages = bind_stages(cfg)
-    ctx = LoadContext(cfg=cfg, run_dir=tmp_path, report=new_report())
+    ctx = start_context(cfg, tmp_path)
     for _, stage in stages[:-1]:
         stage(ctx)
     return ctx, stages[-1][1]
@@ -45,7 +45,12 @@ def test_dtype_differs_from_plan(tiny, tmp_path):
     ctx, validate = _loaded(tiny("llama"), tmp_path)
     up = ctx.model.model.layers[1].mlp.up_proj
     up.weight = torch.nn.Parameter(up.weight.data.to(torch.float16), requires_grad=False)
-    _fails(ctx, validate, "dtypes_as_planned", "model.layers.1.mlp.up_proj.weight (dtype torch.float16, planned torch.float32)")
+    _fails(
+        ctx,
+        validate,
+        "dtypes_as_planned",
+        "model.layers.1.mlp.up_proj.weight (dtype torch.float16, planned torch.float32)",
+    )
 
 
 def test_shape_differs_from_plan(tiny, tmp_path):
@@ -56,7 +61,8 @@ def test_shape_differs_from_plan(tiny, tmp_path):
 
 def test_device_differs_from_plan(tiny, tmp_path):
     ctx, validate = _loaded(tiny("llama"), tmp_path)
-    ctx.plan.tensors["model.norm.weight"].device = "disk"
+    norm = ctx.plan.tensors["model.norm.weight"]
+    ctx.plan.tensors["model.norm.weight"] = dataclasses.replace(norm, device="disk")  # plans are frozen: swap one in
     _fails(ctx, validate, "devices_as_planned", "model.norm.weight (device cpu, planned disk)")
 
 
@@ -101,8 +107,10 @@ def test_nan_in_checkpoint_fails_the_nan_scan(tiny, tmp_path):
     tensors["model.layers.2.self_attn.o_proj.weight"][3, 3] = float("nan")
     save_file(tensors, shard, metadata={"format": "pt"})
     with pytest.raises(CheckFailed, match="weights_finite: NaN/Inf in: model.layers.2.self_attn.o_proj.weight") as exc:
-        load([f"checkpoint.path={dest}", "quantization=none", "stages.validate.checks.weights_finite=true"],
-             run_dir=tmp_path / "run")
+        load(
+            [f"checkpoint.path={dest}", "quantization=none", "stages.validate.checks.weights_finite=true"],
+            run_dir=tmp_path / "run",
+        )
     assert exc.value.result.report["status"] == "failed"
 
 
@@ -110,8 +118,10 @@ def test_checks_can_be_switched_off(tiny, tmp_path):
     dest = with_extra_tensor(tiny("gpt2"), tmp_path / "ck")
     with pytest.raises(CheckFailed, match="all_checkpoint_tensors_used"):
         load([f"checkpoint.path={dest}"], run_dir=tmp_path / "on")
-    result = load([f"checkpoint.path={dest}", "stages.validate.checks.all_checkpoint_tensors_used=false"],
-                  run_dir=tmp_path / "off")
+    result = load(
+        [f"checkpoint.path={dest}", "stages.validate.checks.all_checkpoint_tensors_used=false"],
+        run_dir=tmp_path / "off",
+    )
     assert result.report["status"] == "ok"
     assert "all_checkpoint_tensors_used" not in result.report["validation"]["checks"]
     assert result.report["load"]["unexpected_keys"] == ["extra.weight"]  # still reported, just not a failure

@@ -4,6 +4,7 @@ We parse the header ourselves (8-byte little-endian length, then JSON) rather
 than through safe_open so that planning never maps the data, and so that every
 malformed header gets an error naming the file and tensor instead of a panic.
 """
+
 from __future__ import annotations
 
 import json
@@ -21,10 +22,10 @@ MAX_HEADER_BYTES = 100 * 2**20  # safetensors' own limit
 @dataclass(frozen=True)
 class TensorInfo:
     name: str
-    file: str            # absolute path of the shard
-    dtype: str           # safetensors dtype string, e.g. "BF16"
+    file: str  # absolute path of the shard
+    dtype: str  # safetensors dtype string, e.g. "BF16"
     shape: tuple[int, ...]
-    start: int           # absolute byte offset in the file
+    start: int  # absolute byte offset in the file
     end: int
 
     @property
@@ -70,13 +71,16 @@ def _tensor_info(path: str, name: str, entry, data_start: int, data_len: int) ->
         raise UserError(f"{path}: tensor {name!r} has a malformed header entry; the file is corrupt")
     dtype = entry.get("dtype")
     if dtype not in SAFETENSORS_DTYPES:
-        raise UserError(f"{path}: tensor {name!r} has unknown dtype {dtype!r}; the file is corrupt or from a newer safetensors")
+        raise UserError(
+            f"{path}: tensor {name!r} has unknown dtype {dtype!r}; the file is corrupt or from a newer safetensors"
+        )
     shape = entry.get("shape")
     if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
         raise UserError(f"{path}: tensor {name!r} has an invalid shape {shape!r}; the file is corrupt")
     offsets = entry.get("data_offsets")
     if (
-        not isinstance(offsets, list) or len(offsets) != 2
+        not isinstance(offsets, list)
+        or len(offsets) != 2
         or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
     ):
         raise UserError(f"{path}: tensor {name!r} has invalid data_offsets {offsets!r}; the file is corrupt")
@@ -101,8 +105,12 @@ def _check_layout(path: str, infos, data_start: int, data_len: int) -> None:
         if prev is not None and info.start < prev.end:
             raise UserError(f"{path}: tensors {prev.name!r} and {info.name!r} overlap in the file; the file is corrupt")
         if info.start != cursor:
-            raise UserError(f"{path}: tensor {info.name!r} starts at data byte {info.start - data_start} but the previous "
-                            f"tensor ends at {cursor - data_start} (offsets out of order or with a gap); the file is corrupt")
+            raise UserError(
+                f"{path}: tensor {info.name!r} starts at data byte {info.start - data_start} but the previous "
+                f"tensor ends at {cursor - data_start} (offsets out of order or with a gap); the file is corrupt"
+            )
         cursor, prev = info.end, info
     if cursor != data_start + data_len:
-        raise UserError(f"{path}: {data_start + data_len - cursor} stray bytes after the last tensor; the file is corrupt")
+        raise UserError(
+            f"{path}: {data_start + data_len - cursor} stray bytes after the last tensor; the file is corrupt"
+        )

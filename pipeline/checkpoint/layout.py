@@ -3,6 +3,7 @@
 Accepts an HF-layout directory (config.json + model.safetensors, or shards listed
 in model.safetensors.index.json) or a single .safetensors file.
 """
+
 from __future__ import annotations
 
 import json
@@ -19,12 +20,12 @@ SINGLE_NAME = "model.safetensors"
 
 @dataclass
 class Checkpoint:
-    path: str                      # the directory (or the single file)
-    files: list[str]               # absolute shard paths, in load order
+    path: str  # the directory (or the single file)
+    files: list[str]  # absolute shard paths, in load order
     tensors: dict[str, TensorInfo]
     metadata: dict = field(default_factory=dict)
     format: str = "safetensors"
-    pickled: dict | None = None    # format "pickle": name -> memory-mapped tensor from torch.load
+    pickled: dict | None = None  # format "pickle": name -> memory-mapped tensor from torch.load
 
     @property
     def bytes(self) -> int:
@@ -48,12 +49,16 @@ def open_checkpoint(path: str, allow_pickle: bool = False) -> Checkpoint:
         raise UserError("checkpoint.path: no checkpoint given; set checkpoint.path=/path/to/model")
     path = os.path.abspath(os.path.expanduser(str(path)))
     if not os.path.exists(path):
-        raise UserError(f"checkpoint.path: {path} does not exist; point checkpoint.path at a model directory or .safetensors file")
+        raise UserError(
+            f"checkpoint.path: {path} does not exist; point checkpoint.path at a model directory or .safetensors file"
+        )
     if os.path.isfile(path):
         if path.endswith(PICKLE_SUFFIXES):
             return _pickled(path, [path], allow_pickle)
         if not path.endswith(".safetensors"):
-            raise UserError(f"checkpoint.path: {path} is not a .safetensors file (or a .bin/.pt with checkpoint.allow_pickle=true)")
+            raise UserError(
+                f"checkpoint.path: {path} is not a .safetensors file (or a .bin/.pt with checkpoint.allow_pickle=true)"
+            )
         tensors, meta = read_header(path)
         return Checkpoint(path, [path], tensors, meta)
     index = os.path.join(path, INDEX_NAME)
@@ -91,14 +96,18 @@ def _open_sharded(root: str, index_path: str) -> Checkpoint:
         if not isinstance(weight_map, dict):
             raise TypeError
     except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
-        raise UserError(f"{index_path}: not a valid index (needs a JSON object with a weight_map); re-save the checkpoint") from None
+        raise UserError(
+            f"{index_path}: not a valid index (needs a JSON object with a weight_map); re-save the checkpoint"
+        ) from None
     shard_of = {name: _inside(root, rel, index_path, name) for name, rel in weight_map.items()}
     shards = list(dict.fromkeys(shard_of.values()))
     tensors: dict[str, TensorInfo] = {}
     metadata: dict = {}
     for shard in shards:
         if not os.path.isfile(shard):
-            raise UserError(f"{index_path}: names shard {os.path.relpath(shard, root)!r} which does not exist; restore the missing file")
+            raise UserError(
+                f"{index_path}: names shard {os.path.relpath(shard, root)!r} which does not exist; restore the missing file"
+            )
         found, meta = read_header(shard)
         metadata.update(meta)
         for name, info in found.items():
@@ -118,8 +127,12 @@ def _inside(root: str, rel, index_path: str, name: str) -> str:
     if not isinstance(rel, str) or not rel or "\x00" in rel:
         raise UserError(f"{index_path}: entry for {name!r} is not a file name ({rel!r})")
     if os.path.isabs(rel):
-        raise UserError(f"{index_path}: entry for {name!r} is an absolute path ({rel!r}); shards must live inside the checkpoint directory")
+        raise UserError(
+            f"{index_path}: entry for {name!r} is an absolute path ({rel!r}); shards must live inside the checkpoint directory"
+        )
     full = os.path.realpath(os.path.join(root, rel))
     if os.path.commonpath([full, os.path.realpath(root)]) != os.path.realpath(root):
-        raise UserError(f"{index_path}: entry for {name!r} ({rel!r}) leaves the checkpoint directory; refusing to read it")
+        raise UserError(
+            f"{index_path}: entry for {name!r} ({rel!r}) leaves the checkpoint directory; refusing to read it"
+        )
     return full

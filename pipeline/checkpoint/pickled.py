@@ -4,6 +4,7 @@ torch.load(weights_only=True) refuses any pickle that would build something othe
 than tensors and plain containers (no code runs); mmap=True leaves the bytes in the
 file until a tensor is used, so planning still reads no weight data.
 """
+
 from __future__ import annotations
 
 import pickle
@@ -43,7 +44,9 @@ def _load(path: str) -> dict:
             state = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError) as exc:
         first = (str(exc).strip().splitlines() or [exc.__class__.__name__])[0][:160]
-        raise UserError(f"{path}: refused by torch.load(weights_only=True) ({first}); convert it to safetensors from a trusted source") from None
+        raise UserError(
+            f"{path}: refused by torch.load(weights_only=True) ({first}); convert it to safetensors from a trusted source"
+        ) from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict):

@@ -6,6 +6,7 @@ Otherwise the data is random (normal * 0.02) and the files load like any checkpo
 
     python -m pipeline.checkpoint.synthetic --shape llama-70b --sparse /tmp/llama70b
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,14 +21,38 @@ from ..dtypes import SAFETENSORS_DTYPES, itemsize
 
 SHAPES = {
     # Llama-2-7B / 70B shapes, and smaller ones for CPU benchmarks and tests.
-    "llama-7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                     num_attention_heads=32, num_key_value_heads=32),
-    "llama-70b": dict(vocab_size=32000, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
-                      num_attention_heads=64, num_key_value_heads=8),
-    "llama-400m": dict(vocab_size=32000, hidden_size=1024, intermediate_size=4096, num_hidden_layers=20,
-                       num_attention_heads=16, num_key_value_heads=16),
-    "llama-tiny": dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                       num_attention_heads=4, num_key_value_heads=2),
+    "llama-7b": dict(
+        vocab_size=32000,
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+    ),
+    "llama-70b": dict(
+        vocab_size=32000,
+        hidden_size=8192,
+        intermediate_size=28672,
+        num_hidden_layers=80,
+        num_attention_heads=64,
+        num_key_value_heads=8,
+    ),
+    "llama-400m": dict(
+        vocab_size=32000,
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_hidden_layers=20,
+        num_attention_heads=16,
+        num_key_value_heads=16,
+    ),
+    "llama-tiny": dict(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    ),
 }
 _ST_NAME = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 
@@ -35,8 +60,9 @@ _ST_NAME = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 def llama_config(shape: str):
     from transformers import LlamaConfig
 
-    return LlamaConfig(**SHAPES[shape], max_position_embeddings=4096, tie_word_embeddings=False,
-                       architectures=["LlamaForCausalLM"])
+    return LlamaConfig(
+        **SHAPES[shape], max_position_embeddings=4096, tie_word_embeddings=False, architectures=["LlamaForCausalLM"]
+    )
 
 
 def tensor_shapes(config) -> list[tuple[str, tuple[int, ...]]]:
@@ -49,8 +75,14 @@ def tensor_shapes(config) -> list[tuple[str, tuple[int, ...]]]:
     return [(n, tuple(t.shape)) for n, t in model.state_dict().items()]
 
 
-def write_checkpoint(dest: str, shape: str = "llama-7b", dtype: torch.dtype = torch.bfloat16,
-                     max_shard_bytes: int = 5 * 10**9, sparse: bool = False, seed: int = 0) -> str:
+def write_checkpoint(
+    dest: str,
+    shape: str = "llama-7b",
+    dtype: torch.dtype = torch.bfloat16,
+    max_shard_bytes: int = 5 * 10**9,
+    sparse: bool = False,
+    seed: int = 0,
+) -> str:
     os.makedirs(dest, exist_ok=True)
     config = llama_config(shape)
     config.dtype = str(dtype).removeprefix("torch.")
@@ -95,12 +127,12 @@ def _write_shard(path, shard, dtype, pool) -> None:
             fh.truncate(8 + len(blob) + offset)
             return
         raw = pool.view(torch.uint8).numpy()
-        for k, (name, shp) in enumerate(shard):
+        for k, (_name, shp) in enumerate(shard):
             left = math.prod(shp) * itemsize(dtype)
             pos = (k * 7919 * itemsize(dtype)) % len(raw)
             while left:
                 n = min(left, len(raw) - pos)
-                fh.write(memoryview(raw[pos:pos + n]))
+                fh.write(memoryview(raw[pos : pos + n]))
                 left -= n
                 pos = 0
 

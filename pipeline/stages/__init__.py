@@ -1,5 +1,6 @@
-"""The five stages, in the order the default config runs them.
+"""The stages, thin: each reads the LoadContext, calls the package that does the work, adds its report section.
 
-instantiate_empty -> plan -> quantize -> load_shards -> validate. Each is a plain
-function `stage(ctx, **yaml_keys)` configured from conf/stages/<name>.yaml.
+instantiate_empty -> plan -> quantize -> load_shards -> validate (-> save). Each is a plain
+function `stage(ctx, **yaml_keys)` configured from conf/stages/<name>.yaml; `_target_`s
+in user configs name them as pipeline.stages.<name>.<name>.
 """

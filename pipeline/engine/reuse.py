@@ -1,0 +1,74 @@
+"""Reuse the loaded model across sweep jobs that differ only in the int8 outlier threshold.
+
+LLM.int8's threshold acts at forward time (which activation columns take the
+fp16 path); the int8 weights and their scales do not depend on it. So when a
+job's config equals the previous job's in everything but
+`quantization.threshold` (and the validate stage's own settings), the loaded
+model is kept, each Linear8bitLt gets the new threshold, and only the stages
+after load_shards run again. Only within one process (Hydra's basic launcher
+runs a sweep's jobs in one process; parallel launchers do not share models), and
+only one model is held: a job with another config drops it before loading.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import gc
+import json
+import shutil
+
+from omegaconf import OmegaConf
+
+from ..stages.context import LoadContext
+
+_last: dict = {}
+
+
+def reuse_key(cfg) -> str | None:
+    """What must be equal for the loaded weights to be reusable; None when reuse cannot apply."""
+    doc = OmegaConf.to_container(cfg, resolve=True)
+    quant = doc.get("quantization") or {}
+    if quant.get("method") != "int8":
+        return None
+    quant.pop("threshold", None)
+    stages = doc.get("stages") or {}
+    if "load_shards" not in stages:
+        return None
+    stages.pop("validate", None)
+    doc.pop("name", None)
+    return json.dumps(doc, sort_keys=True, default=str)
+
+
+def forget() -> None:
+    """Drop the held model before another one is loaded (never two models at once)."""
+    _last.clear()
+    gc.collect()
+
+
+def remember(key: str, ctx: LoadContext, reused_stages: list[str]) -> None:
+    forget()
+    _last.update(key=key, ctx=ctx, stages=reused_stages)
+
+
+def take(key: str | None, fresh: LoadContext) -> tuple[LoadContext, list[str]] | None:
+    """The held context with this job's config, run dir, report and threshold; None if not reusable."""
+    if key is None or _last.get("key") != key:
+        if _last:
+            forget()
+        return None
+    old: LoadContext = _last["ctx"]
+    spec = dataclasses.replace(old.quant, threshold=fresh.quant.threshold)
+    for name, module in old.model.named_modules():
+        if type(module).__name__ == "Linear8bitLt":
+            module.state.threshold = old.plan.int8_thresholds.get(name, spec.threshold)  # per-module overrides stay
+    ctx = dataclasses.replace(old, cfg=fresh.cfg, run_dir=fresh.run_dir, report=fresh.report, quant=spec, artifacts={})
+    for section in ("checkpoint", "model", "plan", "load", "quantization"):
+        ctx.report[section] = copy.deepcopy(old.report.get(section))
+    if ctx.report.get("quantization"):
+        ctx.report["quantization"]["threshold"] = spec.threshold
+        ctx.report["quantization"]["reused_from"] = str(old.run_dir)
+    plan_file = old.run_dir / "plan.json"
+    if plan_file.exists():
+        shutil.copyfile(plan_file, fresh.run_dir / "plan.json")
+    return ctx, list(_last["stages"])

@@ -1,0 +1,205 @@
+"""Run the configured stages in order over one LoadContext; time them; write report.json.
+
+The report is written whatever happens (ok, failed check, bad input, crash,
+Ctrl-C), atomically, so a sweep or a user always finds out what went on.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import traceback
+from contextlib import contextmanager
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from ..errors import OutOfMemory, PipelineError, UserError
+from ..quant.spec import QuantSpec
+from ..stages.context import LoadContext
+from .artifacts import write_json
+from .binding import bind_stage
+from .report import new_report
+from .result import LoadResult
+from .reuse import remember, reuse_key
+from .reuse import take as reuse_take
+
+log = logging.getLogger("pipeline")
+
+
+def bind_stages(cfg: DictConfig) -> list[tuple[str, object]]:
+    stages = cfg.get("stages")
+    if not stages:
+        raise UserError("stages: no stages selected; use e.g. stages=[instantiate_empty,plan]")
+    extra = list(cfg.get("allow_targets") or [])
+    try:
+        return [(name, bind_stage(name, node, extra)) for name, node in stages.items()]
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None) or "config"
+        raise UserError(f"{key}: {str(exc).splitlines()[0]}; set it on the command line, e.g. {key}=...") from None
+
+
+def run(cfg: DictConfig, run_dir: Path | str, *, reuse: bool = False) -> LoadResult:
+    """Run every stage; raise PipelineError (with .result attached) when the run is not ok.
+
+    reuse=True (sweeps): keep the loaded model for the next job if it differs only in
+    the int8 threshold (see engine/reuse.py).
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ctx = LoadContext(cfg=cfg, run_dir=run_dir, report=new_report())
+    report = ctx.report
+    error: BaseException | None = None
+    with _log_to(run_dir / "run.log"):
+        try:
+            stages = bind_stages(cfg)
+            ctx.quant = _quant_spec(cfg)
+            ctx, done, key = _take_reused(ctx, stages) if reuse else (ctx, [], None)
+            for i, (name, stage) in enumerate(stages):
+                if name in done:
+                    continue
+                _run_stage(name, stage, ctx)
+                if key is not None and name == "load_shards":
+                    remember(key, ctx, [n for n, _ in stages[: i + 1]])
+            report["status"] = "ok"
+        except PipelineError as exc:
+            report["status"], report["error"], error = exc.status, str(exc), exc
+        except KeyboardInterrupt as exc:
+            report["status"], report["error"], error = "interrupted", "interrupted by the user (Ctrl-C)", exc
+        except Exception as exc:
+            error = _unexpected_error(exc, ctx, run_dir)
+        finally:
+            write_json(run_dir / "report.json", report)
+    result = LoadResult(ctx.model, report, run_dir)
+    if error is not None:
+        error.result = result
+        raise error
+    return result
+
+
+def start_context(cfg: DictConfig, run_dir: Path | str) -> LoadContext:
+    """A fresh context for `cfg` (what run() starts from): empty report, validated quantization spec."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return LoadContext(cfg=cfg, run_dir=run_dir, report=new_report(), quant=_quant_spec(cfg))
+
+
+def _take_reused(ctx: LoadContext, stages) -> tuple[LoadContext, list[str], str | None]:
+    """The context of the previous sweep job when only the threshold changed (and the stages it ran)."""
+    key = reuse_key(ctx.cfg)
+    taken = reuse_take(key, ctx)
+    if taken is None:
+        return ctx, [], key
+    reused, done = taken
+    reused.report["stages"] += [{"name": n, "status": "ok", "seconds": 0.0, "reused": True} for n in done]
+    log.info(
+        "reusing the model loaded for %s (only the threshold changed)",
+        reused.report.get("quantization", {}).get("reused_from"),
+    )
+    return reused, done, key
+
+
+def _unexpected_error(exc: Exception, ctx: LoadContext, run_dir: Path) -> BaseException:
+    """Out of memory is the user's to fix (exit 2, the model dropped); anything else is a bug of ours."""
+    report = ctx.report
+    if _is_oom(exc):
+        stage = report["stages"][-1]["name"] if report["stages"] else "setup"
+        error = OutOfMemory(
+            f"out of memory in stage {stage} ({_first_line(exc)}); lower memory.max_memory "
+            f"for that device or allow offload to cpu/disk"
+        )
+        report["status"], report["error"] = error.status, str(error)
+        ctx.model = None  # free what the load allocated
+        _release_memory()
+        return error
+    log.error("internal error:\n%s", traceback.format_exc())  # the traceback goes to run.log
+    report["status"] = "error"
+    report["error"] = f"internal error {exc.__class__.__name__}: {exc} (traceback in {run_dir / 'run.log'})"
+    return exc
+
+
+def _quant_spec(cfg: DictConfig) -> QuantSpec:
+    """The `quantization` group, validated before any stage runs (a bad value costs no load)."""
+    node = cfg.get("quantization")
+    return QuantSpec.from_config(OmegaConf.to_container(node, resolve=True) if node is not None else None)
+
+
+def _is_oom(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return isinstance(exc, MemoryError) or any(
+        s in text for s in ("out of memory", "can't allocate memory", "can't start new thread")
+    )
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [exc.__class__.__name__])[0][:200]
+
+
+def _release_memory() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _run_stage(name: str, stage, ctx: LoadContext) -> None:
+    entry = {"name": name, "status": "running", "seconds": 0.0}
+    ctx.report["stages"].append(entry)
+    log.info("stage %s", name)
+    start = time.perf_counter()
+    try:
+        stage(ctx)
+        _write_artifacts(ctx)
+        entry["status"] = "ok"
+    except PipelineError as exc:
+        entry["status"] = exc.status
+        raise
+    except KeyboardInterrupt:
+        entry["status"] = "interrupted"
+        raise
+    except BaseException:
+        entry["status"] = "error"
+        raise
+    finally:
+        entry["seconds"] = round(time.perf_counter() - start, 4)
+
+
+def _write_artifacts(ctx: LoadContext) -> None:
+    """Files a stage produced (plan.json...), written atomically into the run directory."""
+    while ctx.artifacts:
+        name, doc = ctx.artifacts.popitem()
+        write_json(ctx.run_dir / name, doc)
+
+
+@contextmanager
+def _log_to(path: Path):
+    """The pipeline's log lines go to run.log (and to stderr, once per process)."""
+    logger = logging.getLogger("pipeline")
+    logger.setLevel(logging.INFO)
+    logger.propagate = False  # Hydra's root handler would print every line twice
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    handler = logging.FileHandler(path)
+    handler.setFormatter(fmt)
+    logger.addHandler(handler)
+    if not any(getattr(h, "_pipeline_console", False) for h in logger.handlers):
+        console = logging.StreamHandler()
+        console.setFormatter(logging.Formatter("[%(levelname)s] %(message)s"))
+        console._pipeline_console = True
+        logger.addHandler(console)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
+
+
+def save_config(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> None:
+    """What the CLI's .hydra/ holds, for runs started from Python."""
+    hydra_dir = Path(run_dir) / ".hydra"
+    hydra_dir.mkdir(parents=True, exist_ok=True)
+    (hydra_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    (hydra_dir / "overrides.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(list(overrides))))

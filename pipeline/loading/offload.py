@@ -1,0 +1,107 @@
+"""CPU and disk offload through accelerate's hooks (dispatch_model), as the plan decided.
+
+Modules planned on "disk" are never read at load time: accelerate's
+OffloadedWeightsLoader gets an index that points at the tensors inside the
+checkpoint's own safetensors files (no copy, no offload folder) and reads them
+at forward time, cast to the planned dtype. Modules planned on "cpu" while a GPU
+is the main device are loaded to the CPU and moved to the GPU per forward, unless
+they hold quantized layers (quantization.offloaded=int8/nf4/fp4): then they run on
+the CPU, with bitsandbytes' CPU kernels, and only activations cross to and fro.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..dtypes import dtype_name
+from ..planning import Plan
+
+
+def disk_index(plan: Plan, checkpoint) -> dict[str, dict]:
+    """accelerate offload index: model name -> the tensor's place in the checkpoint's files."""
+    index = {}
+    for t in plan.tensors.values():
+        if t.device != "disk" or t.kind != "param":
+            continue
+        head = plan.tensors[t.tied_to] if t.tied_to else t
+        info = checkpoint.tensors[head.source]
+        index[t.name] = {
+            "safetensors_file": info.file,
+            "weight_name": head.source,
+            "dtype": dtype_name(head.dtype),
+            "shape": list(head.shape),
+        }
+    return index
+
+
+def dispatch(model: torch.nn.Module, plan: Plan, checkpoint):
+    """Attach accelerate's hooks; returns the OffloadedWeightsLoader (None without offload)."""
+    from accelerate import dispatch_model
+
+    main = plan.main_device
+    dm = {k: (int(v) if v.isdigit() else v) for k, v in plan.device_map.items()}
+    index = disk_index(plan, checkpoint)
+    if plan.runs_on_cpu:
+        _dispatch_with_cpu_execution(model, dm, int(main), index)
+    else:
+        dispatch_model(
+            model, device_map=dm, main_device=int(main) if main.isdigit() else main, offload_index=index or None
+        )
+    return _find_weights_loader(model)
+
+
+def _dispatch_with_cpu_execution(model, device_map: dict, main: int, index: dict) -> None:
+    """dispatch_model, except that "cpu" entries execute on the CPU instead of being offloaded.
+
+    accelerate always runs CPU-mapped modules on the main GPU; quantized weights
+    cannot make that trip, so we attach the same hooks with the CPU as their
+    execution device. Disk entries are streamed to the main GPU as usual.
+    """
+    from accelerate.hooks import attach_align_device_hook_on_blocks
+    from accelerate.utils import OffloadedWeightsLoader, find_tied_parameters, retie_parameters
+
+    execution = {name: main if dev == "disk" else dev for name, dev in device_map.items()}
+    execution[""] = main
+    offload = {name: dev == "disk" for name, dev in device_map.items()}
+    weights_map = OffloadedWeightsLoader(index=index, device=main) if index else None
+    tied = find_tied_parameters(model)
+    params = [model.get_parameter(n) for group in tied for n in group]
+    tied_map = {p.data_ptr(): {} for p in params if p.device.type != "meta"}
+    attach_align_device_hook_on_blocks(
+        model, execution_device=execution, offload=offload, weights_map=weights_map, tied_params_map=tied_map
+    )
+    retie_parameters(model, tied)
+    model.hf_device_map = dict(device_map)
+
+
+def _find_weights_loader(model):
+    for module in model.modules():
+        hook = getattr(module, "_hf_hook", None)
+        wm = getattr(hook, "weights_map", None)
+        if wm is not None:
+            return getattr(wm, "dataset", wm)
+    return None
+
+
+def offloaded_bytes(loader) -> dict[str, int]:
+    """Bytes held for offloaded modules: CPU copies in memory, disk tensors referenced in files."""
+    out: dict[str, int] = {}
+    if loader is None:
+        return out
+    seen = set()
+    for t in loader.state_dict.values():
+        if t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        out["cpu"] = out.get("cpu", 0) + t.numel() * t.element_size()
+    files = set()
+    for info in loader.index.values():
+        key = (info["safetensors_file"], info["weight_name"])
+        if key in files:
+            continue  # tied names reference one tensor
+        files.add(key)
+        n = 1
+        for d in info["shape"]:
+            n *= d
+        out["disk"] = out.get("disk", 0) + n * torch.empty((), dtype=getattr(torch, info["dtype"])).element_size()
+    return out

@@ -1,0 +1,109 @@
+"""The model skeleton on the meta device (no weight memory), and what the planner needs from it.
+
+Built as from_pretrained builds it: the class config.json names (or a model `_target_`),
+from the config. Also records tied parameter groups (loaded once, kept on one device),
+no-split module classes (never cut across devices) and modules transformers keeps in fp32.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import UserError
+
+
+@dataclass(frozen=True)
+class Skeleton:
+    model: torch.nn.Module
+    config: object | None  # the transformers config, when there is one
+    tied_groups: list[list[str]] = field(default_factory=list)
+    no_split: list[str] = field(default_factory=list)
+    keep_in_fp32: list[str] = field(default_factory=list)
+
+
+def build_skeleton(path: str, node: dict | None) -> Skeleton:
+    """The empty model for checkpoint `path`; `node` is an allow-listed `_target_` node or None."""
+    from accelerate import init_empty_weights
+    from accelerate.utils import find_tied_parameters
+    from hydra.utils import get_object
+
+    target = get_object(node["_target_"]) if node is not None else None
+    config = read_config(path) if target is None or is_model_class(target) else None
+    with init_empty_weights(include_buffers=False):
+        module = _build(target, node, config)
+    if not isinstance(module, torch.nn.Module):
+        raise UserError(f"checkpoint.model: {node['_target_']} built a {type(module).__name__}, not a torch.nn.Module")
+    if hasattr(module, "tie_weights"):
+        module.tie_weights()  # transformers 5 ties only when asked; the groups are what we need
+    module.eval()
+    return Skeleton(
+        model=module,
+        config=config,
+        tied_groups=[sorted(g) for g in find_tied_parameters(module)],
+        no_split=sorted(getattr(module, "_no_split_modules", None) or []),
+        keep_in_fp32=sorted(getattr(module, "_keep_in_fp32_modules", None) or []),
+    )
+
+
+def read_config(path: str):
+    """config.json beside the weights, read by transformers; UserError naming the file when it cannot be."""
+    from transformers import AutoConfig
+
+    cfg_file = os.path.join(path if os.path.isdir(path) else os.path.dirname(path), "config.json")
+    if not os.path.isfile(cfg_file):
+        raise UserError(f"{path}: no config.json; add it or set checkpoint.model to a model _target_")
+    try:
+        with open(cfg_file) as fh:
+            json.load(fh)
+        return AutoConfig.from_pretrained(os.path.dirname(cfg_file), local_files_only=True)
+    except json.JSONDecodeError:
+        raise UserError(f"{cfg_file}: not valid JSON; fix or re-save the config") from None
+    except (ValueError, KeyError) as exc:
+        raise UserError(
+            f"{cfg_file}: transformers cannot read it ({str(exc).splitlines()[0][:120]}); check model_type"
+        ) from None
+
+
+def is_model_class(obj) -> bool:
+    return isinstance(obj, type) and (hasattr(obj, "_from_config") or hasattr(obj, "from_config"))
+
+
+def build_from_config(cls, config):
+    """A transformers model class (or auto class) built from a config, as from_pretrained would."""
+    builder = getattr(cls, "_from_config", None) or cls.from_config
+    return builder(config)
+
+
+def _build(obj, node: dict | None, config):
+    """A model class built from config.json (node keys override it), or any allow-listed factory."""
+    if node is None:
+        return build_from_config(_auto_class(config), config)
+    if is_model_class(obj):
+        for key, value in node.items():  # extra keys override config.json fields
+            if not key.startswith("_"):
+                setattr(config, key, value)
+        return build_from_config(obj, config)
+    from hydra.utils import instantiate
+
+    try:
+        return instantiate(node, _convert_="all")
+    except Exception as exc:
+        raise UserError(
+            f"checkpoint.model: {node.get('_target_')} failed to build ({exc.__class__.__name__}: {str(exc)[:160]}); "
+            "check its keys"
+        ) from None
+
+
+def _auto_class(config):
+    """The class named in config.json's architectures, else the auto class for its task."""
+    import transformers
+
+    for arch in getattr(config, "architectures", None) or []:
+        cls = getattr(transformers, arch, None)
+        if cls is not None:
+            return cls
+    return transformers.AutoModel

@@ -1,0 +1,243 @@
+"""A parallel reader that streams tensor bytes from safetensors shards to their devices.
+
+Why our own and not safe_open(device="cuda") or `.to("cuda")`: those read one
+tensor at a time on one thread through pageable memory (about 5-6 GB/s on an
+H100 host), while the hardware allows ~50 GB/s host-to-device from pinned
+memory. Here several threads `preadv` fixed-size chunks of the files into a
+bounded pool of pinned staging slots, and each chunk is copied asynchronously
+to its place in the destination tensor on a side stream; a slot is reused only
+after its copy has finished. Host memory is bounded by the staging pool
+(`staging_bytes`), whatever the model's size.
+
+Tensors that need a cast or int8 quantization land in a temporary buffer of
+their checkpoint dtype on the target device and are finished there (no round
+trip through the CPU); the bytes of such temporaries in flight are bounded by
+`temp_bytes` (at least one tensor).
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+
+from ..checkpoint.header import TensorInfo
+from ..dtypes import SAFETENSORS_DTYPES
+from ..errors import UserError
+
+
+@dataclass
+class Item:
+    info: TensorInfo
+    device: torch.device
+    final_in_place: bool  # the landing buffer is the final tensor (same dtype, no quantization)
+    futures: list[Future] = field(default_factory=list)
+    landing: torch.Tensor | None = None
+
+    def typed(self) -> torch.Tensor:
+        """The landed bytes viewed as the checkpoint's dtype and shape."""
+        dtype = SAFETENSORS_DTYPES[self.info.dtype]
+        return self.landing.view(dtype).view(self.info.shape)
+
+
+class _Slots:
+    """Pinned staging buffers; each remembers the CUDA event of the copy that last read it."""
+
+    def __init__(self, count: int, nbytes: int):
+        self._free: queue.Queue = queue.Queue()
+        for _ in range(count):
+            self._free.put((torch.empty(nbytes, dtype=torch.uint8, pin_memory=True), None))
+
+    def take(self):
+        slot, event = self._free.get()
+        if event is not None:
+            event.synchronize()
+        return slot
+
+    def give(self, slot, event) -> None:
+        self._free.put((slot, event))
+
+
+class ShardStreamer:
+    def __init__(
+        self,
+        threads: int = 8,
+        chunk_bytes: int = 16 * 2**20,
+        staging_bytes: int = 256 * 2**20,
+        temp_bytes: int = 2**30,
+        readahead: bool = True,
+    ):
+        self.readahead = readahead
+        self.threads = max(1, int(threads))
+        self.chunk = max(4096, int(chunk_bytes))
+        self.staging = max(self.chunk, int(staging_bytes))
+        self.temp_bytes = int(temp_bytes)
+        self._fds: dict[str, int] = {}
+        self._streams = threading.local()
+        self._slots: _Slots | None = None
+
+    def run(
+        self, items: list[Item], finish: Callable[[Item], None], on_bytes: Callable[[int], None] | None = None
+    ) -> None:
+        """Read every item (in file order), calling `finish(item)` once its bytes have landed."""
+        items = sorted(items, key=lambda it: (it.info.file, it.info.start))
+        if any(it.device.type == "cuda" for it in items):
+            self._slots = _Slots(max(2, self.staging // self.chunk), self.chunk)
+        pending: deque[Item] = deque()
+        temp_in_flight = 0
+        # Decided before any worker starts, from a few sampled pages per shard: a check running
+        # beside the workers slowed warm loads by a third on the H100 host (0.85 s -> 1.13 s).
+        cold = [f for f in dict.fromkeys(it.info.file for it in items) if self.readahead and resident_fraction(f) < 0.9]
+        readahead = threading.Thread(target=self._readahead, args=(cold,), daemon=True)
+        try:
+            if cold:
+                readahead.start()
+            with ThreadPoolExecutor(self.threads, thread_name_prefix="load_shards") as pool:
+                for item in items:
+                    size = 0 if item.final_in_place else item.info.nbytes
+                    while pending and temp_in_flight + size > self.temp_bytes:
+                        temp_in_flight -= self._finish(pending.popleft(), finish)
+                    self._submit(pool, item, on_bytes)
+                    pending.append(item)
+                    temp_in_flight += size
+                while pending:
+                    self._finish(pending.popleft(), finish)
+        finally:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+            self._slots = None
+
+    def _readahead(self, paths: list[str]) -> None:
+        """Ask the kernel to read each cold shard front to back, one shard at a time.
+
+        The workers' parallel chunk reads arrive out of order; on a cold page cache
+        that defeats the disk's sequential read-ahead (measured: 18.4 s against 8.0 s
+        for one sequential reader). This thread turns the disk traffic back into one
+        sequential stream per shard. Shards already cached are not advised at all.
+        """
+        for path in paths:
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except OSError:
+                return
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+                size = os.fstat(fd).st_size
+                for off in range(0, size, 64 * 2**20):
+                    os.posix_fadvise(fd, off, min(64 * 2**20, size - off), os.POSIX_FADV_WILLNEED)
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
+
+    def _submit(self, pool, item: Item, on_bytes) -> None:
+        info = item.info
+        item.landing = torch.empty(info.nbytes, dtype=torch.uint8, device=item.device)
+        fd = self._fds.get(info.file)
+        if fd is None:
+            fd = self._fds[info.file] = os.open(info.file, os.O_RDONLY)
+        for off in range(0, info.nbytes, self.chunk):
+            n = min(self.chunk, info.nbytes - off)
+            item.futures.append(pool.submit(self._read_chunk, fd, info, item.landing, off, n, on_bytes))
+
+    def _finish(self, item: Item, finish) -> int:
+        for fut in item.futures:
+            event = fut.result()
+            if event is not None:
+                torch.cuda.current_stream(item.device).wait_event(event)
+        item.futures.clear()
+        finish(item)
+        size = 0 if item.final_in_place else item.info.nbytes
+        item.landing = None
+        return size
+
+    def _read_chunk(self, fd: int, info: TensorInfo, dest: torch.Tensor, off: int, n: int, on_bytes):
+        if dest.device.type == "cpu":
+            _pread_into(fd, dest[off : off + n], info.start + off, info)
+            event = None
+        else:
+            slot = self._slots.take()
+            try:
+                _pread_into(fd, slot[:n], info.start + off, info)
+                stream = self._stream(dest.device)
+                with torch.cuda.stream(stream):
+                    dest[off : off + n].copy_(slot[:n], non_blocking=True)
+                    event = torch.cuda.Event()
+                    event.record(stream)
+            except BaseException:
+                self._slots.give(slot, None)
+                raise
+            self._slots.give(slot, event)
+        if on_bytes is not None:
+            on_bytes(n)
+        return event
+
+    def _stream(self, device: torch.device):
+        streams = getattr(self._streams, "by_device", None)
+        if streams is None:
+            streams = self._streams.by_device = {}
+        if device not in streams:
+            streams[device] = torch.cuda.Stream(device)
+        return streams[device]
+
+
+def resident_fraction(path: str, samples: int = 16, window: int = 2**20) -> float:
+    """Share of sampled pages of the file that are in the page cache (mincore on `samples`
+    small windows spread over the file); 0.0 where it cannot be told."""
+    import ctypes
+    import mmap
+
+    if not hasattr(os, "posix_fadvise"):
+        return 0.0
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.mmap.restype = ctypes.c_void_p
+        libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+        libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+        libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+        fd = os.open(path, os.O_RDONLY)
+    except (OSError, AttributeError):
+        return 0.0
+    page = mmap.PAGESIZE
+    try:
+        size = os.fstat(fd).st_size
+        if size == 0:
+            return 1.0
+        resident = total = 0
+        for i in range(samples):
+            start = (size * i // samples) // page * page
+            length = min(window, size - start)
+            if length <= 0:
+                continue
+            addr = libc.mmap(None, length, mmap.PROT_READ, mmap.MAP_SHARED, fd, start)
+            if addr in (None, ctypes.c_void_p(-1).value):
+                return 0.0
+            try:
+                pages = (length + page - 1) // page
+                vec = ctypes.create_string_buffer(pages)
+                if libc.mincore(addr, length, vec) != 0:
+                    return 0.0
+                resident += pages - vec.raw.count(0)  # bit 0 set = resident
+                total += pages
+            finally:
+                libc.munmap(addr, length)
+        return resident / total if total else 0.0
+    finally:
+        os.close(fd)
+
+
+def _pread_into(fd: int, buf: torch.Tensor, offset: int, info: TensorInfo) -> None:
+    view = memoryview(buf.numpy()).cast("B")
+    done = 0
+    while done < len(view):
+        got = os.preadv(fd, [view[done:]], offset + done)
+        if got <= 0:
+            raise UserError(f"{info.file}: tensor {info.name!r} ends past the end of the file; the file is truncated")
+        done += got

@@ -1,0 +1,1 @@
+"""Measuring a loaded model: memory per device, the validate checks, quality metrics, the streamed reference."""

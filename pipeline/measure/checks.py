@@ -1,0 +1,151 @@
+"""The checks that prove a load right, each a named boolean (switchable in conf/stages/validate.yaml).
+
+A false check names what failed; the validate stage turns any failure into exit 1.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from ..planning import Plan
+from .memory import device_str, measured_bytes
+
+log = logging.getLogger(__name__)
+
+CHECKS = (
+    "no_meta_tensors",
+    "all_parameters_loaded",
+    "all_checkpoint_tensors_used",
+    "devices_as_planned",
+    "dtypes_as_planned",
+    "shapes_as_planned",
+    "tied_weights_tied",
+    "within_memory_caps",
+    "plan_matches_measured",
+    "weights_finite",
+    "forward_finite",
+)
+
+
+class CheckLog:
+    """Results and failure reasons of the enabled checks."""
+
+    def __init__(self, enabled: dict[str, bool]):
+        self.enabled = enabled
+        self.results: dict[str, bool] = {}
+        self.failures: dict[str, str] = {}
+
+    def __call__(self, name: str, ok: bool, why: str) -> None:
+        if self.enabled[name]:
+            self.results[name] = bool(ok)
+            if not ok:
+                self.failures[name] = why
+                log.error("check %s failed: %s", name, why)
+
+
+def check_tensors(model, plan: Plan, tied_groups, offload, check: CheckLog) -> list[str]:
+    """Everything loaded, as planned, tied; returns the names still on meta."""
+    offloaded = _offloaded_names(offload)
+    tensors = dict(named_tensors(model))
+    meta = [n for n, t in tensors.items() if t.device.type == "meta" and n not in offloaded]
+    check("no_meta_tensors", not meta, f"still on meta: {names_list(meta)}")
+    check("all_parameters_loaded", not plan.missing, f"missing from the checkpoint: {names_list(plan.missing)}")
+    check(
+        "all_checkpoint_tensors_used", not plan.unexpected, f"unused checkpoint tensors: {names_list(plan.unexpected)}"
+    )
+    placed = {n: offloaded.get(n, t) for n, t in tensors.items()}
+    planned = [(n, t) for n, t in plan.tensors.items() if n in placed]
+    check("devices_as_planned", *_mismatch(planned, placed, _device_of, lambda t: t.device, "device"))
+    check("dtypes_as_planned", *_mismatch(planned, placed, lambda x: x.dtype, lambda t: t.dtype, "dtype"))
+    check("shapes_as_planned", *_mismatch(planned, placed, _logical_shape, lambda t: t.shape, "shape"))
+    untied = [
+        g
+        for g in tied_groups
+        if not any(n in offloaded for n in g) and len({placed[n].data_ptr() for n in g if n in placed}) > 1
+    ]
+    check("tied_weights_tied", not untied, f"no longer tied: {', '.join(untied[0]) if untied else ''}")
+    return meta
+
+
+def check_memory(model, plan: Plan, offload, check: CheckLog, tolerance: float) -> tuple[dict, dict]:
+    """Measured bytes per device against the plan and the caps; returns (measured, plan_error)."""
+    measured = measured_bytes(model, offload)
+    predicted = plan.predicted_bytes
+    plan_error = {d: round((measured.get(d, 0) - p) / p, 6) if p else 0.0 for d, p in predicted.items()}
+    for d in measured:
+        plan_error.setdefault(d, 1.0)
+    over = [
+        f"{d} holds {n} bytes, cap {plan.max_memory[d]}"
+        for d, n in measured.items()
+        if d in plan.max_memory and n > plan.max_memory[d]
+    ]
+    check("within_memory_caps", not over, "; ".join(over))
+    worst = max((abs(e) for e in plan_error.values()), default=0.0)
+    check(
+        "plan_matches_measured",
+        worst <= tolerance,
+        f"measured bytes differ from the plan by up to {worst:.2%} (tolerance {tolerance:.2%})",
+    )
+    return measured, plan_error
+
+
+def check_weights_finite(model, check: CheckLog) -> None:
+    """NaN/Inf scan of every loaded floating-point weight (reads every weight once: off by default)."""
+    if check.enabled["weights_finite"]:
+        bad = [
+            n
+            for n, t in named_tensors(model)
+            if t.device.type != "meta" and t.is_floating_point() and not torch.isfinite(t).all()
+        ]
+        check("weights_finite", not bad, f"NaN/Inf in: {names_list(bad)}")
+
+
+def names_list(names) -> str:
+    names = list(names)
+    return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+
+
+def named_tensors(model):
+    """Parameters, then buffers, each name once."""
+    seen = set()
+    for n, p in model.named_parameters(remove_duplicate=False):
+        seen.add(n)
+        yield n, p
+    for n, b in model.named_buffers(remove_duplicate=False):
+        if n not in seen:
+            yield n, b
+
+
+def _logical_shape(x) -> tuple:
+    """A 4-bit weight is stored packed; its quant_state keeps the shape it stands for."""
+    state = getattr(x, "quant_state", None)
+    return tuple(state.shape) if state is not None and getattr(state, "shape", None) is not None else tuple(x.shape)
+
+
+def _mismatch(planned, placed, actual, expected, what) -> tuple[bool, str]:
+    wrong = [n for n, t in planned if actual(placed[n]) != expected(t)]
+    detail = ", ".join(f"{n} ({what} {actual(placed[n])}, planned {expected(t)})" for n, t in planned if n in wrong[:3])
+    return not wrong, f"{len(wrong)} tensors differ from the plan: {detail}"
+
+
+class _OnDisk:
+    """Stands for a tensor accelerate reads from the checkpoint at forward time."""
+
+    def __init__(self, info):
+        self.dtype = getattr(torch, info["dtype"])
+        self.shape = tuple(info["shape"])
+
+
+def _offloaded_names(loader) -> dict:
+    """name -> the offloaded tensor (CPU copy) or an _OnDisk stand-in."""
+    if loader is None:
+        return {}
+    out = {n: _OnDisk(info) for n, info in loader.index.items()}
+    out.update(loader.state_dict)
+    return out
+
+
+def _device_of(t) -> str:
+    return "disk" if isinstance(t, _OnDisk) else device_str(t.device)

@@ -1,0 +1,111 @@
+"""`build_plan`: the whole plan from the skeleton and checkpoint headers, pure (no I/O, no bytes read).
+
+Steps, in order: size every tensor with the chosen quantized layers; make the device
+map over those sizes; demote quantized layers that land where they cannot stay
+quantized (planning/offload_policy.py) and size again; put buffers of streamed
+modules on the execution device (where accelerate keeps them); check the caps.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import replace
+
+from ..dtypes import DtypePolicy
+from ..errors import UserError
+from ..quant.prequantized import scale_key
+from ..quant.spec import QuantSpec
+from ..quant.targets import QuantSelection
+from . import offload_policy
+from .device_map import assign_devices, check_caps, compute_device_map
+from .plan import Plan
+from .tensors import TensorPlan, plan_tensors
+
+
+def build_plan(
+    model,
+    checkpoint,
+    *,
+    policy: DtypePolicy,
+    spec: QuantSpec,
+    selection: QuantSelection,
+    tied_groups,
+    keep_in_fp32,
+    no_split,
+    strategy: str,
+    explicit_map: dict | None,
+    max_memory: dict[str, int],
+    main_device: str | None = None,
+) -> Plan:
+    """The plan for `model` from `checkpoint`'s headers; `main_device` overrides the execution device."""
+
+    sized = functools.partial(
+        plan_tensors, model, checkpoint, policy=policy, keep_in_fp32=keep_in_fp32, tied_groups=tied_groups, spec=spec
+    )
+    planned = sized(quantized_modules=selection.modules)
+    dmap = compute_device_map(
+        model, planned.tensors, strategy=strategy, explicit=explicit_map, max_memory=max_memory, no_split=no_split
+    )
+    tensors = assign_devices(planned.tensors, dmap)
+    main = main_device or offload_policy.main_device(t.device for t in tensors.values())
+    modules, skipped = list(selection.modules), dict(selection.skipped)
+    demoted = offload_policy.demoted_modules(tensors, modules, keep_offloaded=spec.offloaded == "keep", main=main)
+    if demoted:
+        _refuse_demoting_saved(spec, demoted, tensors)
+        modules = [m for m in modules if m not in demoted]
+        skipped.update(demoted)
+        tensors = assign_devices(sized(quantized_modules=modules).tensors, dmap)
+    tensors = _buffers_on_execution_device(tensors, modules, main)
+    plan = Plan(
+        strategy=strategy,
+        max_memory=max_memory,
+        device_map=dmap,
+        tensors=tensors,
+        key_map=planned.key_map,
+        unexpected=_unexpected(planned.unexpected, modules, spec),
+        missing=planned.missing,
+        tied_duplicates=planned.tied_duplicates,
+        quantized_modules=modules,
+        skipped=skipped,
+        int8_thresholds={m: t for m, t in selection.thresholds.items() if m in modules},
+        warnings=list(selection.warnings),
+        scales={f"{m}.weight": scale_key(m) for m in modules} if spec.prequantized else {},
+    )
+    _check_fits(plan, checkpoint, max_memory)
+    return plan
+
+
+def _check_fits(plan: Plan, checkpoint, max_memory: dict[str, int]) -> None:
+    check_caps(plan.predicted_bytes, max_memory)
+    if checkpoint.format == "pickle" and plan.predicted_bytes.get("disk"):
+        raise UserError(
+            "memory.max_memory: disk offload reads tensors in place from safetensors files; "
+            "this checkpoint is a pickle: convert it to safetensors or raise the caps"
+        )
+
+
+def _refuse_demoting_saved(spec: QuantSpec, demoted: dict[str, str], tensors) -> None:
+    if spec.prequantized:
+        first = next(iter(demoted))
+        raise UserError(
+            f"memory.max_memory: {first} is saved as int8 and would be offloaded to "
+            f"{tensors[f'{first}.weight'].device}; saved int8 layers run on a GPU or the CPU: raise the caps"
+        )
+
+
+def _buffers_on_execution_device(tensors: dict[str, TensorPlan], modules, main: str) -> dict[str, TensorPlan]:
+    """accelerate keeps the buffers of streamed (offloaded, not CPU-executed) modules on the execution device."""
+    streamed = offload_policy.offloaded_devices(main)
+    if offload_policy.runs_on_cpu(tensors, modules, main):
+        streamed -= {"cpu"}
+    return {
+        n: replace(t, device=main) if t.device in streamed and t.kind == "buffer" else t for n, t in tensors.items()
+    }
+
+
+def _unexpected(unexpected: list[str], modules, spec: QuantSpec) -> list[str]:
+    """A saved int8 checkpoint's row scales are used by their weights, not unexpected."""
+    if not spec.prequantized:
+        return unexpected
+    scales = {scale_key(m) for m in modules}
+    return [k for k in unexpected if k not in scales]

@@ -1,0 +1,88 @@
+"""bitsandbytes glue: empty quantized modules, and weights quantized on their own device.
+
+Imported lazily and quietly (its CPU backend warns about optional kernels we do not use).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from ..dtypes import policy_dtype
+from .spec import QuantSpec
+
+
+def import_bitsandbytes():
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    # "inputs will be cast from bfloat16 to float16": inherent to LLM.int8, said once in the docs, not per layer
+    logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
+    import bitsandbytes
+
+    return bitsandbytes
+
+
+def empty_module(old: torch.nn.Module, spec: QuantSpec, threshold: float | None = None) -> torch.nn.Module:
+    """The bitsandbytes module that replaces Linear `old` (build it under init_empty_weights)."""
+    bnb = import_bitsandbytes()
+    bias = old.bias is not None
+    if spec.is_int8:
+        return bnb.nn.Linear8bitLt(
+            old.in_features,
+            old.out_features,
+            bias=bias,
+            has_fp16_weights=False,
+            threshold=spec.threshold if threshold is None else threshold,
+        )
+    return bnb.nn.Linear4bit(
+        old.in_features,
+        old.out_features,
+        bias=bias,
+        compute_dtype=policy_dtype(spec.compute_dtype, "quantization.compute_dtype"),
+        compress_statistics=spec.double_quant,
+        quant_type=spec.method,
+    )
+
+
+def quantize_int8(weight: torch.Tensor):
+    """LLM.int8 row-wise quantization on the weight's own device, exactly as Int8Params does it."""
+    bnb = import_bitsandbytes()
+    cb, scb, _ = bnb.functional.int8_vectorwise_quant(weight.contiguous().to(torch.float16))
+    return int8_params(cb, scb)
+
+
+def int8_params(cb: torch.Tensor, scb: torch.Tensor):
+    """Int8Params from int8 codes and their fp32 row scales (computed now, or as a checkpoint saved them)."""
+    bnb = import_bitsandbytes()
+    return bnb.nn.Int8Params(cb, requires_grad=False, has_fp16_weights=False, CB=cb, SCB=scb)
+
+
+def quantize_four_bit(weight: torch.Tensor, module, spec: QuantSpec):
+    """nf4/fp4 blockwise quantization on the weight's own device, from the compute dtype (as Params4bit does
+    from the load dtype), so that dequantized weights come back in the dtype the layer multiplies in.
+
+    On CPUs with AVX512-BF16, bitsandbytes would repack the weight at the first forward (absmax to bf16,
+    double quantization undone), changing its size after the plan; we keep the canonical layout there, so
+    the plan holds on every device and double quantization keeps its saving on the CPU.
+    """
+    bnb = import_bitsandbytes()
+    packed, state = bnb.functional.quantize_4bit(
+        weight.contiguous().to(module.compute_dtype),
+        blocksize=spec.blocksize,
+        compress_statistics=spec.double_quant,
+        quant_type=spec.method,
+        quant_storage=torch.uint8,
+    )
+    module.support_avx512bf16_for_cpu = False
+    module.quant_state = state
+    return bnb.nn.Params4bit(
+        packed,
+        requires_grad=False,
+        quant_state=state,
+        blocksize=spec.blocksize,
+        compress_statistics=spec.double_quant,
+        quant_type=spec.method,
+        quant_storage=torch.uint8,
+        module=module,
+        bnb_quantized=True,
+    )

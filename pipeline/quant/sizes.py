@@ -1,0 +1,41 @@
+"""Bytes bitsandbytes holds for one quantized weight, from its shape alone.
+
+int8 (Linear8bitLt): one byte per element plus an fp32 scale per output row (SCB).
+4-bit (Linear4bit, nf4/fp4): two elements per byte, one absmax per block of
+`blocksize` elements, and the 16-entry fp32 code book of the 4-bit type. With
+double quantization the absmax values are themselves 8-bit (one byte per block)
+with an fp32 absmax per 256 of them, their own 256-entry fp32 code book and an
+fp32 offset. bitsandbytes keeps these per module, not shared, so each counts.
+The sizes hold on every device: on the CPU we keep bitsandbytes' canonical
+layout (see quant/bnb.py, quantize_four_bit) so the plan stays exact.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .spec import QuantSpec
+
+NESTED_BLOCKSIZE = 256  # bitsandbytes quantizes absmax values in blocks of 256
+NESTED_CODE_ENTRIES = 256  # the dynamic 8-bit map
+FOUR_BIT_CODE_ENTRIES = 16  # the nf4/fp4 code book
+
+
+def quantized_storage_dtype(spec: QuantSpec) -> torch.dtype:
+    return torch.int8 if spec.is_int8 else torch.uint8
+
+
+def quantized_nbytes(shape, spec: QuantSpec) -> int:
+    numel = math.prod(shape)
+    if spec.is_int8:
+        return numel + 4 * shape[0]
+    blocks = math.ceil(numel / spec.blocksize)
+    packed = math.ceil(numel / 2)
+    code = 4 * FOUR_BIT_CODE_ENTRIES
+    if spec.double_quant:
+        absmax = blocks + 4 * math.ceil(blocks / NESTED_BLOCKSIZE) + 4 * NESTED_CODE_ENTRIES + 4
+    else:
+        absmax = 4 * blocks
+    return packed + absmax + code

@@ -1,0 +1,163 @@
+"""Quantization settings as one frozen, validated object (`QuantSpec`), built once from the config.
+
+The `quantization` config group is its only source: `QuantSpec.from_config` checks and
+coerces every key once (numbers arrive as ints or strings from the command line), and
+every other module reads the spec by attribute. A new method adds its name to METHODS,
+its fields here, its sizes to quant/sizes.py and its bitsandbytes glue to quant/bnb.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..dtypes import POLICY_DTYPES
+from ..errors import UserError
+
+METHODS = ("none", "int8", "nf4", "fp4")
+FOUR_BIT = ("nf4", "fp4")
+BLOCKSIZES = (64, 128, 256, 512, 1024, 2048, 4096)
+SKIP = "skip"
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    method: str = "none"
+    threshold: float = 6.0  # LLM.int8 outlier threshold (acts at forward time)
+    skip_modules: tuple[str, ...] = ()
+    overrides: tuple[tuple[str, float | str], ...] = ()  # (pattern, threshold or "skip"), first match wins
+    offloaded: str = "keep"  # CPU-planned layers under a GPU: the method (quantize, run on CPU) or keep
+    unquantized_dtype: str | None = None  # dtype of what quantization leaves alone; None: the dtype policy
+    compute_dtype: str = "bf16"  # 4-bit: the dtype weights dequantize to
+    double_quant: bool = True
+    blocksize: int = 64
+    prequantized: bool = False  # the checkpoint holds quantized weights: loaded as saved, never re-quantized
+
+    @property
+    def enabled(self) -> bool:
+        return self.method != "none"
+
+    @property
+    def is_int8(self) -> bool:
+        return self.method == "int8"
+
+    @property
+    def is_four_bit(self) -> bool:
+        return self.method in FOUR_BIT
+
+    @property
+    def override_rules(self) -> dict[str, float | str]:
+        return dict(self.overrides)
+
+    def to_json(self) -> dict:
+        """The settings that apply to this method (plan.json `inputs.quantization`)."""
+        if not self.enabled:
+            return {"method": "none"}
+        out: dict = {"method": self.method}
+        if self.is_int8:
+            out["threshold"] = self.threshold
+        else:
+            out.update(compute_dtype=self.compute_dtype, double_quant=self.double_quant, blocksize=self.blocksize)
+        out.update(
+            skip_modules=list(self.skip_modules),
+            overrides=self.override_rules,
+            offloaded=self.offloaded,
+            unquantized_dtype=self.unquantized_dtype,
+        )
+        if self.prequantized:
+            out["prequantized"] = True
+        return out
+
+    @classmethod
+    def from_config(cls, node) -> QuantSpec:
+        """Check and normalise the `quantization` node; UserError (exit 2) naming the key on a bad value."""
+        node = dict(node or {})
+        method = str(node.get("method", "none")).lower()
+        if method not in METHODS:
+            raise UserError(f"quantization.method: unknown method {method!r}; choose one of {', '.join(METHODS)}")
+        if method == "none":
+            return cls()
+        kwargs: dict = {"method": method}
+        if method == "int8":
+            kwargs["threshold"] = _threshold(node.get("threshold", 6.0), "quantization.threshold")
+        else:
+            kwargs["compute_dtype"] = _dtype(
+                node.get("compute_dtype", "bf16"), "quantization.compute_dtype", allow_null=False
+            )
+            kwargs["double_quant"] = _bool(node.get("double_quant", True), "quantization.double_quant")
+            kwargs["blocksize"] = _blocksize(node.get("blocksize", 64))
+        skips = node.get("skip_modules") or []
+        kwargs["skip_modules"] = tuple(str(s) for s in ([skips] if isinstance(skips, str) else skips))
+        kwargs["overrides"] = tuple(_overrides(node.get("overrides"), method).items())
+        offloaded = str(node.get("offloaded", method)).lower()
+        if offloaded not in (method, "keep"):
+            raise UserError(
+                f"quantization.offloaded: {offloaded!r} is not valid with quantization={method}; "
+                f"use {method} (quantize CPU-planned layers, run them on the CPU) or keep (leave them unquantized)"
+            )
+        kwargs["offloaded"] = offloaded
+        kwargs["unquantized_dtype"] = _dtype(
+            node.get("unquantized_dtype"), "quantization.unquantized_dtype", allow_null=True
+        )
+        return cls(**kwargs)
+
+
+def _threshold(raw, key: str) -> float:
+    try:
+        value = float(raw)
+    except (TypeError, ValueError):
+        raise UserError(f"{key}: {raw!r} is not a number; use e.g. {key}=6.0") from None
+    if value < 0 or value != value:
+        raise UserError(f"{key}: {raw} is negative; use 0 (no outlier path) or a positive value such as 6.0")
+    return value
+
+
+def _overrides(node, method: str) -> dict:
+    overrides: dict[str, float | str] = {}
+    for pattern, value in dict(node or {}).items():
+        if str(value).lower() == SKIP:
+            overrides[str(pattern)] = SKIP
+            continue
+        if method != "int8":
+            raise UserError(
+                f"quantization.overrides.{pattern}: {value!r}; with quantization={method} an override "
+                f"can only be skip (thresholds are LLM.int8's)"
+            )
+        try:
+            t = float(value)
+        except (TypeError, ValueError):
+            t = -1.0
+        if t < 0 or t != t:
+            raise UserError(
+                f"quantization.overrides.{pattern}: {value!r} is not a threshold; use a number >= 0 or skip"
+            )
+        overrides[str(pattern)] = t
+    return overrides
+
+
+def _dtype(raw, key: str, *, allow_null: bool):
+    if raw is None or str(raw).lower() in ("null", "none", "auto"):
+        if allow_null:
+            return None
+        raise UserError(f"{key}: give a dtype: one of fp32, fp16, bf16")
+    name = str(raw).lower()
+    if name not in POLICY_DTYPES:
+        raise UserError(
+            f"{key}: unknown dtype {raw!r}; choose one of fp32, fp16, bf16" + (" or null" if allow_null else "")
+        )
+    return {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}.get(name, name)
+
+
+def _bool(raw, key: str) -> bool:
+    if isinstance(raw, bool):
+        return raw
+    raise UserError(f"{key}: {raw!r} is not true or false")
+
+
+def _blocksize(raw) -> int:
+    try:
+        value = int(raw)
+    except (TypeError, ValueError):
+        value = -1
+    if value not in BLOCKSIZES:
+        raise UserError(f"quantization.blocksize: {raw!r}; choose one of {', '.join(map(str, BLOCKSIZES))}")
+    return value

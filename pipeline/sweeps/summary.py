@@ -1,0 +1,207 @@
+"""What a sweep found, at the sweep root: summary.csv, summary.md and plots.
+
+A Hydra callback (hydra.callbacks in conf/config.yaml), so it runs after the
+jobs with any launcher. It reads each job's .hydra/overrides.yaml and
+report.json; a job that failed (or left no report) is a row with its status and
+error, so nothing a sweep learned is lost.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+from pathlib import Path
+
+from hydra.experimental.callback import Callback
+
+log = logging.getLogger(__name__)
+
+BASE_COLUMNS = [
+    "job",
+    "overrides",
+    "status",
+    "error",
+    "load_seconds",
+    "reused_load_from",
+    "quantized",
+    "perplexity",
+    "reference_perplexity",
+    "logits_rel_error",
+]
+
+
+class SweepSummary(Callback):
+    def on_multirun_end(self, config, **kwargs) -> None:
+        root = Path(config.hydra.sweep.dir)
+        rows = collect_rows(root)
+        if not rows:
+            return
+        write_summary(root, rows)
+        print(f"sweep summary: {root / 'summary.csv'}, {root / 'summary.md'} and plots in {root}")
+
+
+def _parse_overrides(lines: list[str]) -> dict[str, str]:
+    out = {}
+    for line in lines:
+        key, _, value = str(line).partition("=")
+        out[key.lstrip("+~")] = value
+    return out
+
+
+def collect_rows(root: Path) -> list[dict]:
+    from omegaconf import OmegaConf
+
+    rows = []
+    jobs = sorted(
+        (d for d in root.iterdir() if d.is_dir() and (d / ".hydra" / "overrides.yaml").exists()),
+        key=lambda d: (len(d.name), d.name),
+    )
+    for job in jobs:
+        overrides = [str(o) for o in OmegaConf.load(job / ".hydra" / "overrides.yaml")]
+        row = {"job": job.name, "overrides": " ".join(overrides), "_swept": _parse_overrides(overrides)}
+        report_path = job / "report.json"
+        if not report_path.exists():
+            row.update(status="error", error="the job left no report.json (it failed before the pipeline ran)")
+            rows.append(row)
+            continue
+        r = json.loads(report_path.read_text())
+        v = r.get("validation") or {}
+        m = v.get("metrics") or {}
+        row.update(
+            status=r["status"],
+            error=r.get("error") or "",
+            load_seconds=(r.get("load") or {}).get("seconds"),
+            quantized=(r.get("quantization") or {}).get("quantized"),
+            reused_load_from=Path((r.get("quantization") or {}).get("reused_from") or "").name,
+            perplexity=m.get("perplexity"),
+            reference_perplexity=m.get("reference_perplexity"),
+            logits_rel_error=m.get("logits_rel_error"),
+        )
+        sizes = v.get("measured_bytes") or ((r.get("plan") or {}).get("predicted_bytes") or {})
+        for dev, n in sizes.items():
+            row[f"bytes_{dev}"] = n
+        rows.append(row)
+    return rows
+
+
+def write_summary(root: Path, rows: list[dict]) -> None:
+    swept = swept_keys(rows)
+    devices = sorted({k for r in rows for k in r if k.startswith("bytes_")})
+    columns = BASE_COLUMNS[:2] + swept + BASE_COLUMNS[2:] + devices
+    table = [{c: _value(r, c) for c in columns} for r in rows]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(table)
+    _atomic(root / "summary.csv", buf.getvalue())
+    md = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
+    md += ["| " + " | ".join(_md(row[c]) for c in columns) + " |" for row in table]
+    _atomic(root / "summary.md", "\n".join(md) + "\n")
+    try:
+        plot(root, rows, swept, devices)
+    except ImportError:
+        log.warning("matplotlib is not installed: summary.csv and summary.md written, no plots")
+
+
+def swept_keys(rows: list[dict]) -> list[str]:
+    keys = sorted({k for r in rows for k in r["_swept"]})
+    return [k for k in keys if len({r["_swept"].get(k) for r in rows}) > 1]
+
+
+def _value(row, column):
+    if column in row:
+        return row[column]
+    return row["_swept"].get(column, "")
+
+
+def _md(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def _atomic(path: Path, text: str) -> None:
+    from ..engine.artifacts import write_text
+
+    write_text(path, text)
+
+
+def _numeric(values: list[str]):
+    try:
+        return [float(v) for v in values]
+    except (TypeError, ValueError):
+        return None
+
+
+def plot(root: Path, rows: list[dict], swept: list[str], devices: list[str]) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    made = []
+    for key in swept:
+        labels = [r["_swept"].get(key, "") for r in rows]
+        xs = _numeric(labels)
+        order = sorted(range(len(rows)), key=lambda i: xs[i] if xs else i)
+        x = [xs[i] for i in order] if xs else list(range(len(order)))
+        ok = [rows[i].get("status") == "ok" for i in order]
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        _series(axes[0], x, [rows[i].get("load_seconds") for i in order], ok, "load seconds")
+        axes[0].set_ylabel("load_shards seconds")
+        for dev in devices:
+            _series(
+                axes[1], x, [(rows[i].get(dev) or 0) / 2**20 or None for i in order], ok, dev.removeprefix("bytes_")
+            )
+        axes[1].set_ylabel("MiB per device")
+        for ax in axes:
+            ax.set_xlabel(key)
+            if not xs:
+                ax.set_xticks(x, [labels[i] for i in order], rotation=20)
+            ax.grid(alpha=0.3)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=8)
+        fig.suptitle(f"load time and memory vs {key}" + ("  (x: failed job)" if not all(ok) else ""))
+        fig.tight_layout()
+        path = root / f"load_and_memory_vs_{key.replace('.', '_')}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        made.append(path)
+        if any(rows[i].get("perplexity") for i in order):
+            fig, ax = plt.subplots(figsize=(6, 4))
+            _series(ax, x, [rows[i].get("perplexity") for i in order], ok, "perplexity (loaded)")
+            _series(
+                ax,
+                x,
+                [rows[i].get("reference_perplexity") for i in order],
+                ok,
+                "perplexity (unquantized reference)",
+                style="--",
+            )
+            ax.set_xlabel(key)
+            ax.set_ylabel("perplexity on the evaluation text")
+            if not xs:
+                ax.set_xticks(x, [labels[i] for i in order], rotation=20)
+            ax.grid(alpha=0.3)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=8)
+            ax.set_title(f"quality vs {key}")
+            fig.tight_layout()
+            path = root / f"quality_vs_{key.replace('.', '_')}.png"
+            fig.savefig(path, dpi=110)
+            plt.close(fig)
+            made.append(path)
+    return made
+
+
+def _series(ax, x, y, ok, label, style="-o"):
+    pts = [(a, b) for a, b, good in zip(x, y, ok, strict=False) if good and b is not None]
+    if pts:
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], style if style != "--" else "--s", label=label)
+    bad = [a for a, good in zip(x, ok, strict=False) if not good]
+    if bad:
+        ax.plot(bad, [0] * len(bad), "rx", label=f"{label}: failed" if label else "failed")
