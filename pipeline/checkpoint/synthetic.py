@@ -19,40 +19,23 @@ import torch
 
 from ..dtypes import SAFETENSORS_DTYPES, itemsize
 
+_SHAPE_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+)
+# Llama-2-7B / 70B shapes, and smaller ones for CPU benchmarks and tests, in _SHAPE_FIELDS order.
 SHAPES = {
-    # Llama-2-7B / 70B shapes, and smaller ones for CPU benchmarks and tests.
-    "llama-7b": dict(
-        vocab_size=32000,
-        hidden_size=4096,
-        intermediate_size=11008,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=32,
-    ),
-    "llama-70b": dict(
-        vocab_size=32000,
-        hidden_size=8192,
-        intermediate_size=28672,
-        num_hidden_layers=80,
-        num_attention_heads=64,
-        num_key_value_heads=8,
-    ),
-    "llama-400m": dict(
-        vocab_size=32000,
-        hidden_size=1024,
-        intermediate_size=4096,
-        num_hidden_layers=20,
-        num_attention_heads=16,
-        num_key_value_heads=16,
-    ),
-    "llama-tiny": dict(
-        vocab_size=256,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    ),
+    name: dict(zip(_SHAPE_FIELDS, values, strict=True))
+    for name, values in {
+        "llama-7b": (32000, 4096, 11008, 32, 32, 32),
+        "llama-70b": (32000, 8192, 28672, 80, 64, 8),
+        "llama-400m": (32000, 1024, 4096, 20, 16, 16),
+        "llama-tiny": (256, 64, 128, 3, 4, 2),
+    }.items()
 }
 _ST_NAME = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 
