@@ -151,3 +151,16 @@ def test_no_architectures_base_model_checkpoint_builds_the_base_model(tiny, tmp_
     result = load([f"checkpoint.path={ck}", "quantization=none"], run_dir=tmp_path / "run")
     assert result.report["status"] == "ok", result.report["error"]
     assert type(result.model) is LlamaModel
+
+
+def test_no_architectures_with_an_unknown_head_is_exit_2(tmp_path):
+    """Tensors under `vit.` come from a head class config.json does not name: exit 2 at once, not exit 1 later."""
+    from safetensors.torch import save_file
+    from transformers import ViTConfig, ViTForImageClassification
+
+    config = ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64, image_size=16)
+    model = ViTForImageClassification(config)
+    config.save_pretrained(tmp_path / "ck")  # writes no architectures
+    save_file({n: t.contiguous() for n, t in model.state_dict().items()}, tmp_path / "ck" / "model.safetensors")
+    with pytest.raises(UserError, match=r"no architectures, and the tensor names \(vit\.\*\) come from a model"):
+        load([f"checkpoint.path={tmp_path / 'ck'}", "quantization=none"], run_dir=tmp_path / "run")

@@ -70,6 +70,8 @@ def _without_architectures(config, path: str, auto_map: dict, trust_remote_code:
     encoder-decoders) when the config type has one, except a decoder-only checkpoint whose
     tensor names lack the head's base-model prefix (`model.`, `transformer.`): it was saved
     from the bare base model (transformers tells the two apart the same way), so AutoModel.
+    Tensor names under the base-model prefix of a config with no generating head (`vit.*`)
+    come from some other head class, which config.json does not name: exit 2 saying so.
     """
     import transformers
 
@@ -84,10 +86,9 @@ def _without_architectures(config, path: str, auto_map: dict, trust_remote_code:
     encoder_decoder = bool(getattr(config, "is_encoder_decoder", False))
     head = transformers.AutoModelForSeq2SeqLM if encoder_decoder else transformers.AutoModelForCausalLM
     base = transformers.AutoModel
-    chosen = base
+    chosen, names = base, _tensor_names(path)
     if type(config) in head._model_mapping:
         head_cls = head._model_mapping[type(config)]
-        names = _tensor_names(path)
         prefix = getattr(head_cls, "base_model_prefix", "") + "."
         if encoder_decoder or names is None or any(n.startswith(prefix) for n in names):
             chosen = head
@@ -97,6 +98,13 @@ def _without_architectures(config, path: str, auto_map: dict, trust_remote_code:
             "add architectures to config.json or set checkpoint.model={_target_: <a model class>}"
         )
     cls = chosen._model_mapping[type(config)]
+    prefix = getattr(cls, "base_model_prefix", "")
+    if chosen is base and prefix and names and any(n.startswith(prefix + ".") for n in names):
+        raise UserError(
+            f"{_config_file(path)}: no architectures, and the tensor names ({prefix}.*) come from a model with a "
+            "task head; add architectures (the class it was saved from) to config.json "
+            "or set checkpoint.model={_target_: <that class>}"
+        )
     log.info("config.json names no architectures: building %s (as %s.from_pretrained)", cls.__name__, chosen.__name__)
     return cls
 
