@@ -85,7 +85,8 @@ def test_remote_code_is_used_when_trusted(remote_ck, tmp_path):
     model = result.model
     assert type(model).__name__ == "MineForCausalLM" and model.made_by_checkpoint_code
     assert result.report["model"]["class"] == "MineForCausalLM"
-    assert result.report["model"]["class_module"].endswith("modeling_mine")
+    module = result.report["model"]["class_module"]
+    assert module.startswith("transformers_modules.") and module.endswith("modeling_mine")
     ref = AutoModelForCausalLM.from_pretrained(ck, trust_remote_code=True, local_files_only=True).eval()
     assert type(ref).__name__ == "MineForCausalLM"
     ids = torch.arange(16).unsqueeze(0)
@@ -164,3 +165,22 @@ def test_no_architectures_with_an_unknown_head_is_exit_2(tmp_path):
     save_file({n: t.contiguous() for n, t in model.state_dict().items()}, tmp_path / "ck" / "model.safetensors")
     with pytest.raises(UserError, match=r"no architectures, and the tensor names \(vit\.\*\) come from a model"):
         load([f"checkpoint.path={tmp_path / 'ck'}", "quantization=none"], run_dir=tmp_path / "run")
+
+
+def test_trusted_code_that_fails_to_build_is_exit_2(tiny, tmp_path):
+    ck = tmp_path / f"broken_{hashlib.sha1(str(tmp_path).encode()).hexdigest()[:10]}"
+    shutil.copytree(tiny("llama"), ck)
+    (ck / "modeling_broken.py").write_text(
+        "from transformers import LlamaForCausalLM\n\n\n"
+        "class BrokenForCausalLM(LlamaForCausalLM):\n"
+        "    def __init__(self, config):\n"
+        "        raise KeyError('rope_flavour')\n"
+    )
+    _edit_config(
+        ck, architectures=["BrokenForCausalLM"], auto_map={"AutoModelForCausalLM": "modeling_broken.BrokenForCausalLM"}
+    )
+    with pytest.raises(UserError, match=r"BrokenForCausalLM failed to build \(KeyError: 'rope_flavour'\)"):
+        load(
+            [f"checkpoint.path={ck}", "quantization=none", "checkpoint.trust_remote_code=true"],
+            run_dir=tmp_path / "run",
+        )

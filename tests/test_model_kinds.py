@@ -1,7 +1,7 @@
 """validate works for every model kind: inputs from main_input_name and the config, or a skip with its reason.
 
 Tiny random models of real transformers classes (text, vision with and without a head,
-audio encoder-decoder, text encoder-decoder, encoder-only, causal LM), each through the
+audio encoder-decoder, audio encoder (CTC), text encoder-decoder, encoder-only, causal LM), each through the
 default stage list with quantization none and int8.
 """
 
@@ -45,6 +45,21 @@ def _kinds():
                 bos_token_id=1,
                 eos_token_id=2,
                 decoder_start_token_id=1,
+            ),
+        ),
+        "wav2vec2": (
+            T.Wav2Vec2ForCTC,
+            T.Wav2Vec2Config(
+                vocab_size=32,
+                hidden_size=32,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                intermediate_size=64,
+                conv_dim=(16, 16),
+                conv_stride=(5, 2),
+                conv_kernel=(10, 3),
+                num_conv_pos_embeddings=16,
+                num_conv_pos_embedding_groups=2,
             ),
         ),
         "t5": (
@@ -124,6 +139,8 @@ def test_fixed_inputs_follow_main_input_name_and_config(kind, saved):
         assert main.shape == (1, config.num_channels, config.image_size, config.image_size)
     elif model.main_input_name == "input_features":
         assert main.shape == (1, config.num_mel_bins, config.max_source_positions * 2)  # Whisper's conv stride 2
+    elif model.main_input_name == "input_values":
+        assert main.shape == (1, 16000) and main.dtype == torch.float32  # one second of 16 kHz audio
     else:
         assert main.dtype == torch.long and int(main.max()) < config.vocab_size
     assert ("decoder_input_ids" in kwargs) == bool(config.is_encoder_decoder)

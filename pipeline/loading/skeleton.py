@@ -42,7 +42,7 @@ def build_skeleton(path: str, node: dict | None, trust_remote_code: bool = False
     config = read_config(path, trust_remote_code) if target is None or is_model_class(target) else None
     cls = model_class(config, path, trust_remote_code) if node is None else None
     with init_empty_weights(include_buffers=False):
-        module = build_from_config(cls, config) if cls is not None else _build(target, node, config)
+        module = _build_class(cls, config) if cls is not None else _build(target, node, config)
     if not isinstance(module, torch.nn.Module):
         raise UserError(f"checkpoint.model: {node['_target_']} built a {type(module).__name__}, not a torch.nn.Module")
     if hasattr(module, "tie_weights"):
@@ -93,6 +93,19 @@ def build_from_config(cls, config):
     """A transformers model class (or auto class) built from a config, as from_pretrained would."""
     builder = getattr(cls, "_from_config", None) or cls.from_config
     return builder(config)
+
+
+def _build_class(cls, config):
+    """The chosen class from config.json; the checkpoint's own (trusted) code failing is the user's to fix."""
+    if not cls.__module__.startswith("transformers_modules."):
+        return build_from_config(cls, config)
+    try:
+        return build_from_config(cls, config)
+    except Exception as exc:  # code from the checkpoint directory: any error is in that code
+        raise UserError(
+            f"checkpoint.trust_remote_code: the checkpoint's {cls.__module__}.{cls.__name__} failed to build "
+            f"({exc.__class__.__name__}: {str(exc).splitlines()[0][:160]}); fix the checkpoint's code"
+        ) from None
 
 
 def _build(obj, node: dict, config):
