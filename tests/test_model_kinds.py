@@ -6,6 +6,7 @@ default stage list with quantization none and int8.
 """
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -169,3 +170,17 @@ def test_vit_classifier_int8_cli_exit_0(saved, tmp_path):
     assert "skipped" in p.stdout and "not a causal LM" in p.stdout
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert report["status"] == "ok" and report["validation"]["checks"]["forward_finite"] is True
+
+
+@pytest.mark.parametrize(
+    "kind, expected", [("t5", T.T5ForConditionalGeneration), ("whisper", T.WhisperForConditionalGeneration)]
+)
+def test_encoder_decoder_without_architectures_gets_its_generating_head(kind, expected, saved, tmp_path):
+    ck = tmp_path / kind
+    shutil.copytree(saved[kind], ck)
+    cfg = json.loads((ck / "config.json").read_text())
+    cfg.pop("architectures")
+    (ck / "config.json").write_text(json.dumps(cfg))
+    result = load([f"checkpoint.path={ck}", "quantization=none"], run_dir=tmp_path / "run")
+    assert result.report["status"] == "ok", result.report["error"]
+    assert type(result.model) is expected

@@ -66,10 +66,11 @@ def model_class(config, path: str, trust_remote_code: bool = False) -> type:
 def _without_architectures(config, path: str, auto_map: dict, trust_remote_code: bool) -> type:
     """No `architectures` in config.json: the class a `from_pretrained` user would pick for this checkpoint.
 
-    That is the generating head (AutoModelForCausalLM, AutoModelForSeq2SeqLM for
-    encoder-decoders) when the config type has one, except a decoder-only checkpoint whose
-    tensor names lack the head's base-model prefix (`model.`, `transformer.`): it was saved
-    from the bare base model (transformers tells the two apart the same way), so AutoModel.
+    That is the generating head (AutoModelForCausalLM; for encoder-decoders
+    AutoModelForSeq2SeqLM, else AutoModelForSpeechSeq2Seq) when the config type has one,
+    except a decoder-only checkpoint whose tensor names lack the head's base-model prefix
+    (`model.`, `transformer.`): it was saved from the bare base model (transformers tells
+    the two apart the same way), so AutoModel.
     Tensor names under the base-model prefix of a config with no generating head (`vit.*`)
     come from some other head class, which config.json does not name: exit 2 saying so.
     """
@@ -84,7 +85,12 @@ def _without_architectures(config, path: str, auto_map: dict, trust_remote_code:
             f"imported only when you trust it: set {TRUST_KEY}=true"
         )
     encoder_decoder = bool(getattr(config, "is_encoder_decoder", False))
-    head = transformers.AutoModelForSeq2SeqLM if encoder_decoder else transformers.AutoModelForCausalLM
+    heads = (
+        (transformers.AutoModelForSeq2SeqLM, transformers.AutoModelForSpeechSeq2Seq)
+        if encoder_decoder
+        else (transformers.AutoModelForCausalLM,)
+    )
+    head = next((h for h in heads if type(config) in h._model_mapping), heads[0])
     base = transformers.AutoModel
     chosen, names = base, _tensor_names(path)
     if type(config) in head._model_mapping:
