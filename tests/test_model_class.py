@@ -184,3 +184,16 @@ def test_trusted_code_that_fails_to_build_is_exit_2(tiny, tmp_path):
             [f"checkpoint.path={ck}", "quantization=none", "checkpoint.trust_remote_code=true"],
             run_dir=tmp_path / "run",
         )
+
+
+def test_auto_map_under_another_name_than_architectures(remote_ck, tmp_path):
+    """architectures says MineModel, auto_map only has MineForCausalLM: still the checkpoint's code, still opt-in."""
+    ck, marker = remote_ck
+    _edit_config(ck, architectures=["MineModel"])
+    with pytest.raises(UserError, match=rf"MineModel; auto_map AutoModelForCausalLM: {AUTO_MAP_ENTRY} .*=true"):
+        load([f"checkpoint.path={ck}", "quantization=none"], run_dir=tmp_path / "run")
+    assert not marker.exists()
+    result = load(
+        [f"checkpoint.path={ck}", "quantization=none", "checkpoint.trust_remote_code=true"], run_dir=tmp_path / "run2"
+    )
+    assert type(result.model).__name__ == "MineForCausalLM" and marker.exists()

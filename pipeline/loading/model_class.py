@@ -54,6 +54,8 @@ def model_class(config, path: str, trust_remote_code: bool = False) -> type:
                 f"(auto_map {entry[0]}: {entry[1]}); nothing from the checkpoint is imported unless you trust it: "
                 f"set {TRUST_KEY}=true"
             )
+    if archs and auto_map:  # auto_map names the checkpoint's classes under other names than architectures
+        return _trusted_auto_map(auto_map, path, trust_remote_code, f"architectures names {', '.join(archs)}")
     if archs:
         raise UserError(
             f"{_config_file(path)}: architectures names {', '.join(archs)}: no such class in transformers "
@@ -76,14 +78,8 @@ def _without_architectures(config, path: str, auto_map: dict, trust_remote_code:
     """
     import transformers
 
-    remote = next(((k, auto_map[k]) for k in _AUTO_ORDER if k in auto_map), None)
-    if remote is not None:
-        if trust_remote_code:
-            return _remote_class(remote, path)
-        raise UserError(
-            f"{_config_file(path)}: no architectures; auto_map {remote[0]}: {remote[1]} is the checkpoint's own code, "
-            f"imported only when you trust it: set {TRUST_KEY}=true"
-        )
+    if auto_map:
+        return _trusted_auto_map(auto_map, path, trust_remote_code, "no architectures")
     encoder_decoder = bool(getattr(config, "is_encoder_decoder", False))
     heads = (
         (transformers.AutoModelForSeq2SeqLM, transformers.AutoModelForSpeechSeq2Seq)
@@ -113,6 +109,17 @@ def _without_architectures(config, path: str, auto_map: dict, trust_remote_code:
         )
     log.info("config.json names no architectures: building %s (as %s.from_pretrained)", cls.__name__, chosen.__name__)
     return cls
+
+
+def _trusted_auto_map(auto_map: dict, path: str, trust_remote_code: bool, why: str) -> type:
+    """The checkpoint's own class from auto_map (CausalLM first, as a generating user would pick), if trusted."""
+    key = next((k for k in _AUTO_ORDER if k in auto_map), next(iter(auto_map)))
+    if trust_remote_code:
+        return _remote_class((key, auto_map[key]), path)
+    raise UserError(
+        f"{_config_file(path)}: {why}; auto_map {key}: {auto_map[key]} is the checkpoint's own code, "
+        f"imported only when you trust it: set {TRUST_KEY}=true"
+    )
 
 
 def _transformers_class(name: str) -> type | None:
