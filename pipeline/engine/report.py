@@ -75,6 +75,9 @@ def _validation_lines(val: dict) -> list[str]:
     ok = sum(checks.values())
     failed = "; ".join(f"{k}: {v}" for k, v in val.get("failures", {}).items())
     lines = [f"validation: {ok}/{len(checks)} checks passed" + ("" if ok == len(checks) else f" — FAILED: {failed}")]
+    skipped = val.get("skipped") or {}
+    if skipped:
+        lines.append("skipped: " + "; ".join(f"{k} ({why})" for k, why in skipped.items()))
     m = val.get("metrics", {})
     if "perplexity" in m:
         ref = m.get("reference_perplexity")

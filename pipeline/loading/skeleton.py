@@ -1,7 +1,8 @@
 """The model skeleton on the meta device (no weight memory), and what the planner needs from it.
 
-Built as from_pretrained builds it: the class config.json names (or a model `_target_`),
-from the config. Also records tied parameter groups (loaded once, kept on one device),
+Built as from_pretrained builds it: the class config.json names (loading/model_class.py;
+or a model `_target_`), from the config, with the checkpoint's generation config
+(loading/generation.py). Also records tied parameter groups (loaded once, kept on one device),
 no-split module classes (never cut across devices) and modules transformers keeps in fp32.
 """
 
@@ -14,6 +15,8 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import UserError
+from .generation import apply_generation_config
+from .model_class import check_remote_config, model_class
 
 
 @dataclass(frozen=True)
@@ -25,21 +28,28 @@ class Skeleton:
     keep_in_fp32: list[str] = field(default_factory=list)
 
 
-def build_skeleton(path: str, node: dict | None) -> Skeleton:
-    """The empty model for checkpoint `path`; `node` is an allow-listed `_target_` node or None."""
+def build_skeleton(path: str, node: dict | None, trust_remote_code: bool = False) -> Skeleton:
+    """The empty model for checkpoint `path`; `node` is an allow-listed `_target_` node or None.
+
+    Code from the checkpoint directory (config.json `auto_map`) is imported only when
+    `trust_remote_code`; otherwise such a checkpoint is a UserError before anything is built.
+    """
     from accelerate import init_empty_weights
     from accelerate.utils import find_tied_parameters
     from hydra.utils import get_object
 
     target = get_object(node["_target_"]) if node is not None else None
-    config = read_config(path) if target is None or is_model_class(target) else None
+    config = read_config(path, trust_remote_code) if target is None or is_model_class(target) else None
+    cls = model_class(config, path, trust_remote_code) if node is None else None
     with init_empty_weights(include_buffers=False):
-        module = _build(target, node, config)
+        module = _build_class(cls, config) if cls is not None else _build(target, node, config)
     if not isinstance(module, torch.nn.Module):
         raise UserError(f"checkpoint.model: {node['_target_']} built a {type(module).__name__}, not a torch.nn.Module")
     if hasattr(module, "tie_weights"):
         module.tie_weights()  # transformers 5 ties only when asked; the groups are what we need
     module.eval()
+    if config is not None:
+        apply_generation_config(module, os.path.dirname(_config_file(path)), trust_remote_code)
     return Skeleton(
         model=module,
         config=config,
@@ -49,17 +59,24 @@ def build_skeleton(path: str, node: dict | None) -> Skeleton:
     )
 
 
-def read_config(path: str):
+def _config_file(path: str) -> str:
+    return os.path.join(path if os.path.isdir(path) else os.path.dirname(path), "config.json")
+
+
+def read_config(path: str, trust_remote_code: bool = False):
     """config.json beside the weights, read by transformers; UserError naming the file when it cannot be."""
     from transformers import AutoConfig
 
-    cfg_file = os.path.join(path if os.path.isdir(path) else os.path.dirname(path), "config.json")
+    cfg_file = _config_file(path)
     if not os.path.isfile(cfg_file):
         raise UserError(f"{path}: no config.json; add it or set checkpoint.model to a model _target_")
     try:
         with open(cfg_file) as fh:
             json.load(fh)
-        return AutoConfig.from_pretrained(os.path.dirname(cfg_file), local_files_only=True)
+        check_remote_config(path, trust_remote_code)
+        return AutoConfig.from_pretrained(
+            os.path.dirname(cfg_file), local_files_only=True, trust_remote_code=trust_remote_code
+        )
     except json.JSONDecodeError:
         raise UserError(f"{cfg_file}: not valid JSON; fix or re-save the config") from None
     except (ValueError, KeyError) as exc:
@@ -78,10 +95,21 @@ def build_from_config(cls, config):
     return builder(config)
 
 
-def _build(obj, node: dict | None, config):
+def _build_class(cls, config):
+    """The chosen class from config.json; the checkpoint's own (trusted) code failing is the user's to fix."""
+    if not cls.__module__.startswith("transformers_modules."):
+        return build_from_config(cls, config)
+    try:
+        return build_from_config(cls, config)
+    except Exception as exc:  # code from the checkpoint directory: any error is in that code
+        raise UserError(
+            f"checkpoint.trust_remote_code: the checkpoint's {cls.__module__}.{cls.__name__} failed to build "
+            f"({exc.__class__.__name__}: {str(exc).splitlines()[0][:160]}); fix the checkpoint's code"
+        ) from None
+
+
+def _build(obj, node: dict, config):
     """A model class built from config.json (node keys override it), or any allow-listed factory."""
-    if node is None:
-        return build_from_config(_auto_class(config), config)
     if is_model_class(obj):
         for key, value in node.items():  # extra keys override config.json fields
             if not key.startswith("_"):
@@ -96,14 +124,3 @@ def _build(obj, node: dict | None, config):
             f"checkpoint.model: {node.get('_target_')} failed to build ({exc.__class__.__name__}: {str(exc)[:160]}); "
             "check its keys"
         ) from None
-
-
-def _auto_class(config):
-    """The class named in config.json's architectures, else the auto class for its task."""
-    import transformers
-
-    for arch in getattr(config, "architectures", None) or []:
-        cls = getattr(transformers, arch, None)
-        if cls is not None:
-            return cls
-    return transformers.AutoModel

@@ -36,6 +36,7 @@ class CheckLog:
         self.enabled = enabled
         self.results: dict[str, bool] = {}
         self.failures: dict[str, str] = {}
+        self.skipped: dict[str, str] = {}  # check or metric -> why it could not run on this model
 
     def __call__(self, name: str, ok: bool, why: str) -> None:
         if self.enabled[name]:
@@ -43,6 +44,12 @@ class CheckLog:
             if not ok:
                 self.failures[name] = why
                 log.error("check %s failed: %s", name, why)
+
+    def skip(self, name: str, why: str) -> None:
+        """A check or metric that cannot run on this model: reported with its reason, not a failure."""
+        if self.enabled.get(name, True):
+            self.skipped[name] = why
+            log.info("%s skipped: %s", name, why)
 
 
 def check_tensors(model, plan: Plan, tied_groups, offload, check: CheckLog) -> list[str]:

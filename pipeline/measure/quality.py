@@ -1,4 +1,4 @@
-"""Quality measurements on a loaded model: forward on fixed tokens, perplexity, greedy text."""
+"""Quality measurements on a loaded model: forward on fixed inputs, perplexity, greedy text."""
 
 from __future__ import annotations
 
@@ -9,32 +9,39 @@ from importlib import resources
 
 import torch
 
+from .inputs import Inputs, build_inputs
+
 
 def input_device(model) -> torch.device:
-    """Where inputs go: the embedding's execution device (accelerate's hook knows it when offloaded)."""
-    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    hook = getattr(emb, "_hf_hook", None)
-    if getattr(hook, "execution_device", None) is not None:
-        dev = hook.execution_device
-        return torch.device("cuda", dev) if isinstance(dev, int) else torch.device(dev)
-    if emb is not None and emb.weight.device.type != "meta":
-        return emb.weight.device
-    return next(p.device for p in model.parameters() if p.device.type != "meta")
+    """Where inputs go: the input module's execution device (accelerate's hook knows it when offloaded)."""
+    emb = _input_embeddings(model)
+    if emb is not None:
+        for module in emb.modules():
+            dev = getattr(getattr(module, "_hf_hook", None), "execution_device", None)
+            if dev is not None:
+                return torch.device("cuda", dev) if isinstance(dev, int) else torch.device(dev)
+        placed = next((p.device for p in emb.parameters() if p.device.type != "meta"), None)
+        if placed is not None:
+            return placed
+    return next((p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu"))
 
 
-def fixed_inputs(model) -> dict:
-    """The same 32 token ids for every run (decoder inputs too for encoder-decoders)."""
-    config = model.config
-    vocab = getattr(config, "vocab_size", None) or 2
-    ids = (torch.arange(32) * 7 % vocab).unsqueeze(0).to(input_device(model))
-    kwargs = {"input_ids": ids}
-    if getattr(config, "is_encoder_decoder", False):
-        kwargs["decoder_input_ids"] = ids[:, :8]
-    return kwargs
+def _input_embeddings(model):
+    """The module the main input enters: token embeddings, or a vision model's patch embeddings."""
+    get = getattr(model, "get_input_embeddings", None)
+    try:
+        return get() if callable(get) else None
+    except (NotImplementedError, AttributeError):
+        return None
+
+
+def fixed_inputs(model) -> Inputs:
+    """The same inputs for every run, built from the model's main_input_name and config (measure/inputs.py)."""
+    return build_inputs(model, input_device(model))
 
 
 def forward_output(model, inputs: dict) -> tuple[torch.Tensor, float]:
-    """(the main output: logits, else last_hidden_state; tokens per second)."""
+    """(the main output: logits, else last_hidden_state; seconds the forward took)."""
     start = time.perf_counter()
     with torch.inference_mode():
         out = model(**inputs)
@@ -44,7 +51,7 @@ def forward_output(model, inputs: dict) -> tuple[torch.Tensor, float]:
         main = getattr(out, "last_hidden_state", None)
     if main is None:
         main = out[0] if isinstance(out, (tuple, list)) else out
-    return main.float().cpu(), inputs["input_ids"].numel() / max(seconds, 1e-9)
+    return main.float().cpu(), seconds
 
 
 def relative_error(a: torch.Tensor, ref: torch.Tensor) -> float:

@@ -14,7 +14,12 @@ log = logging.getLogger(__name__)
 
 
 def instantiate_empty(
-    ctx: LoadContext, *, path: str | None, builtin: str | None = None, model: dict | None = None
+    ctx: LoadContext,
+    *,
+    path: str | None,
+    builtin: str | None = None,
+    model: dict | None = None,
+    trust_remote_code: bool = False,
 ) -> None:
     if not path and not builtin:
         raise UserError("checkpoint.path: no checkpoint given; set checkpoint.path=/path/to/model")
@@ -23,7 +28,7 @@ def instantiate_empty(
         raise UserError(
             f"checkpoint.path: {path} does not exist; point checkpoint.path at a model directory or .safetensors file"
         )
-    skeleton = build_skeleton(path, model)
+    skeleton = build_skeleton(path, model, trust_remote_code=bool(trust_remote_code))
     ctx.checkpoint_path = path
     ctx.model = skeleton.model
     ctx.model_config = skeleton.config
@@ -37,6 +42,8 @@ def instantiate_empty(
         "tied_groups": ctx.tied_groups,
         "no_split_modules": ctx.no_split,
     }
+    if trust_remote_code:
+        ctx.report["model"]["class_module"] = type(skeleton.model).__module__  # whose code was trusted
     log.info(
         "skeleton %s: %d parameters on meta, %d tied groups",
         type(skeleton.model).__name__,

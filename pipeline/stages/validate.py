@@ -1,7 +1,8 @@
 """Stage 5: prove the load right (measure/checks.py), and measure how good the model is (measure/metrics.py).
 
 Every check is a named boolean in report.json `validation.checks`; any false check
-makes the run `failed` (exit 1) and names what failed. Metrics go to
+makes the run `failed` (exit 1) and names what failed. A check or metric that cannot
+run on this kind of model is listed in `validation.skipped` with its reason. Metrics go to
 `validation.metrics`: perplexity on the shipped evaluation text, the same for the
 unquantized reference (streamed from the checkpoint, measure/reference.py), the
 loaded model's logits error against it, forward throughput and a greedy continuation.
@@ -38,11 +39,11 @@ def validate(
     measured, plan_error = check_memory(model, plan, ctx.offload, check, plan_tolerance)
     check_weights_finite(model, check)
     found: dict = {}
-    if (
-        getattr(model, "config", None) is not None
-        and not meta
-        and (check.enabled["forward_finite"] or any(settings.wanted.values()))
-    ):
+    unmeasurable = _unmeasurable(model, meta)
+    if unmeasurable:
+        for name in ("forward_finite", *(m for m, on in settings.wanted.items() if on)):
+            check.skip(name, unmeasurable)
+    elif check.enabled["forward_finite"] or any(settings.wanted.values()):
         found = measure_quality(
             model,
             ctx.checkpoint.directory,
@@ -58,9 +59,19 @@ def validate(
         "measured_bytes": measured,
         "plan_error": plan_error,
         "metrics": found,
+        "skipped": check.skipped,
     }
     if check.failures:
         raise CheckFailed("; ".join(f"{k}: {v}" for k, v in check.failures.items()))
+
+
+def _unmeasurable(model, meta: list[str]) -> str:
+    """Why no forward pass can run on this model at all ('' when it can)."""
+    if getattr(model, "config", None) is None:
+        return f"{type(model).__name__} has no transformers config to build inputs from"
+    if meta:
+        return "tensors are still on meta (see no_meta_tensors)"
+    return ""
 
 
 def _reference(ctx: LoadContext):
