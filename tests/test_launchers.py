@@ -9,6 +9,7 @@ at the sweep root, with the job whose caps are too small a row with its error.
 from __future__ import annotations
 
 import csv
+import json
 import pickle
 import shutil
 import tempfile
@@ -135,3 +136,30 @@ def _ray_sweep(tiny, root: Path, temp_dir: str) -> None:
     assert "Ray launcher: 2 jobs" in out and "(_run_job pid=" in out  # the jobs ran in Ray workers
     assert list(Path(temp_dir).glob("session_*")), "the cluster did not run under the given temp dir"
     assert _ray_processes(temp_dir) == [], "the local Ray cluster outlived the sweep"
+
+
+@pytest.mark.slow
+def test_threshold_reuse_stays_within_one_ray_worker(tiny, tmp_path):
+    """Reuse is per process: with kept workers (max_calls=0) on one CPU, both jobs run in one worker."""
+    root = tmp_path / "sweep"
+    p = run_cli(
+        "-m",
+        "hydra/launcher=ray",
+        "+hydra.launcher.ray.init.num_cpus=1",
+        "hydra.launcher.ray.remote.max_calls=0",
+        f"checkpoint.path={tiny('llama')}",
+        "quantization.threshold=0.0,6.0",
+        f"hydra.sweep.dir={root}",
+        timeout=400,
+    )
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    rows = _rows(root)
+    assert [(r["status"], r["reused_load_from"]) for r in rows] == [("ok", ""), ("ok", "0")]
+    report = json.loads((root / "1" / "report.json").read_text())
+    assert report["quantization"]["threshold"] == 6.0 and report["quantization"]["reused_from"] == str(root / "0")
+    assert [s["name"] for s in report["stages"] if s.get("reused")] == [
+        "instantiate_empty",
+        "plan",
+        "quantize",
+        "load_shards",
+    ]
