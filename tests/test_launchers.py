@@ -163,3 +163,23 @@ def test_threshold_reuse_stays_within_one_ray_worker(tiny, tmp_path):
         "quantize",
         "load_shards",
     ]
+
+
+def test_ray_address_without_a_cluster_is_one_line_and_exit_2(tiny, tmp_path):
+    empty = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # no ray_current_cluster file: no cluster to join
+    try:
+        p = run_cli(
+            "-m",
+            "hydra/launcher=ray",
+            "hydra.launcher.ray.init.address=auto",
+            f"+hydra.launcher.ray.init._temp_dir={empty}",
+            f"checkpoint.path={tiny('llama')}",
+            f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        )
+    finally:
+        shutil.rmtree(empty, ignore_errors=True)
+    assert p.returncode == 2, p.stderr[-3000:]
+    # One line of ours; Hydra adds its own hint (HYDRA_FULL_ERROR) under it.
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip() and "HYDRA_FULL_ERROR" not in ln]
+    assert len(lines) == 1 and "Traceback" not in p.stderr, p.stderr
+    assert lines[0].startswith("hydra.launcher.ray.init (address='auto'): ") and "ray start --head" in lines[0]

@@ -15,6 +15,7 @@ from typing import Any
 
 from hydra.core.singleton import Singleton
 from hydra.core.utils import JobReturn, configure_log, filter_overrides, run_job, setup_globals
+from hydra.errors import CompactHydraException
 from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -52,6 +53,10 @@ def _run_job(
     )
 
 
+class RayInitError(CompactHydraException):
+    """ray.init refused the configured options: Hydra prints this one line (the CLI exits 2)."""
+
+
 def start_ray(init: dict[str, Any]) -> None:
     import ray
 
@@ -59,7 +64,15 @@ def start_ray(init: dict[str, Any]) -> None:
         log.info("Ray is already initialized in this process: using it")
         return
     log.info(f"ray.init({', '.join(f'{k}={v!r}' for k, v in init.items())})")
-    ray.init(**init)
+    try:
+        ray.init(**init)
+    except (ConnectionError, ValueError) as exc:
+        reason = " ".join(str(exc).split())
+        raise RayInitError(
+            f"hydra.launcher.ray.init (address={init.get('address')!r}): {reason} "
+            "Fix: address=local starts a cluster here; address=auto needs `ray start --head` on this machine "
+            "first; num_cpus/num_gpus only size a local cluster."
+        ) from None
 
 
 class RayLauncher(Launcher):
