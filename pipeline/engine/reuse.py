@@ -6,8 +6,10 @@ job's config equals the previous job's in everything but
 `quantization.threshold` (and the validate stage's own settings), the loaded
 model is kept, each Linear8bitLt gets the new threshold, and only the stages
 after load_shards run again. Only within one process (Hydra's basic launcher
-runs a sweep's jobs in one process; parallel launchers do not share models), and
-only one model is held: a job with another config drops it before loading.
+runs a sweep's jobs in one process; submitit runs a process per job and our Ray
+launcher a fresh worker per job, so they never reuse; a joblib or kept Ray worker
+that runs consecutive jobs reuses its own model), and only one model is held: a job
+with another config drops it before loading.
 """
 
 from __future__ import annotations
