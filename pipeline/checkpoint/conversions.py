@@ -102,7 +102,9 @@ def _convert(model, converter, first: str, collected: dict[str, list[str]], tens
     try:
         placed = _interpret(model, converter, first, collected, tensors)
     except ValueError as exc:
-        raise UserError(f"checkpoint: cannot build {first!r} from {collected[next(iter(collected))][0]!r}: {exc}")
+        raise UserError(
+            f"checkpoint: cannot build {first!r} from {collected[next(iter(collected))][0]!r}: {exc}"
+        ) from None
     meta = deepcopy(converter)
     for pattern, keys in collected.items():
         for key in keys:
@@ -177,14 +179,14 @@ def _chunk(op, state, converter, first, model):
     part = _single(state)
     targets = op.get_target_patterns(converter.target_patterns, config=model.config)
     bounds = P.chunk_bounds(part.shape[op.dim], len(targets))
-    return {t: P.narrow(part, op.dim, s, n) for t, (s, n) in zip(targets, bounds)}
+    return {t: P.narrow(part, op.dim, s, n) for t, (s, n) in zip(targets, bounds, strict=False)}
 
 
 def _split(op, state, converter, first, model):
     part = _single(state)
     targets = converter.target_patterns
     sizes = [model.get_parameter(first.replace(targets[0], t)).shape[op.dim] for t in targets]
-    return {t: P.narrow(part, op.dim, s, n) for t, (s, n) in zip(targets, P.split_bounds(sizes))}
+    return {t: P.narrow(part, op.dim, s, n) for t, (s, n) in zip(targets, P.split_bounds(sizes), strict=True)}
 
 
 def _transpose(op, state, converter, first, model):

@@ -14,14 +14,13 @@ from typing import NamedTuple
 
 import torch
 
-from ..dtypes import SAFETENSORS_DTYPES, DtypePolicy, dtype_name, itemsize, policy_dtype
-from ..errors import UserError
 from ..checkpoint.conversions import Conversion, map_keys
 from ..checkpoint.pieces import Piece
+from ..dtypes import SAFETENSORS_DTYPES, DtypePolicy, dtype_name, itemsize, policy_dtype
+from ..errors import UserError
 from ..names import matches
 from ..quant.sizes import quantized_nbytes, quantized_storage_dtype
 from ..quant.spec import QuantSpec
-
 
 CONV1D_TRANSPOSE = "Transpose(0, 1) (Conv1D weight, as transformers' bitsandbytes integration)"
 

@@ -98,10 +98,8 @@ def _declared(name: str, pattern: str) -> bool:
 
 def _last_parameter_module(model: torch.nn.Module) -> str | None:
     """transformers' get_keys_to_not_convert: the last parameter's name without `.weight`."""
-    last = None
-    for last, _ in model.named_parameters():
-        pass
-    return last.removesuffix(".weight") if last else None
+    names = [n for n, _ in model.named_parameters()]
+    return names[-1].removesuffix(".weight") if names else None
 
 
 def _output_head_name(model: torch.nn.Module) -> str | None:
