@@ -9,6 +9,7 @@ tensor after the dtype policy, quantized weights as bitsandbytes stores them
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, replace
 from typing import NamedTuple
 
@@ -186,9 +187,14 @@ class _DtypeRules:
                 return dt
         if not from_checkpoint:
             return src  # skeleton buffers (rotary frequencies...) keep the dtype the model made them in
-        if self.policy not in (None, torch.float32) and any(matches(name, p) for p in self.keep_in_fp32):
+        if self.policy not in (None, torch.float32) and any(_kept(name, p) for p in self.keep_in_fp32):
             return torch.float32
         return self.policy or src
+
+
+def _kept(name: str, pattern: str) -> bool:
+    """A keep-in-fp32 entry matches as ours do, or as transformers' dtype plan does (a regex search)."""
+    return matches(name, pattern) or re.search(pattern, name) is not None
 
 
 def _check_shape(name, tensor, key, info, conv: Conversion | None) -> None:
