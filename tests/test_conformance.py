@@ -65,6 +65,9 @@ def _theirs(path, arch, mode: str):
     model = getattr(transformers, arch.model).from_pretrained(path, **kwargs).eval()
     if mode == "bf16":
         _keep_fp32_like_us(model, path, arch)
+    for module in model.modules():  # we keep 4-bit weights in bitsandbytes' canonical layout on every CPU
+        if getattr(module, "support_avx512bf16_for_cpu", False):  # (docs/quantization.md); so does the reference
+            module.support_avx512bf16_for_cpu = False
     return model
 
 
@@ -73,7 +76,7 @@ def _keep_fp32_like_us(model, path, arch) -> None:
     if not keep:
         return
     fp32 = dict(getattr(transformers, arch.model).from_pretrained(path, dtype=torch.float32).named_parameters())
-    for name, p in list(model.named_parameters()):
+    for name, _p in list(model.named_parameters()):
         if any(re.search(k, name) for k in keep):
             mod_name, _, leaf = name.rpartition(".")
             model.get_submodule(mod_name)._parameters[leaf] = torch.nn.Parameter(fp32[name], requires_grad=False)
