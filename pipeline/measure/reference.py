@@ -19,6 +19,7 @@ from ..dtypes import DtypePolicy
 from ..loading.offload import dispatch
 from ..loading.skeleton import build_from_config
 from ..planning import Plan, build_plan
+from ..planning.tensors import CONV1D_TRANSPOSE
 from ..quant.spec import QuantSpec
 from ..quant.targets import QuantSelection
 from .memory import device_str
@@ -32,7 +33,7 @@ def streamed_reference(
     config = getattr(model, "config", None)
     if config is None or plan.missing or checkpoint.format != "safetensors" or spec.prequantized:
         return None  # the reference streams unquantized weights from safetensors files in place
-    if any(t.conversion is not None and not t.quantized for t in plan.tensors.values()):
+    if any(t.conversion is not None and t.conversion.ops != CONV1D_TRANSPOSE for t in plan.tensors.values()):
         return None  # fused tensors (MoE experts...) are not single tensors in the files: nothing to stream in place
     with init_empty_weights(include_buffers=False):
         ref = build_from_config(type(model), config)
