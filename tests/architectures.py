@@ -151,6 +151,8 @@ def inputs_for(model, seed: int = 0) -> dict[str, torch.Tensor]:
     if name == "pixel_values":
         size = config.image_size
         out = {name: torch.randn(1, config.num_channels, size, size, generator=g)}
+    elif name == "input_values":  # raw audio
+        out = {name: torch.randn(1, 4000, generator=g)}
     elif name == "input_features":
         frames = 2 * config.max_source_positions
         out = {name: torch.randn(1, config.num_mel_bins, frames, generator=g)}
