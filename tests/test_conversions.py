@@ -165,3 +165,17 @@ def test_fused_tensors_are_not_offloaded_to_disk(saved, tmp_path):
             ],
             run_dir=tmp_path / "run",
         )
+
+
+def test_streamed_reference_assembles_fused_experts_from_the_files(saved, tmp_path):
+    """validate's unquantized reference plans every weight on disk: fused experts are built at forward time.
+
+    With every Linear layer skipped, the int8 run is the fp32 model: its logits equal the reference's exactly.
+    """
+    result = load(
+        [f"checkpoint.path={saved('mixtral')}", "quantization=int8", "quantization.skip_modules=[self_attn]"],
+        run_dir=tmp_path / "run",
+    )
+    metrics = result.report["validation"]["metrics"]
+    assert result.report["quantization"]["quantized"] == 0
+    assert metrics["reference"].startswith("unquantized, streamed") and metrics["logits_rel_error"] == 0.0
