@@ -29,6 +29,10 @@ MODES = {
         ["quantization=int8", "dtype=fp32"],
         dict(dtype=torch.float32, quantization_config=dict(load_in_8bit=True)),
     ),
+    "int8-bf16": (
+        ["quantization=int8", "dtype=bf16", "quantization.unquantized_dtype=null"],
+        dict(dtype=torch.bfloat16, quantization_config=dict(load_in_8bit=True)),
+    ),
     "nf4": (
         ["quantization=nf4", "dtype=fp32", "quantization.compute_dtype=fp32"],
         dict(
@@ -44,6 +48,7 @@ MODES = {
 }
 CASES = [(a.family, mode) for a in ARCHITECTURES for mode in ("fp32", "bf16", "int8")]
 CASES += [(family, "nf4") for family in ("llama", "gpt2", "mixtral", "t5", "bert")]
+CASES += [(family, "int8-bf16") for family in ("llama", "gpt2", "mixtral")]
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +68,7 @@ def _theirs(path, arch, mode: str):
     if "quantization_config" in kwargs:
         kwargs["quantization_config"] = transformers.BitsAndBytesConfig(**kwargs["quantization_config"])
     model = getattr(transformers, arch.model).from_pretrained(path, **kwargs).eval()
-    if mode == "bf16":
+    if mode in ("bf16", "int8-bf16"):
         _keep_fp32_like_us(model, path, arch)
     for module in model.modules():  # we keep 4-bit weights in bitsandbytes' canonical layout on every CPU
         if getattr(module, "support_avx512bf16_for_cpu", False):  # (docs/quantization.md); so does the reference
@@ -152,6 +157,6 @@ def test_loads_like_from_pretrained(family, mode, saved, tmp_path):
         settings = dict(max_new_tokens=4, do_sample=False, min_new_tokens=4)
         ids = {"input_ids": inputs["input_ids"]}
         assert torch.equal(ours.generate(**ids, **settings), theirs.generate(**ids, **settings))
-    if mode in ("int8", "nf4"):
+    if mode in ("int8", "int8-bf16", "nf4"):
         n = result.report["quantization"]["quantized"]
         assert n == sum(hasattr(m, "source_cls") for m in theirs.modules()), "same layers quantized"

@@ -38,6 +38,7 @@ class TensorPlan:
     tied_to: str | None = None
     device: str = "cpu"
     conversion: Conversion | None = None  # assembled from checkpoint tensors (source is the first of them)
+    load_dtype: torch.dtype | None = None  # int8 weights: the dtype the policy loads them in before quantizing
 
     def to_json(self) -> dict:
         out = {"device": self.device, "dtype": dtype_name(self.dtype), "bytes": self.nbytes, "shape": list(self.shape)}
@@ -172,7 +173,11 @@ class _DtypeRules:
         if name in self.quantized_weights:
             nbytes = quantized_nbytes(shape, self.spec)
             storage = quantized_storage_dtype(self.spec)
-            return TensorPlan(name, kind, shape, storage, nbytes, key, self.spec.method, conversion=conv)
+            src = conv.dtype if conv else SAFETENSORS_DTYPES[info.dtype] if info else tensor.dtype
+            load = self.target_dtype(name, src, from_checkpoint=True) if self.spec.is_int8 else None
+            return TensorPlan(
+                name, kind, shape, storage, nbytes, key, self.spec.method, conversion=conv, load_dtype=load
+            )
         if name in self.four_bit_biases:  # Linear4bit casts its bias to the compute dtype at the first forward
             return TensorPlan(name, kind, shape, self.compute, math.prod(shape) * itemsize(self.compute), key)
         src = conv.dtype if conv else SAFETENSORS_DTYPES[info.dtype] if info else tensor.dtype
