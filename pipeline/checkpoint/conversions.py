@@ -76,11 +76,15 @@ def map_keys(model, tensors: dict, names: dict[str, torch.Tensor]) -> KeyMapping
         else:
             conv, collected = groups.setdefault(target, (by_pattern[pattern], {}))
             collected.setdefault(pattern, []).append(key)
+    lacking: list[str] = []
     for first, (conv, collected) in groups.items():
         for name, conversion in _convert(model, conv, first, collected, tensors).items():
-            if name not in names:
-                raise UserError(f"checkpoint: {conversion.sources[0]!r} converts to {name!r}, which the model lacks")
-            out.converted[name] = conversion
+            if name in names:
+                out.converted[name] = conversion
+            else:  # transformers counts such sources as unexpected too
+                lacking += conversion.sources
+    used = {k for c in out.converted.values() for k in c.sources}
+    out.unexpected += sorted({k for k in lacking if k not in used})
     return out
 
 
