@@ -44,16 +44,8 @@ def build_plan(
     (the streamed reference assembles them at forward time, loading/offload.py); else exit 2.
     """
 
-    sized = functools.partial(
-        plan_tensors,
-        model,
-        checkpoint,
-        policy=policy,
-        keep_in_fp32=keep_in_fp32,
-        tied_groups=tied_groups,
-        spec=spec,
-        transposed=selection.transposed,
-    )
+    common = dict(policy=policy, keep_in_fp32=keep_in_fp32, tied_groups=tied_groups, spec=spec)
+    sized = functools.partial(plan_tensors, model, checkpoint, transposed=selection.transposed, **common)
     planned = sized(quantized_modules=selection.modules)
     dmap = compute_device_map(
         model, planned.tensors, strategy=strategy, explicit=explicit_map, max_memory=max_memory, no_split=no_split
