@@ -179,3 +179,28 @@ def test_streamed_reference_assembles_fused_experts_from_the_files(saved, tmp_pa
     metrics = result.report["validation"]["metrics"]
     assert result.report["quantization"]["quantized"] == 0
     assert metrics["reference"].startswith("unquantized, streamed") and metrics["logits_rel_error"] == 0.0
+
+
+def test_legacy_layernorm_gamma_beta_names(saved, tmp_path):
+    """Old BERT checkpoints name LayerNorm weights gamma/beta: transformers' legacy renames apply here too."""
+    dest = tmp_path / "ck"
+    shutil.copytree(saved("bert"), dest)
+    index = json.loads((dest / "model.safetensors.index.json").read_text())
+    for shard in sorted({dest / f for f in index["weight_map"].values()}):
+        tensors = load_file(shard)
+        renamed = {
+            k.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta"): v
+            for k, v in tensors.items()
+        }
+        save_file(renamed, shard, metadata={"format": "pt"})
+    index["weight_map"] = {
+        k.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta"): v
+        for k, v in index["weight_map"].items()
+    }
+    (dest / "model.safetensors.index.json").write_text(json.dumps(index))
+    assert any(k.endswith("LayerNorm.gamma") for k in index["weight_map"])
+    result = load([f"checkpoint.path={dest}", "quantization=none", "dtype=fp32"], run_dir=tmp_path / "run")
+    assert result.report["status"] == "ok" and not result.report["load"]["unexpected_keys"]
+    theirs = transformers.BertForMaskedLM.from_pretrained(dest, dtype=torch.float32).state_dict()
+    ours = result.model.state_dict()
+    assert all(torch.equal(ours[k], v) for k, v in theirs.items())
