@@ -24,8 +24,8 @@ def place(
     """`tensor` (as read from the checkpoint) becomes model tensor `t.name`, in its planned form."""
     if t.quantized and scale is not None:  # saved int8: the weight and its scales as they were written
         value = int8_params(tensor.to(device), scale.to(device))
-    elif t.quantized == "int8":
-        value = quantize_int8(tensor.to(device))
+    elif t.quantized == "int8":  # from the load dtype, as transformers casts before Int8Params quantizes
+        value = quantize_int8(tensor.to(device=device, dtype=t.load_dtype or tensor.dtype))
     elif t.quantized:
         value = quantize_four_bit(tensor.to(device), model.get_submodule(t.name.rpartition(".")[0]), spec)
     else:

@@ -51,6 +51,7 @@ def streamed_reference(
         explicit_map={"": "disk"},
         max_memory={},
         main_device=device_str(main),
+        assemble_from_disk=True,
     )
     _meta_in_planned_dtypes(ref, ref_plan)
     for module in ref.modules():

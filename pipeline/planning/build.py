@@ -36,12 +36,16 @@ def build_plan(
     explicit_map: dict | None,
     max_memory: dict[str, int],
     main_device: str | None = None,
+    assemble_from_disk: bool = False,
 ) -> Plan:
-    """The plan for `model` from `checkpoint`'s headers; `main_device` overrides the execution device."""
+    """The plan for `model` from `checkpoint`'s headers; `main_device` overrides the execution device.
 
-    sized = functools.partial(
-        plan_tensors, model, checkpoint, policy=policy, keep_in_fp32=keep_in_fp32, tied_groups=tied_groups, spec=spec
-    )
+    `assemble_from_disk`: tensors built from several checkpoint tensors may be planned on disk
+    (the streamed reference assembles them at forward time, loading/offload.py); else exit 2.
+    """
+
+    common = dict(policy=policy, keep_in_fp32=keep_in_fp32, tied_groups=tied_groups, spec=spec)
+    sized = functools.partial(plan_tensors, model, checkpoint, transposed=selection.transposed, **common)
     planned = sized(quantized_modules=selection.modules)
     dmap = compute_device_map(
         model, planned.tensors, strategy=strategy, explicit=explicit_map, max_memory=max_memory, no_split=no_split
@@ -71,12 +75,20 @@ def build_plan(
         warnings=list(selection.warnings),
         scales={f"{m}.weight": scale_key(m) for m in modules} if spec.prequantized else {},
     )
-    _check_fits(plan, checkpoint, max_memory)
+    _check_fits(plan, checkpoint, max_memory, assemble_from_disk)
     return plan
 
 
-def _check_fits(plan: Plan, checkpoint, max_memory: dict[str, int]) -> None:
+def _check_fits(plan: Plan, checkpoint, max_memory: dict[str, int], assemble_from_disk: bool) -> None:
     check_caps(plan.predicted_bytes, max_memory)
+    fused = (t for t in plan.tensors.values() if t.conversion and t.device == "disk" and not assemble_from_disk)
+    on_disk = next(fused, None)
+    if on_disk is not None:
+        raise UserError(
+            f"memory.max_memory: {on_disk.name} is assembled from {len(on_disk.conversion.sources)} checkpoint "
+            f"tensors ({on_disk.conversion.ops}) and cannot be read in place from disk; raise the caps so that "
+            f"its module ({on_disk.name.rpartition('.')[0]}) fits on a GPU or the CPU"
+        )
     if checkpoint.format == "pickle" and plan.predicted_bytes.get("disk"):
         raise UserError(
             "memory.max_memory: disk offload reads tensors in place from safetensors files; "

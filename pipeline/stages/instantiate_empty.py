@@ -19,6 +19,7 @@ def instantiate_empty(
     path: str | None,
     builtin: str | None = None,
     model: dict | None = None,
+    dtype: str = "auto",
     trust_remote_code: bool = False,
 ) -> None:
     if not path and not builtin:
@@ -28,7 +29,9 @@ def instantiate_empty(
         raise UserError(
             f"checkpoint.path: {path} does not exist; point checkpoint.path at a model directory or .safetensors file"
         )
-    skeleton = build_skeleton(path, model, trust_remote_code=bool(trust_remote_code))
+    skeleton = build_skeleton(  # under the plan's dtype policy
+        path, model, ctx.quant.unquantized_dtype or dtype, trust_remote_code=bool(trust_remote_code)
+    )
     ctx.checkpoint_path = path
     ctx.model = skeleton.model
     ctx.model_config = skeleton.config

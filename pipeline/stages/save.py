@@ -102,7 +102,7 @@ def _tensors_to_save(ctx: LoadContext) -> dict[str, torch.Tensor]:
             value = ctx.offload[name]
         if value.device.type == "meta":
             raise UserError(f"stages.save: {name} was never loaded (missing from the source); nothing to save for it")
-        key = t.source or name
+        key = name if t.conversion is not None else t.source or name  # a fused tensor under its model name
         out[key] = value.detach().to("cpu").contiguous()
         if t.quantized:
             module = modules[name.rpartition(".")[0]]
