@@ -83,13 +83,15 @@ def load_tensors(
     mapped = [(i, t) for i, t in todo if i.name not in streamed_names]
     bar = progress_bar(sum(i.nbytes for i, _ in todo), len(todo), options.progress)
 
-    def scale_of(t: TensorPlan):
-        return _saved_scale(plan, checkpoint, t)
+    saved = SavedStats(plan, checkpoint)
+
+    def stats_of(t: TensorPlan):
+        return saved.of(t)
 
     start = time.perf_counter()
     if streamed:
-        _stream(model, streamed, devices, spec, options, bar, scale_of)
-    _read_mapped(model, mapped, devices, spec, bar, pickled, scale_of)
+        _stream(model, streamed, devices, spec, options, bar, stats_of)
+    _read_mapped(model, mapped, devices, spec, bar, pickled, stats_of)
     finish_skeleton_tensors(model, plan.tensors, devices)
     tie(model, plan.tensors)
     for dev in devices.values():
@@ -98,10 +100,11 @@ def load_tensors(
     seconds = time.perf_counter() - start
     if bar is not None:
         bar.close()
+    saved.close()
     return LoadStats(seconds, sum(i.nbytes for i, _ in todo), len(todo), len(streamed), len(mapped))
 
 
-def _stream(model, pairs, devices, spec, options: ReaderOptions, bar, scale_of) -> None:
+def _stream(model, pairs, devices, spec, options: ReaderOptions, bar, stats_of) -> None:
     by_name = {i.name: t for i, t in pairs}
     streamer = ShardStreamer(
         options.threads,
@@ -114,7 +117,7 @@ def _stream(model, pairs, devices, spec, options: ReaderOptions, bar, scale_of) 
 
     def finish(item: Item) -> None:
         t = by_name[item.info.name]
-        place(model, t, item.typed(), item.device, spec, scale_of(t))
+        place(model, t, item.typed(), item.device, spec, stats_of(t))
         tick(bar)
 
     streamer.run(items, finish, on_bytes=bar.update if bar is not None else None)
@@ -124,11 +127,11 @@ def _in_place(info, t: TensorPlan) -> bool:
     return not t.quantized and SAFETENSORS_DTYPES[info.dtype] == t.dtype
 
 
-def _read_mapped(model, pairs, devices, spec, bar, pickled, scale_of) -> None:
+def _read_mapped(model, pairs, devices, spec, bar, pickled, stats_of) -> None:
     """safe_open's memory map, shard by shard, tensors in file order (or torch.load's map for pickles)."""
     if pickled is not None:
         for info, t in pairs:
-            place(model, t, pickled[info.name], devices[t.device], spec, scale_of(t))
+            place(model, t, pickled[info.name], devices[t.device], spec, stats_of(t))
             _advance(bar, info.nbytes)
         return
     by_file: dict[str, list] = {}
@@ -137,7 +140,7 @@ def _read_mapped(model, pairs, devices, spec, bar, pickled, scale_of) -> None:
     for path, group in by_file.items():
         with safe_open(path, framework="pt", device="cpu") as fh:
             for info, t in sorted(group, key=lambda p: p[0].start):
-                place(model, t, fh.get_tensor(info.name), devices[t.device], spec, scale_of(t))
+                place(model, t, fh.get_tensor(info.name), devices[t.device], spec, stats_of(t))
                 _advance(bar, info.nbytes)
 
 
@@ -147,14 +150,29 @@ def _advance(bar, nbytes: int) -> None:
         tick(bar)
 
 
-def _saved_scale(plan: Plan, checkpoint, t: TensorPlan):
-    """The fp32 row scales a saved int8 checkpoint keeps beside a weight (None for other tensors)."""
-    key = plan.scales.get(t.name)
-    if key is None:
-        return None
-    info = checkpoint.tensors[key]
-    with safe_open(info.file, framework="pt", device="cpu") as fh:
-        return fh.get_tensor(key)
+class SavedStats:
+    """The stats a pre-quantized weight was saved with (int8 SCB, 4-bit absmax, quant_state...), read on the CPU
+    from their shards (one open handle per shard for the load); None for every other tensor."""
+
+    def __init__(self, plan: Plan, checkpoint):
+        self.plan, self.checkpoint, self.handles = plan, checkpoint, {}
+
+    def of(self, t: TensorPlan) -> dict[str, torch.Tensor] | None:
+        stats = self.plan.saved_stats.get(t.name)
+        if stats is None:
+            return None
+        return {stat: self._read(key) for stat, key in stats.items()}
+
+    def _read(self, key: str) -> torch.Tensor:
+        if self.checkpoint.pickled is not None:
+            return self.checkpoint.pickled[key]
+        info = self.checkpoint.tensors[key]
+        if info.file not in self.handles:
+            self.handles[info.file] = safe_open(info.file, framework="pt", device="cpu")
+        return self.handles[info.file].get_tensor(key)
+
+    def close(self) -> None:
+        self.handles.clear()
 
 
 def _torch_device(dev: str) -> torch.device:

@@ -17,6 +17,7 @@ import torch
 from ..dtypes import SAFETENSORS_DTYPES, DtypePolicy, dtype_name, itemsize, policy_dtype
 from ..errors import UserError
 from ..names import map_checkpoint_keys, matches
+from ..quant.formats.bnb_keys import check_saved_shape
 from ..quant.sizes import quantized_nbytes, quantized_storage_dtype
 from ..quant.spec import QuantSpec
 
@@ -63,9 +64,20 @@ def model_tensors(model: torch.nn.Module):
 
 
 def plan_tensors(
-    model, checkpoint, *, policy: DtypePolicy, keep_in_fp32, tied_groups, quantized_modules, spec: QuantSpec
+    model,
+    checkpoint,
+    *,
+    policy: DtypePolicy,
+    keep_in_fp32,
+    tied_groups,
+    quantized_modules,
+    spec: QuantSpec,
+    saved_sizes: dict[str, int] | None = None,
 ) -> PlannedTensors:
-    """Every model tensor's dtype, bytes and checkpoint source, with the quantized modules as given."""
+    """Every model tensor's dtype, bytes and checkpoint source, with the quantized modules as given.
+
+    `saved_sizes`: pre-quantized weights -> the bytes of the stats saved beside them (quant/sizes.py).
+    """
     entries = list(model_tensors(model))
     prefix = getattr(model, "base_model_prefix", None) or None
     key_map, unexpected = map_checkpoint_keys(sorted(checkpoint.tensors), {n for n, *_ in entries}, prefix)
@@ -76,7 +88,7 @@ def plan_tensors(
         else:
             source_of[name] = key
     canonical, tied_duplicates = _tied_canonical(tied_groups, source_of)
-    rules = _DtypeRules(policy, keep_in_fp32, quantized_modules, spec)
+    rules = _DtypeRules(policy, keep_in_fp32, quantized_modules, spec, saved_sizes or {})
     tensors: dict[str, TensorPlan] = {}
     for name, kind, tensor in entries:
         if name not in tensors:
@@ -96,7 +108,7 @@ def plan_tensors(
 class _DtypeRules:
     """The dtype and bytes of one tensor: tied copy, quantized weight, 4-bit bias, or the dtype policy."""
 
-    def __init__(self, policy: DtypePolicy, keep_in_fp32, quantized_modules, spec: QuantSpec):
+    def __init__(self, policy: DtypePolicy, keep_in_fp32, quantized_modules, spec: QuantSpec, saved_sizes):
         self.policy = None if policy.name.lower() == "auto" else policy_dtype(policy.name, "dtype")
         self.overrides = {str(p): policy_dtype(d, f"dtype.overrides.{p}") for p, d in policy.overrides.items()}
         self.keep_in_fp32 = list(keep_in_fp32 or ())
@@ -104,8 +116,14 @@ class _DtypeRules:
         self.quantized_weights = {f"{m}.weight" for m in quantized_modules}
         self.four_bit_biases = {f"{m}.bias" for m in quantized_modules} if spec.is_four_bit else set()
         self.compute = policy_dtype(spec.compute_dtype, "quantization.compute_dtype") if spec.is_four_bit else None
+        self.saved_sizes = saved_sizes
 
     def plan(self, name, kind, tensor, key, info, canonical) -> TensorPlan:
+        if info and name in self.saved_sizes and name in self.quantized_weights:  # as saved: header bytes
+            check_saved_shape(info, tensor.shape, self.spec.method)
+            nbytes = info.nbytes + self.saved_sizes[name]
+            dtype = SAFETENSORS_DTYPES[info.dtype]
+            return TensorPlan(name, kind, tuple(tensor.shape), dtype, nbytes, key, self.spec.method)
         shape = tuple(info.shape) if info else tuple(tensor.shape)
         if info and shape != tuple(tensor.shape):
             raise UserError(
