@@ -109,3 +109,16 @@ def bnb_quantization_config(spec: QuantSpec, skip_modules) -> dict:
             llm_int8_skip_modules=skip or None,
         )
     return config.to_dict()
+
+
+def unconverted_modules(model, quantized) -> list[str]:
+    """Layers transformers would convert (exactly nn.Linear, or Conv1D: replace_with_bnb_linear's rule)
+    that are not quantized here; written as llm_int8_skip_modules so transformers leaves them alone."""
+    import torch
+
+    done = set(quantized)
+    return [
+        n
+        for n, m in model.named_modules()
+        if (type(m) is torch.nn.Linear or type(m).__name__ == "Conv1D") and n not in done
+    ]
