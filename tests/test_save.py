@@ -1,8 +1,10 @@
-"""The save stage: a saved int8 checkpoint reloads without quantizing, bit for bit, same logits."""
+"""The save stage: a saved int8/4-bit checkpoint reloads without quantizing, bit for bit, here and in transformers."""
+
+import json
 
 import pytest
 import torch
-from helpers import tree_digest
+from helpers import assert_same_tensors, bnb_reference, tree_digest
 
 from pipeline import load
 from pipeline.errors import UserError
@@ -71,3 +73,41 @@ def test_save_refuses_a_non_empty_destination(tiny, tmp_path):
 def test_save_needs_a_path(tiny, tmp_path):
     with pytest.raises(UserError, match="stages.save.path"):
         load([f"checkpoint.path={tiny('llama')}", SAVE], run_dir=tmp_path / "a")
+
+
+@pytest.mark.parametrize(
+    ("method", "source_dtype"), [("int8", torch.bfloat16), ("nf4", torch.float32), ("fp4", torch.float32)]
+)
+def test_saved_checkpoint_is_what_transformers_reads_back(method, source_dtype, tiny, tmp_path):
+    """ours -> transformers: from_pretrained on our output builds the same bnb layers (int8 CB/SCB, 4-bit
+    quant_state) and logits as our loaded model; and our pipeline reloads it bit for bit."""
+    from transformers import BitsAndBytesConfig
+
+    dest = tmp_path / method
+    first = load(
+        [f"checkpoint.path={tiny('llama', source_dtype)}", f"quantization={method}", SAVE, f"stages.save.path={dest}"],
+        run_dir=tmp_path / "a",
+    )
+    config = json.loads((dest / "config.json").read_text())
+    if method == "int8":  # int8 keeps the rest in fp32 (quantization.unquantized_dtype): said in config.json
+        assert config["dtype"] == "float32"
+        expected = BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=6.0, llm_int8_skip_modules=["lm_head"])
+    else:
+        expected = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=method,
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+            llm_int8_skip_modules=["lm_head"],
+        )
+    assert config["quantization_config"] == json.loads(json.dumps(expected.to_dict()))
+    theirs = bnb_reference(dest)
+    assert assert_same_tensors(first.model, theirs) > 0
+    again = load([f"checkpoint.path={dest}", f"quantization={method}"], run_dir=tmp_path / "b")
+    assert again.report["status"] == "ok" and again.report["validation"]["plan_error"] == {"cpu": 0.0}
+    assert again.report["quantization"]["quantized"] == first.report["quantization"]["quantized"] > 0
+    assert assert_same_tensors(again.model, theirs) > 0
+    ids = torch.arange(16).unsqueeze(0)
+    with torch.inference_mode():
+        logits = first.model(ids).logits
+        assert torch.equal(logits, theirs(ids).logits) and torch.equal(logits, again.model(ids).logits)
