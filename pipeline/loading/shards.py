@@ -22,6 +22,7 @@ from ..dtypes import SAFETENSORS_DTYPES
 from ..errors import UserError
 from ..planning import Plan, TensorPlan
 from ..quant.spec import QuantSpec
+from .assemble import Assembler
 from .assign import finish_skeleton_tensors, place, tie
 from .progress import progress_bar, tick
 from .streamer import Item, ShardStreamer
@@ -68,7 +69,17 @@ def target_devices(plan: Plan) -> dict[str, torch.device]:
 def load_tensors(
     model, plan: Plan, checkpoint, spec: QuantSpec, devices: dict[str, torch.device], options: ReaderOptions
 ) -> LoadStats:
-    todo = [(checkpoint.tensors[t.source], t) for t in plan.tensors.values() if t.source and t.device != "disk"]
+    assembler = Assembler(model, plan, devices, spec)
+    todo = [
+        (checkpoint.tensors[t.source], t)
+        for t in plan.tensors.values()
+        if t.source and t.device != "disk" and t.conversion is None
+    ]
+    todo += [(checkpoint.tensors[key], None) for key in assembler.uses]  # sources of converted tensors
+
+    def device_of(info, t):
+        return devices[t.device if t is not None else assembler.device_of(info.name)]
+
     pickled = checkpoint.pickled  # pickle checkpoints: memory-mapped by torch.load, no byte offsets to stream
     streamed = (
         []
@@ -76,7 +87,7 @@ def load_tensors(
         else [
             (i, t)
             for i, t in todo
-            if options.reader == "stream" or (options.reader == "auto" and devices[t.device].type == "cuda")
+            if options.reader == "stream" or (options.reader == "auto" and device_of(i, t).type == "cuda")
         ]
     )
     streamed_names = {i.name for i, _ in streamed}
@@ -85,13 +96,16 @@ def load_tensors(
 
     saved = SavedStats(plan, checkpoint)
 
-    def stats_of(t: TensorPlan):
-        return saved.of(t)
+    def put(info, t: TensorPlan | None, tensor: torch.Tensor) -> None:
+        if t is None:
+            assembler.feed(info.name, tensor)
+        else:
+            place(model, t, tensor, devices[t.device], spec, saved.of(t))
 
     start = time.perf_counter()
     if streamed:
-        _stream(model, streamed, devices, spec, options, bar, stats_of)
-    _read_mapped(model, mapped, devices, spec, bar, pickled, stats_of)
+        _stream(streamed, device_of, put, options, bar)
+    _read_mapped(mapped, put, bar, pickled)
     finish_skeleton_tensors(model, plan.tensors, devices)
     tie(model, plan.tensors)
     for dev in devices.values():
@@ -104,7 +118,7 @@ def load_tensors(
     return LoadStats(seconds, sum(i.nbytes for i, _ in todo), len(todo), len(streamed), len(mapped))
 
 
-def _stream(model, pairs, devices, spec, options: ReaderOptions, bar, stats_of) -> None:
+def _stream(pairs, device_of, put, options: ReaderOptions, bar) -> None:
     by_name = {i.name: t for i, t in pairs}
     streamer = ShardStreamer(
         options.threads,
@@ -113,11 +127,10 @@ def _stream(model, pairs, devices, spec, options: ReaderOptions, bar, stats_of) 
         options.temp_mib * 2**20,
         options.readahead,
     )
-    items = [Item(i, devices[t.device], final_in_place=_in_place(i, t)) for i, t in pairs]
+    items = [Item(i, device_of(i, t), final_in_place=t is not None and _in_place(i, t)) for i, t in pairs]
 
     def finish(item: Item) -> None:
-        t = by_name[item.info.name]
-        place(model, t, item.typed(), item.device, spec, stats_of(t))
+        put(item.info, by_name[item.info.name], item.typed())
         tick(bar)
 
     streamer.run(items, finish, on_bytes=bar.update if bar is not None else None)
@@ -127,11 +140,11 @@ def _in_place(info, t: TensorPlan) -> bool:
     return not t.quantized and SAFETENSORS_DTYPES[info.dtype] == t.dtype
 
 
-def _read_mapped(model, pairs, devices, spec, bar, pickled, stats_of) -> None:
+def _read_mapped(pairs, put, bar, pickled) -> None:
     """safe_open's memory map, shard by shard, tensors in file order (or torch.load's map for pickles)."""
     if pickled is not None:
         for info, t in pairs:
-            place(model, t, pickled[info.name], devices[t.device], spec, stats_of(t))
+            put(info, t, pickled[info.name])
             _advance(bar, info.nbytes)
         return
     by_file: dict[str, list] = {}
@@ -140,7 +153,7 @@ def _read_mapped(model, pairs, devices, spec, bar, pickled, stats_of) -> None:
     for path, group in by_file.items():
         with safe_open(path, framework="pt", device="cpu") as fh:
             for info, t in sorted(group, key=lambda p: p[0].start):
-                place(model, t, fh.get_tensor(info.name), devices[t.device], spec, stats_of(t))
+                put(info, t, fh.get_tensor(info.name))
                 _advance(bar, info.nbytes)
 
 

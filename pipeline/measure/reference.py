@@ -32,6 +32,8 @@ def streamed_reference(
     config = getattr(model, "config", None)
     if config is None or plan.missing or checkpoint.format != "safetensors" or spec.prequantized:
         return None  # the reference streams unquantized weights from safetensors files in place
+    if any(t.conversion is not None and not t.quantized for t in plan.tensors.values()):
+        return None  # fused tensors (MoE experts...) are not single tensors in the files: nothing to stream in place
     with init_empty_weights(include_buffers=False):
         ref = build_from_config(type(model), config)
     if hasattr(ref, "tie_weights"):

@@ -48,7 +48,8 @@ def build_plan(
         keep_in_fp32=keep_in_fp32,
         tied_groups=tied_groups,
         spec=spec,
-        saved_sizes={w: saved_size(checkpoint, s) for w, s in saved.items()},
+        saved={w: (saved_size(checkpoint, s), selection.shapes[w]) for w, s in saved.items()},
+        transposed=selection.transposed,
     )
     planned = sized(quantized_modules=selection.modules)
     dmap = compute_device_map(
@@ -85,6 +86,13 @@ def build_plan(
 
 def _check_fits(plan: Plan, checkpoint, max_memory: dict[str, int]) -> None:
     check_caps(plan.predicted_bytes, max_memory)
+    on_disk = next((t for t in plan.tensors.values() if t.conversion and t.device == "disk"), None)
+    if on_disk is not None:
+        raise UserError(
+            f"memory.max_memory: {on_disk.name} is assembled from {len(on_disk.conversion.sources)} checkpoint "
+            f"tensors ({on_disk.conversion.ops}) and cannot be read in place from disk; raise the caps so that "
+            f"its module ({on_disk.name.rpartition('.')[0]}) fits on a GPU or the CPU"
+        )
     if checkpoint.format == "pickle" and plan.predicted_bytes.get("disk"):
         raise UserError(
             "memory.max_memory: disk offload reads tensors in place from safetensors files; "

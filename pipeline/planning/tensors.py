@@ -14,12 +14,16 @@ from typing import NamedTuple
 
 import torch
 
+from ..checkpoint.conversions import Conversion, map_keys
+from ..checkpoint.pieces import Piece
 from ..dtypes import SAFETENSORS_DTYPES, DtypePolicy, dtype_name, itemsize, policy_dtype
 from ..errors import UserError
-from ..names import map_checkpoint_keys, matches
+from ..names import matches
 from ..quant.formats.bnb_keys import check_saved_shape
 from ..quant.sizes import quantized_nbytes, quantized_storage_dtype
 from ..quant.spec import QuantSpec
+
+CONV1D_TRANSPOSE = "Transpose(0, 1) (Conv1D weight, as transformers' bitsandbytes integration)"
 
 
 @dataclass(frozen=True)
@@ -33,6 +37,7 @@ class TensorPlan:
     quantized: str | None = None  # "int8", "nf4" or "fp4" for bitsandbytes weights
     tied_to: str | None = None
     device: str = "cpu"
+    conversion: Conversion | None = None  # assembled from checkpoint tensors (source is the first of them)
 
     def to_json(self) -> dict:
         out = {"device": self.device, "dtype": dtype_name(self.dtype), "bytes": self.nbytes, "shape": list(self.shape)}
@@ -42,6 +47,8 @@ class TensorPlan:
             out["quantized"] = self.quantized
         if self.tied_to:
             out["tied_to"] = self.tied_to
+        if self.conversion:
+            out["conversion"] = self.conversion.to_json()
         return out
 
 
@@ -72,29 +79,40 @@ def plan_tensors(
     tied_groups,
     quantized_modules,
     spec: QuantSpec,
-    saved_sizes: dict[str, int] | None = None,
+    transposed=(),
+    saved: dict[str, tuple[int, tuple[int, ...]]] | None = None,
 ) -> PlannedTensors:
     """Every model tensor's dtype, bytes and checkpoint source, with the quantized modules as given.
 
-    `saved_sizes`: pre-quantized weights -> the bytes of the stats saved beside them (quant/sizes.py).
+    `transposed`: quantized modules whose checkpoint weight is stored (in, out) (GPT-2's Conv1D);
+    bitsandbytes holds them (out, in), so they are planned and loaded transposed, as transformers does.
+    `saved`: pre-quantized weights -> (bytes of the stats saved beside them, the shape bitsandbytes
+    holds); see quant/sizes.py saved_size.
     """
     entries = list(model_tensors(model))
-    prefix = getattr(model, "base_model_prefix", None) or None
-    key_map, unexpected = map_checkpoint_keys(sorted(checkpoint.tensors), {n for n, *_ in entries}, prefix)
+    names = {n: t for n, _kind, t in entries}
+    mapping = map_keys(model, checkpoint.tensors, names)
+    unexpected = list(mapping.unexpected)
     source_of: dict[str, str] = {}
-    for key, name in key_map.items():
-        if name in source_of:
+    for key, name in mapping.renamed.items():
+        if name in source_of or name in mapping.converted:
             unexpected.append(key)
         else:
             source_of[name] = key
+    for name, conv in mapping.converted.items():
+        source_of[name] = conv.sources[0]
     canonical, tied_duplicates = _tied_canonical(tied_groups, source_of)
-    rules = _DtypeRules(policy, keep_in_fp32, quantized_modules, spec, saved_sizes or {})
+    rules = _DtypeRules(policy, keep_in_fp32, quantized_modules, spec, saved or {})
+    flipped = {f"{m}.weight" for m in transposed if m in set(quantized_modules)}
     tensors: dict[str, TensorPlan] = {}
     for name, kind, tensor in entries:
         if name not in tensors:
             key = source_of.get(name)
             info = checkpoint.tensors[key] if key else None
-            tensors[name] = rules.plan(name, kind, tensor, key, info, canonical.get(name, name))
+            conv = mapping.converted.get(name)
+            if name in flipped and key and canonical.get(name, name) == name:
+                conv = _transposed(conv, info)
+            tensors[name] = rules.plan(name, kind, tensor, key, info, canonical.get(name, name), conv)
     for name, t in tensors.items():  # tied members planned before their canonical take its dtype
         if t.tied_to:
             tensors[name] = replace(t, dtype=tensors[t.tied_to].dtype)
@@ -102,13 +120,45 @@ def plan_tensors(
     for n, _kind, tensor in entries:
         if tensor.device.type == "meta" and canonical.get(n, n) not in source_of and n not in missing:
             missing.append(n)
+    key_map = dict(mapping.renamed)
+    key_map.update({k: name for name, conv in mapping.converted.items() for k in conv.sources})
+    _refuse_mismatch(sorted(unexpected), missing)
     return PlannedTensors(tensors, key_map, sorted(unexpected), missing, tied_duplicates)
+
+
+def _transposed(conv: Conversion | None, info) -> Conversion:
+    """A Conv1D weight (in, out) loaded as the (out, in) weight of a bitsandbytes Linear."""
+    if conv is not None:
+        raise UserError(f"checkpoint: {info.name!r} is both converted by transformers and a Conv1D weight")
+    shape = tuple(info.shape)
+    return Conversion(
+        (shape[1], shape[0]),
+        SAFETENSORS_DTYPES[info.dtype],
+        (Piece(info.name, into=(("transpose", 0, 1),)),),
+        CONV1D_TRANSPOSE,
+    )
+
+
+def _refuse_mismatch(unexpected: list[str], missing: list[str]) -> None:
+    """Checkpoint keys that no model tensor or conversion takes while model tensors go without: exit 2, now.
+
+    (An extra tensor beside a complete checkpoint, or a tensor missing with nothing
+    left over, stays a validate check: the load itself is sound.)
+    """
+    if not (unexpected and missing):
+        return
+    more = f" (and {len(unexpected) - 3} more)" if len(unexpected) > 3 else ""
+    raise UserError(
+        f"checkpoint: keys {', '.join(unexpected[:3])}{more} match no model tensor and no conversion "
+        f"transformers applies, while {len(missing)} model tensors (first {missing[0]}) have no source; "
+        f"the checkpoint was saved for another architecture or config.json names the wrong class"
+    )
 
 
 class _DtypeRules:
     """The dtype and bytes of one tensor: tied copy, quantized weight, 4-bit bias, or the dtype policy."""
 
-    def __init__(self, policy: DtypePolicy, keep_in_fp32, quantized_modules, spec: QuantSpec, saved_sizes):
+    def __init__(self, policy: DtypePolicy, keep_in_fp32, quantized_modules, spec: QuantSpec, saved):
         self.policy = None if policy.name.lower() == "auto" else policy_dtype(policy.name, "dtype")
         self.overrides = {str(p): policy_dtype(d, f"dtype.overrides.{p}") for p, d in policy.overrides.items()}
         self.keep_in_fp32 = list(keep_in_fp32 or ())
@@ -116,30 +166,27 @@ class _DtypeRules:
         self.quantized_weights = {f"{m}.weight" for m in quantized_modules}
         self.four_bit_biases = {f"{m}.bias" for m in quantized_modules} if spec.is_four_bit else set()
         self.compute = policy_dtype(spec.compute_dtype, "quantization.compute_dtype") if spec.is_four_bit else None
-        self.saved_sizes = saved_sizes
+        self.saved = saved
 
-    def plan(self, name, kind, tensor, key, info, canonical) -> TensorPlan:
-        if info and name in self.saved_sizes and name in self.quantized_weights:  # as saved: header bytes
-            check_saved_shape(info, tensor.shape, self.spec.method)
-            nbytes = info.nbytes + self.saved_sizes[name]
+    def plan(self, name, kind, tensor, key, info, canonical, conv: Conversion | None = None) -> TensorPlan:
+        if info and name in self.saved and name in self.quantized_weights:  # pre-quantized: as saved
+            stats_bytes, shape = self.saved[name]
+            check_saved_shape(info, shape, self.spec.method)
             dtype = SAFETENSORS_DTYPES[info.dtype]
-            return TensorPlan(name, kind, tuple(tensor.shape), dtype, nbytes, key, self.spec.method)
-        shape = tuple(info.shape) if info else tuple(tensor.shape)
-        if info and shape != tuple(tensor.shape):
-            raise UserError(
-                f"{info.file}: tensor {key!r} has shape {list(shape)} but the model expects {list(tensor.shape)}; "
-                f"the checkpoint does not match config.json"
-            )
+            return TensorPlan(name, kind, shape, dtype, info.nbytes + stats_bytes, key, self.spec.method)
+        _check_shape(name, tensor, key, info, conv)
+        shape = conv.shape if conv else tuple(info.shape) if info else tuple(tensor.shape)
         if canonical != name:
             return TensorPlan(name, kind, shape, tensor.dtype, 0, None, tied_to=canonical)
         if name in self.quantized_weights:
             nbytes = quantized_nbytes(shape, self.spec)
-            return TensorPlan(name, kind, shape, quantized_storage_dtype(self.spec), nbytes, key, self.spec.method)
+            storage = quantized_storage_dtype(self.spec)
+            return TensorPlan(name, kind, shape, storage, nbytes, key, self.spec.method, conversion=conv)
         if name in self.four_bit_biases:  # Linear4bit casts its bias to the compute dtype at the first forward
             return TensorPlan(name, kind, shape, self.compute, math.prod(shape) * itemsize(self.compute), key)
-        src = SAFETENSORS_DTYPES[info.dtype] if info else tensor.dtype
+        src = conv.dtype if conv else SAFETENSORS_DTYPES[info.dtype] if info else tensor.dtype
         target = self.target_dtype(name, src, from_checkpoint=info is not None)
-        return TensorPlan(name, kind, shape, target, math.prod(shape) * itemsize(target), key)
+        return TensorPlan(name, kind, shape, target, math.prod(shape) * itemsize(target), key, conversion=conv)
 
     def target_dtype(self, name, src: torch.dtype, from_checkpoint: bool) -> torch.dtype:
         if not src.is_floating_point:
@@ -152,6 +199,22 @@ class _DtypeRules:
         if self.policy not in (None, torch.float32) and any(matches(name, p) for p in self.keep_in_fp32):
             return torch.float32
         return self.policy or src
+
+
+def _check_shape(name, tensor, key, info, conv: Conversion | None) -> None:
+    """The checkpoint's shape (or the converted one) is the skeleton's (Conv1D weights before their transpose)."""
+    want = list(tensor.shape)
+    if conv is not None and conv.ops != CONV1D_TRANSPOSE:
+        if list(conv.shape) != want:
+            raise UserError(
+                f"checkpoint: {name!r} built from {conv.sources[0]!r} ({len(conv.sources)} tensors, {conv.ops}) "
+                f"has shape {list(conv.shape)} but the model expects {want}; the checkpoint does not match config.json"
+            )
+    elif info is not None and list(info.shape) != want:
+        raise UserError(
+            f"{info.file}: tensor {key!r} has shape {list(info.shape)} but the model expects {want}; "
+            f"the checkpoint does not match config.json"
+        )
 
 
 def _tied_canonical(tied_groups, source_of) -> tuple[dict[str, str], list[str]]:

@@ -26,22 +26,29 @@ def empty_module(old: torch.nn.Module, spec: QuantSpec, threshold: float | None 
     """The bitsandbytes module that replaces Linear `old` (build it under init_empty_weights)."""
     bnb = import_bitsandbytes()
     bias = old.bias is not None
+    if isinstance(old, torch.nn.Linear):
+        in_features, out_features = old.in_features, old.out_features
+    else:  # GPT-2's Conv1D keeps its weight as (in, out); its quantized weight is (out, in), as in transformers
+        in_features, out_features = old.weight.shape
     if spec.is_int8:
-        return bnb.nn.Linear8bitLt(
-            old.in_features,
-            old.out_features,
+        new = bnb.nn.Linear8bitLt(
+            in_features,
+            out_features,
             bias=bias,
             has_fp16_weights=False,
             threshold=spec.threshold if threshold is None else threshold,
         )
-    return bnb.nn.Linear4bit(
-        old.in_features,
-        old.out_features,
-        bias=bias,
-        compute_dtype=policy_dtype(spec.compute_dtype, "quantization.compute_dtype"),
-        compress_statistics=spec.double_quant,
-        quant_type=spec.method,
-    )
+    else:
+        new = bnb.nn.Linear4bit(
+            in_features,
+            out_features,
+            bias=bias,
+            compute_dtype=policy_dtype(spec.compute_dtype, "quantization.compute_dtype"),
+            compress_statistics=spec.double_quant,
+            quant_type=spec.method,
+        )
+    new.source_cls = type(old)  # what transformers records (its save and dequantize read it)
+    return new
 
 
 def quantize_int8(weight: torch.Tensor):

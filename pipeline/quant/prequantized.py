@@ -28,6 +28,7 @@ class SavedSelection(QuantSelection):
     """The layers a checkpoint holds quantized, and each weight's stats keys (model weight name -> stat -> key)."""
 
     stats: dict[str, dict[str, str]] = field(default_factory=dict)
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # weight name -> (out, in), as bnb holds it
     stats_keys: set[str] = field(default_factory=set)  # every stats key: used by its weight, never unexpected
 
 
@@ -69,6 +70,7 @@ def prequantized_selection(model, saved: SavedQuantization, requested: QuantSpec
         {m: saved.thresholds[modules_of[m]] for m in modules if modules_of[m] in saved.thresholds},
         _ignored_settings(requested) if same else [],
         stats={f"{m}.weight": saved.weights[f"{modules_of[m]}.weight"] for m in modules},
+        shapes={f"{m}.weight": _bnb_shape(layers[m]) for m in modules},
         stats_keys=saved.stats_keys,
     )
     return spec, selection
@@ -82,11 +84,17 @@ def _refuse_contradiction(saved: SavedQuantization, requested: QuantSpec) -> Non
         )
 
 
+def _bnb_shape(module) -> tuple[int, ...]:
+    """The (out, in) weight bitsandbytes holds: a Linear's own, a Conv1D's (stored (in, out)) transposed."""
+    shape = tuple(module.weight.shape)
+    return shape if isinstance(module, torch.nn.Linear) else shape[::-1]
+
+
 def _check_layer(name: str, module, saved: SavedQuantization) -> None:
-    if not isinstance(module, torch.nn.Linear):
+    if not (isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D"):
         raise UserError(
             f"{saved.origin}: {name} is saved {saved.method} but the model's {name} is a "
-            f"{type(module).__name__}, not a Linear; loading it quantized is not supported"
+            f"{type(module).__name__}, not a Linear or Conv1D; loading it quantized is not supported"
         )
 
 

@@ -2,6 +2,13 @@
 
 Decided once, by the plan stage (which must size quantized weights before any byte is
 read); the quantize stage swaps exactly the modules the plan lists, so the two never disagree.
+
+The candidates are the ones transformers' bitsandbytes integration converts
+(`replace_with_bnb_linear`): modules whose type is exactly `torch.nn.Linear`, and GPT-2
+style `Conv1D` (whose (in, out) weight is transposed before quantization). Subclasses of
+Linear with their own forward (Falcon's FalconLinear) are left alone, as there. Its
+default skips are ours too: the output head, tied weights, the module of the model's
+last parameter, and `_keep_in_fp32_modules`.
 """
 
 from __future__ import annotations
@@ -20,28 +27,34 @@ class QuantSelection:
     skipped: dict[str, str] = field(default_factory=dict)  # name -> why it stays as it is
     thresholds: dict[str, float] = field(default_factory=dict)  # per-module thresholds from overrides
     warnings: list[str] = field(default_factory=list)  # patterns that matched nothing
+    transposed: list[str] = field(default_factory=list)  # Conv1D modules among `modules`: weight stored (in, out)
 
 
 def select_quantized_modules(model: torch.nn.Module, spec: QuantSpec, *, tied_groups, keep_in_fp32) -> QuantSelection:
     """Which Linear-like layers to quantize, which to skip and why, and per-module thresholds."""
     tied = {name for group in tied_groups for name in group}
     head = _output_head_name(model)
+    last = _last_parameter_module(model)
     skip_modules = spec.skip_modules
     overrides = spec.override_rules
     used: set[str] = set()
     out = QuantSelection([])
     for name, module in model.named_modules():
-        if type(module).__name__ == "Conv1D":
-            out.skipped[name] = "Conv1D (GPT-2 style) layers are not converted yet"
-            continue
-        if not isinstance(module, torch.nn.Linear):
+        kind = candidate_kind(module)
+        if kind is None:
+            if isinstance(module, torch.nn.Linear):
+                out.skipped[name] = (
+                    f"{type(module).__name__} is a Linear subclass with its own forward (kept, as transformers does)"
+                )
             continue
         reason = None
         if name == head:
             reason = "output head"
         elif f"{name}.weight" in tied:
             reason = "tied weight"
-        elif any(matches(name, p) for p in keep_in_fp32 or ()):
+        elif name == last:
+            reason = "the model's last module (transformers keeps it unquantized)"
+        elif any(_declared(name, p) for p in keep_in_fp32 or ()):
             reason = "kept in fp32 by the model"
         hit = next((p for p in skip_modules if matches(name, p)), None)
         if hit is not None:
@@ -58,9 +71,35 @@ def select_quantized_modules(model: torch.nn.Module, spec: QuantSpec, *, tied_gr
             out.skipped[name] = reason
         else:
             out.modules.append(name)
+            if kind == "conv1d":
+                out.transposed.append(name)
     for key, patterns in (("skip_modules", skip_modules), ("overrides", overrides)):
         out.warnings += [f"quantization.{key} pattern {p!r} matches no Linear layer" for p in patterns if p not in used]
     return out
+
+
+def candidate_kind(module: torch.nn.Module) -> str | None:
+    """ "linear" or "conv1d" for what transformers' replace_with_bnb_linear converts, else None."""
+    if type(module) is torch.nn.Linear:
+        return "linear"
+    if any(c.__name__ == "Conv1D" and c.__module__.startswith("transformers") for c in type(module).__mro__):
+        return "conv1d"
+    return None
+
+
+def _declared(name: str, pattern: str) -> bool:
+    """A `_keep_in_fp32_modules` entry matches as transformers' should_convert_module matches it."""
+    try:
+        from transformers.quantizers.quantizers_utils import should_convert_module
+    except ImportError:
+        return matches(name, pattern)
+    return not should_convert_module(name, [pattern])
+
+
+def _last_parameter_module(model: torch.nn.Module) -> str | None:
+    """transformers' get_keys_to_not_convert: the last parameter's name without `.weight`."""
+    names = [n for n, _ in model.named_parameters()]
+    return names[-1].removesuffix(".weight") if names else None
 
 
 def _output_head_name(model: torch.nn.Module) -> str | None:
