@@ -19,13 +19,13 @@ IDS = torch.arange(24).unsqueeze(0)
 
 @pytest.fixture(scope="module")
 def saved(tiny, tmp_path_factory):
-    """saved("nf4") -> a directory transformers quantized and saved (built once per kind)."""
+    """saved("nf4") -> a directory transformers quantized and saved (built once per kind and architecture)."""
     cache = {}
 
-    def get(kind: str):
-        if kind not in cache:
-            cache[kind] = save_bnb_quantized(tiny("llama"), tmp_path_factory.mktemp(kind), kind)
-        return cache[kind]
+    def get(kind: str, arch: str = "llama"):
+        if (kind, arch) not in cache:
+            cache[kind, arch] = save_bnb_quantized(tiny(arch), tmp_path_factory.mktemp(f"{arch}-{kind}"), kind)
+        return cache[kind, arch]
 
     return get
 
@@ -36,18 +36,20 @@ def _quantized_layers(model) -> int:
 
 
 @pytest.mark.parametrize(
-    ("kind", "method", "extra"),
+    ("arch", "kind", "method", "extra"),
     [
-        ("int8", "int8", []),
-        ("nf4", "nf4", ["quantization.compute_dtype=fp32"]),
-        ("nf4-single", "nf4", ["quantization.compute_dtype=fp32"]),
-        ("fp4", "fp4", ["quantization.compute_dtype=fp32"]),
-        ("int8", "none", []),
-        ("nf4", "none", []),
+        ("llama", "int8", "int8", []),
+        ("llama", "nf4", "nf4", ["quantization.compute_dtype=fp32"]),
+        ("llama", "nf4-single", "nf4", ["quantization.compute_dtype=fp32"]),
+        ("llama", "fp4", "fp4", ["quantization.compute_dtype=fp32"]),
+        ("llama", "int8", "none", []),
+        ("llama", "nf4", "none", []),
+        ("gpt2", "int8", "none", []),  # Conv1D layers: transformers quantizes them, weights (out, in)
+        ("gpt2", "nf4", "none", []),
     ],
 )
-def test_transformers_bnb_checkpoint_loads_as_saved(saved, kind, method, extra, tmp_path):
-    path = saved(kind)
+def test_transformers_bnb_checkpoint_loads_as_saved(saved, arch, kind, method, extra, tmp_path):
+    path = saved(kind, arch)
     before = tree_digest(path)
     result = load([f"checkpoint.path={path}", f"quantization={method}", *extra], run_dir=tmp_path / "r")
     r = result.report

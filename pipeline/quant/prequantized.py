@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..checkpoint.conversions import map_keys
 from ..errors import UserError
-from ..names import map_checkpoint_keys
 from .formats import SavedQuantization, read_saved_quantization
 from .spec import QuantSpec
 from .targets import QuantSelection
@@ -32,8 +32,13 @@ class SavedSelection(QuantSelection):
     stats_keys: set[str] = field(default_factory=set)  # every stats key: used by its weight, never unexpected
 
 
-def prequantized_selection(model, saved: SavedQuantization, requested: QuantSpec) -> tuple[QuantSpec, SavedSelection]:
-    """The spec and layers of a pre-quantized checkpoint; UserError when the run asks for another method."""
+def prequantized_selection(
+    model, checkpoint, saved: SavedQuantization, requested: QuantSpec
+) -> tuple[QuantSpec, SavedSelection]:
+    """The spec and layers of a pre-quantized checkpoint; UserError when the run asks for another method.
+
+    Saved weight keys reach model names through the same mapping the planner uses (transformers' renames).
+    """
     _refuse_contradiction(saved, requested)
     same = requested.method == saved.method
     spec = QuantSpec(
@@ -46,9 +51,8 @@ def prequantized_selection(model, saved: SavedQuantization, requested: QuantSpec
         unquantized_dtype=requested.unquantized_dtype if same else None,
         prequantized=True,
     )
-    names = {n for n, _ in model.named_parameters(remove_duplicate=False)}
-    prefix = getattr(model, "base_model_prefix", None) or None
-    to_model, _ = map_checkpoint_keys(sorted(saved.weights), names, prefix)
+    names = dict(model.named_parameters(remove_duplicate=False))
+    to_model = map_keys(model, {k: checkpoint.tensors[k] for k in saved.weights}, names).renamed
     modules_of = {w.rpartition(".")[0]: k.rpartition(".")[0] for k, w in to_model.items()}
     layers = dict(model.named_modules())
     modules, skipped = [], {}

@@ -78,7 +78,7 @@ def _quantization(ctx: LoadContext, checkpoint):
     """The effective spec and layers: a checkpoint that is already quantized decides its own; else the config's."""
     saved = read_saved_quantization(checkpoint, ctx.model_config)
     if saved is not None:  # pre-quantized (transformers' save_pretrained or ours): loaded as saved
-        spec, selection = prequantized_selection(ctx.model, saved, ctx.quant)
+        spec, selection = prequantized_selection(ctx.model, checkpoint, saved, ctx.quant)
         log.info("the checkpoint is already %s (%s): loaded as saved", spec.method, saved.origin)
         for warning in selection.warnings:
             log.warning(warning)
