@@ -54,3 +54,28 @@ def test_hf_device_map_is_in_accelerates_format(tiny, tmp_path):
         "lm_head": "cpu",
         "x": "disk",
     }
+
+
+def test_peft_sees_a_bitsandbytes_model(tiny, tmp_path):
+    """peft's k-bit path (prepare_model_for_kbit_training, LoRA on bnb layers) works on our int8 model as on
+    transformers' own: the same bnb LoRA layers, the same loss, gradients on the adapters."""
+    peft = pytest.importorskip("peft")  # in the test extra (pyproject.toml)
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    src = tiny("llama")
+    ours = load([f"checkpoint.path={src}", "quantization=int8"], run_dir=tmp_path / "r").model
+    theirs = AutoModelForCausalLM.from_pretrained(src, quantization_config=BitsAndBytesConfig(load_in_8bit=True))
+    ids = torch.arange(16).unsqueeze(0)
+    losses, layers = [], []
+    for model in (ours, theirs):
+        torch.manual_seed(0)
+        model = peft.prepare_model_for_kbit_training(model)
+        wrapped = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+        loss = wrapped(input_ids=ids, labels=ids).loss
+        loss.backward()
+        lora = [p for n, p in wrapped.named_parameters() if "lora_" in n]
+        assert lora and all(p.grad is not None for p in lora)
+        losses.append(loss.detach())
+        layers.append(type(wrapped.base_model.model.model.layers[0].self_attn.q_proj))
+    assert layers[0] is layers[1] and layers[0].__module__ == "peft.tuners.lora.bnb"
+    assert torch.equal(losses[0], losses[1])
