@@ -56,7 +56,7 @@ def test_transformers_bnb_checkpoint_loads_as_saved(saved, arch, kind, method, e
     assert r["status"] == "ok", r["validation"]
     assert r["validation"]["plan_error"] == {"cpu": 0.0}
     theirs = bnb_reference(path)
-    assert r["quantization"]["method"] == kind.split("-")[0]
+    assert r["quantization"]["method"] == kind.split("-")[0] and r["quantization"]["prequantized"] is True
     assert r["quantization"]["quantized"] == _quantized_layers(theirs) == _quantized_layers(result.model) > 0
     assert r["load"]["unexpected_keys"] == [] and r["load"]["missing_keys"] == []
     assert assert_same_tensors(result.model, theirs) > 0  # before any forward: exactly what transformers built
