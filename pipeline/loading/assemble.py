@@ -47,7 +47,7 @@ class Assembler:
 
     def _allocate(self, t: TensorPlan) -> torch.Tensor:
         # a quantized target is assembled in its checkpoint dtype and quantized from there, as a plain one is
-        dtype = t.conversion.dtype if t.quantized else t.dtype
+        dtype = (t.load_dtype or t.conversion.dtype) if t.quantized else t.dtype
         return torch.empty(t.conversion.shape, dtype=dtype, device=self.devices[t.device])
 
     def unfinished(self) -> list[str]:

@@ -26,8 +26,8 @@ def place(
     `saved`: the stats a pre-quantized weight was saved with."""
     if t.quantized and saved is not None:  # pre-quantized: the weight and its stats as they were written
         value = saved_params(tensor.to(device), saved, model.get_submodule(t.name.rpartition(".")[0]), device)
-    elif t.quantized == "int8":
-        value = quantize_int8(tensor.to(device))
+    elif t.quantized == "int8":  # from the load dtype, as transformers casts before Int8Params quantizes
+        value = quantize_int8(tensor.to(device=device, dtype=t.load_dtype or tensor.dtype))
     elif t.quantized:
         value = quantize_four_bit(tensor.to(device), model.get_submodule(t.name.rpartition(".")[0]), spec)
     else:

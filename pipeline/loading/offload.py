@@ -11,6 +11,8 @@ the CPU, with bitsandbytes' CPU kernels, and only activations cross to and fro.
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 
 from ..dtypes import dtype_name
@@ -24,6 +26,8 @@ def disk_index(plan: Plan, checkpoint) -> dict[str, dict]:
         if t.device != "disk" or t.kind != "param":
             continue
         head = plan.tensors[t.tied_to] if t.tied_to else t
+        if head.conversion is not None:
+            continue  # no single tensor in the files: assembled at forward time (_with_assembled)
         info = checkpoint.tensors[head.source]
         index[t.name] = {
             "safetensors_file": info.file,
@@ -47,7 +51,51 @@ def dispatch(model: torch.nn.Module, plan: Plan, checkpoint):
         dispatch_model(
             model, device_map=dm, main_device=int(main) if main.isdigit() else main, offload_index=index or None
         )
-    return _find_weights_loader(model)
+    loader = _find_weights_loader(model)
+    _with_assembled(loader, plan, checkpoint)
+    return loader
+
+
+class _Assembled(dict):
+    """The loader's state dict, plus tensors built from several checkpoint tensors when a hook asks for them."""
+
+    def __init__(self, base: dict, build: dict):
+        super().__init__(base)
+        self.build = build
+
+    def __contains__(self, key) -> bool:
+        return key in self.build or dict.__contains__(self, key)
+
+    def __getitem__(self, key):
+        return self.build[key]() if key in self.build else dict.__getitem__(self, key)
+
+
+def _with_assembled(loader, plan: Plan, checkpoint) -> None:
+    """Disk-planned converted tensors (fused MoE experts) read piece by piece into one tensor at forward time."""
+    fused = {
+        t.name: plan.tensors[t.tied_to] if t.tied_to else t
+        for t in plan.tensors.values()
+        if t.device == "disk" and t.kind == "param" and (plan.tensors[t.tied_to] if t.tied_to else t).conversion
+    }
+    if not fused or loader is None:
+        return
+    device = loader.device if loader.device is not None else "cpu"
+    loader.state_dict = _Assembled(
+        loader.state_dict, {name: partial(_assemble, head, checkpoint, device) for name, head in fused.items()}
+    )
+
+
+def _assemble(t, checkpoint, device) -> torch.Tensor:
+    from safetensors import safe_open
+
+    from ..checkpoint.pieces import view
+
+    target = torch.empty(t.conversion.shape, dtype=t.dtype, device=device)
+    for piece in t.conversion.pieces:
+        info = checkpoint.tensors[piece.source]
+        with safe_open(info.file, framework="pt", device="cpu") as fh:
+            view(target, piece.into).copy_(view(fh.get_tensor(piece.source), piece.take))
+    return target
 
 
 def _dispatch_with_cpu_execution(model, device_map: dict, main: int, index: dict) -> None:

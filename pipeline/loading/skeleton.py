@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 
+from ..dtypes import policy_dtype
 from ..errors import UserError
 
 
@@ -25,16 +27,22 @@ class Skeleton:
     keep_in_fp32: list[str] = field(default_factory=list)
 
 
-def build_skeleton(path: str, node: dict | None) -> Skeleton:
-    """The empty model for checkpoint `path`; `node` is an allow-listed `_target_` node or None."""
+def build_skeleton(path: str, node: dict | None, dtype: str = "auto") -> Skeleton:
+    """The empty model for checkpoint `path`; `node` is an allow-listed `_target_` node or None.
+
+    Built under torch's default dtype set to the load dtype (`dtype`, a policy name; "auto":
+    config.json's), as from_pretrained builds it: buffers the model makes itself (Gemma's
+    embed_scale...) then have the dtype and bits they have there.
+    """
     from accelerate import init_empty_weights
     from accelerate.utils import find_tied_parameters
     from hydra.utils import get_object
 
     target = get_object(node["_target_"]) if node is not None else None
     config = read_config(path) if target is None or is_model_class(target) else None
-    with init_empty_weights(include_buffers=False):
-        module = _build(target, node, config)
+    load_dtype = _load_dtype(dtype, config)
+    with init_empty_weights(include_buffers=False), default_dtype(load_dtype):
+        module = _build(target, node, config, load_dtype)
     if not isinstance(module, torch.nn.Module):
         raise UserError(f"checkpoint.model: {node['_target_']} built a {type(module).__name__}, not a torch.nn.Module")
     if hasattr(module, "tie_weights"):
@@ -45,8 +53,35 @@ def build_skeleton(path: str, node: dict | None) -> Skeleton:
         config=config,
         tied_groups=[sorted(g) for g in find_tied_parameters(module)],
         no_split=sorted(getattr(module, "_no_split_modules", None) or []),
-        keep_in_fp32=sorted(getattr(module, "_keep_in_fp32_modules", None) or []),
+        keep_in_fp32=keep_in_fp32_patterns(module),
     )
+
+
+@contextmanager
+def default_dtype(dtype: torch.dtype | None):
+    """torch's default dtype set to `dtype` (when floating) while the block runs, restored after."""
+    old = torch.get_default_dtype()
+    if dtype is not None and dtype.is_floating_point:
+        torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def _load_dtype(name: str, config) -> torch.dtype | None:
+    if str(name).lower() != "auto":
+        return policy_dtype(name, "dtype")
+    found = getattr(config, "dtype", None) if config is not None else None
+    return found if isinstance(found, torch.dtype) else None
+
+
+def keep_in_fp32_patterns(module) -> list[str]:
+    """`_keep_in_fp32_modules` and `_keep_in_fp32_modules_strict` (transformers 5 keeps both; the strict ones
+    in fp32 under fp16 and bf16, the others under fp16 only; we keep both under both, docs/quantization.md)."""
+    found = set(getattr(module, "_keep_in_fp32_modules", None) or [])
+    found |= set(getattr(module, "_keep_in_fp32_modules_strict", None) or [])
+    return sorted(found)
 
 
 def read_config(path: str):
@@ -72,21 +107,22 @@ def is_model_class(obj) -> bool:
     return isinstance(obj, type) and (hasattr(obj, "_from_config") or hasattr(obj, "from_config"))
 
 
-def build_from_config(cls, config):
-    """A transformers model class (or auto class) built from a config, as from_pretrained would."""
+def build_from_config(cls, config, dtype: torch.dtype | None = None):
+    """A transformers model class (or auto class) built from a config, as from_pretrained would
+    (under `dtype` as torch's default dtype; None: config.json's, as transformers' own default)."""
     builder = getattr(cls, "_from_config", None) or cls.from_config
-    return builder(config)
+    return builder(config, dtype=dtype) if dtype is not None else builder(config)
 
 
-def _build(obj, node: dict | None, config):
+def _build(obj, node: dict | None, config, dtype: torch.dtype | None = None):
     """A model class built from config.json (node keys override it), or any allow-listed factory."""
     if node is None:
-        return build_from_config(_auto_class(config), config)
+        return build_from_config(_auto_class(config), config, dtype)
     if is_model_class(obj):
         for key, value in node.items():  # extra keys override config.json fields
             if not key.startswith("_"):
                 setattr(config, key, value)
-        return build_from_config(obj, config)
+        return build_from_config(obj, config, dtype)
     from hydra.utils import instantiate
 
     try:

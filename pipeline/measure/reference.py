@@ -32,8 +32,6 @@ def streamed_reference(
     config = getattr(model, "config", None)
     if config is None or plan.missing or checkpoint.format != "safetensors" or spec.prequantized:
         return None  # the reference streams unquantized weights from safetensors files in place
-    if any(t.conversion is not None and not t.quantized for t in plan.tensors.values()):
-        return None  # fused tensors (MoE experts...) are not single tensors in the files: nothing to stream in place
     with init_empty_weights(include_buffers=False):
         ref = build_from_config(type(model), config)
     if hasattr(ref, "tie_weights"):
@@ -53,6 +51,7 @@ def streamed_reference(
         explicit_map={"": "disk"},
         max_memory={},
         main_device=device_str(main),
+        assemble_from_disk=True,
     )
     _meta_in_planned_dtypes(ref, ref_plan)
     for module in ref.modules():

@@ -36,8 +36,13 @@ def build_plan(
     explicit_map: dict | None,
     max_memory: dict[str, int],
     main_device: str | None = None,
+    assemble_from_disk: bool = False,
 ) -> Plan:
-    """The plan for `model` from `checkpoint`'s headers; `main_device` overrides the execution device."""
+    """The plan for `model` from `checkpoint`'s headers; `main_device` overrides the execution device.
+
+    `assemble_from_disk`: tensors built from several checkpoint tensors may be planned on disk
+    (the streamed reference assembles them at forward time, loading/offload.py); else exit 2.
+    """
 
     saved = getattr(selection, "stats", {})  # pre-quantized: each weight's stats, sized from their headers
     sized = functools.partial(
@@ -80,13 +85,14 @@ def build_plan(
         warnings=list(selection.warnings),
         saved_stats={w: saved[w] for w in (f"{m}.weight" for m in modules) if w in saved},
     )
-    _check_fits(plan, checkpoint, max_memory)
+    _check_fits(plan, checkpoint, max_memory, assemble_from_disk)
     return plan
 
 
-def _check_fits(plan: Plan, checkpoint, max_memory: dict[str, int]) -> None:
+def _check_fits(plan: Plan, checkpoint, max_memory: dict[str, int], assemble_from_disk: bool) -> None:
     check_caps(plan.predicted_bytes, max_memory)
-    on_disk = next((t for t in plan.tensors.values() if t.conversion and t.device == "disk"), None)
+    fused = (t for t in plan.tensors.values() if t.conversion and t.device == "disk" and not assemble_from_disk)
+    on_disk = next(fused, None)
     if on_disk is not None:
         raise UserError(
             f"memory.max_memory: {on_disk.name} is assembled from {len(on_disk.conversion.sources)} checkpoint "

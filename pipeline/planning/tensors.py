@@ -9,6 +9,7 @@ tensor after the dtype policy, quantized weights as bitsandbytes stores them
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, replace
 from typing import NamedTuple
 
@@ -38,6 +39,7 @@ class TensorPlan:
     tied_to: str | None = None
     device: str = "cpu"
     conversion: Conversion | None = None  # assembled from checkpoint tensors (source is the first of them)
+    load_dtype: torch.dtype | None = None  # int8 weights: the dtype the policy loads them in before quantizing
 
     def to_json(self) -> dict:
         out = {"device": self.device, "dtype": dtype_name(self.dtype), "bytes": self.nbytes, "shape": list(self.shape)}
@@ -181,7 +183,11 @@ class _DtypeRules:
         if name in self.quantized_weights:
             nbytes = quantized_nbytes(shape, self.spec)
             storage = quantized_storage_dtype(self.spec)
-            return TensorPlan(name, kind, shape, storage, nbytes, key, self.spec.method, conversion=conv)
+            src = conv.dtype if conv else SAFETENSORS_DTYPES[info.dtype] if info else tensor.dtype
+            load = self.target_dtype(name, src, from_checkpoint=True) if self.spec.is_int8 else None
+            return TensorPlan(
+                name, kind, shape, storage, nbytes, key, self.spec.method, conversion=conv, load_dtype=load
+            )
         if name in self.four_bit_biases:  # Linear4bit casts its bias to the compute dtype at the first forward
             return TensorPlan(name, kind, shape, self.compute, math.prod(shape) * itemsize(self.compute), key)
         src = conv.dtype if conv else SAFETENSORS_DTYPES[info.dtype] if info else tensor.dtype
@@ -196,9 +202,14 @@ class _DtypeRules:
                 return dt
         if not from_checkpoint:
             return src  # skeleton buffers (rotary frequencies...) keep the dtype the model made them in
-        if self.policy not in (None, torch.float32) and any(matches(name, p) for p in self.keep_in_fp32):
+        if self.policy not in (None, torch.float32) and any(_kept(name, p) for p in self.keep_in_fp32):
             return torch.float32
         return self.policy or src
+
+
+def _kept(name: str, pattern: str) -> bool:
+    """A keep-in-fp32 entry matches as ours do, or as transformers' dtype plan does (a regex search)."""
+    return matches(name, pattern) or re.search(pattern, name) is not None
 
 
 def _check_shape(name, tensor, key, info, conv: Conversion | None) -> None:

@@ -14,7 +14,12 @@ log = logging.getLogger(__name__)
 
 
 def instantiate_empty(
-    ctx: LoadContext, *, path: str | None, builtin: str | None = None, model: dict | None = None
+    ctx: LoadContext,
+    *,
+    path: str | None,
+    builtin: str | None = None,
+    model: dict | None = None,
+    dtype: str = "auto",
 ) -> None:
     if not path and not builtin:
         raise UserError("checkpoint.path: no checkpoint given; set checkpoint.path=/path/to/model")
@@ -23,7 +28,7 @@ def instantiate_empty(
         raise UserError(
             f"checkpoint.path: {path} does not exist; point checkpoint.path at a model directory or .safetensors file"
         )
-    skeleton = build_skeleton(path, model)
+    skeleton = build_skeleton(path, model, ctx.quant.unquantized_dtype or dtype)  # the plan's dtype policy
     ctx.checkpoint_path = path
     ctx.model = skeleton.model
     ctx.model_config = skeleton.config

@@ -132,7 +132,7 @@ def _tensors_to_save(ctx: LoadContext) -> dict[str, torch.Tensor]:
     for name, t in ctx.plan.tensors.items():
         if t.tied_to or (t.kind == "buffer" and t.source is None):
             continue  # tied copies and buffers the model makes itself are not checkpoint tensors
-        key = t.source or name
+        key = name if t.conversion is not None else t.source or name  # a fused tensor under its model name
         if t.quantized:
             out.update(_quantized_layer(ctx.model.get_submodule(name.rpartition(".")[0]), key.rpartition(".")[0]))
             continue
