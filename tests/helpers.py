@@ -129,14 +129,14 @@ BNB_KINDS = {
 }
 
 
-def save_bnb_quantized(src: Path, dest: Path, kind: str) -> Path:
+def save_bnb_quantized(src: Path, dest: Path, kind: str, shards: int = 3) -> Path:
     """What a user downloads as a pre-quantized model: transformers quantizes `src` with bitsandbytes
-    (BitsAndBytesConfig) on the CPU and writes it with save_pretrained, in 2+ shards."""
+    (BitsAndBytesConfig) on the CPU and writes it with save_pretrained, in 2+ shards (about `shards`)."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     model = AutoModelForCausalLM.from_pretrained(src, quantization_config=BitsAndBytesConfig(**BNB_KINDS[kind]))
     total = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-    model.save_pretrained(dest, max_shard_size=max(total // 3, 1))
+    model.save_pretrained(dest, max_shard_size=max(total // shards, 1))
     assert len(list(dest.glob("*.safetensors"))) >= 2
     return dest
 

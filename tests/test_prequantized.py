@@ -167,3 +167,16 @@ def test_an_inconsistent_quantization_config_is_refused(saved, tiny, tmp_path, s
     with pytest.raises(UserError, match="config.json quantization_config") as err:
         load([f"checkpoint.path={path}", "quantization=none", DRY], run_dir=tmp_path / "r")
     assert expected in str(err.value)
+
+
+def test_stats_in_another_shard_than_their_weight(tiny, tmp_path):
+    """transformers' save_pretrained splits a weight from its stats across shards; each is read where it lies."""
+    path = save_bnb_quantized(tiny("llama"), tmp_path / "nf4", "nf4", shards=40)
+    weight_map = json.loads((path / "model.safetensors.index.json").read_text())["weight_map"]
+    split = [
+        k for k in weight_map if ".weight." in k and weight_map[k] != weight_map[k.split(".weight.")[0] + ".weight"]
+    ]
+    assert split, "the fixture no longer splits a weight from its stats"
+    r = load([f"checkpoint.path={path}", "quantization=none"], run_dir=tmp_path / "r")
+    assert r.report["status"] == "ok" and r.report["validation"]["plan_error"] == {"cpu": 0.0}
+    assert_same_tensors(r.model, bnb_reference(path))

@@ -120,3 +120,30 @@ def test_saved_checkpoint_is_what_transformers_reads_back(arch, method, source_d
     # compared after a forward on each: Linear4bit casts its bias to the compute dtype then (our plan has it so)
     assert assert_same_tensors(first.model, theirs) > 0
     assert assert_same_tensors(again.model, theirs) > 0
+
+
+def test_an_int8_save_without_quantization_config_still_loads_as_saved(tiny, tmp_path):
+    """Directories our save wrote before it wrote quantization_config carry only our metadata: still int8."""
+    dest = tmp_path / "int8"
+    first = load(
+        [
+            f"checkpoint.path={tiny('llama')}",
+            "quantization.overrides={down_proj: 2.0}",
+            SAVE,
+            f"stages.save.path={dest}",
+        ],
+        run_dir=tmp_path / "a",
+    )
+    config = json.loads((dest / "config.json").read_text())
+    del config["quantization_config"]
+    (dest / "config.json").write_text(json.dumps(config))
+    again = load([f"checkpoint.path={dest}", "quantization=none"], run_dir=tmp_path / "b")
+    r = again.report
+    assert r["status"] == "ok" and r["quantization"]["prequantized"] is True
+    assert r["quantization"]["quantized"] == first.report["quantization"]["quantized"] > 0
+    assert r["quantization"]["threshold"] == 6.0  # quantization=none: the saved threshold
+    assert r["quantization"]["thresholds"] == first.report["quantization"]["thresholds"] != {}
+    assert _int8_state(again.model).keys() == _int8_state(first.model).keys()
+    for name, (cb, scb) in _int8_state(first.model).items():
+        other = _int8_state(again.model)[name]
+        assert torch.equal(cb, other[0]) and torch.equal(scb, other[1]), name

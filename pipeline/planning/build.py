@@ -43,19 +43,11 @@ def build_plan(
     `assemble_from_disk`: tensors built from several checkpoint tensors may be planned on disk
     (the streamed reference assembles them at forward time, loading/offload.py); else exit 2.
     """
-
-    saved = getattr(selection, "stats", {})  # pre-quantized: each weight's stats, sized from their headers
+    saved = getattr(selection, "stats", {})  # pre-quantized: weight name -> its stats keys
     sized = functools.partial(
-        plan_tensors,
-        model,
-        checkpoint,
-        policy=policy,
-        keep_in_fp32=keep_in_fp32,
-        tied_groups=tied_groups,
-        spec=spec,
-        saved={w: (saved_size(checkpoint, s), selection.shapes[w]) for w, s in saved.items()},
-        transposed=selection.transposed,
+        plan_tensors, model, checkpoint, policy=policy, keep_in_fp32=keep_in_fp32, tied_groups=tied_groups, spec=spec
     )
+    sized = functools.partial(sized, transposed=selection.transposed, saved=_saved_sizes(checkpoint, selection))
     planned = sized(quantized_modules=selection.modules)
     dmap = compute_device_map(
         model, planned.tensors, strategy=strategy, explicit=explicit_map, max_memory=max_memory, no_split=no_split
@@ -87,6 +79,12 @@ def build_plan(
     )
     _check_fits(plan, checkpoint, max_memory, assemble_from_disk)
     return plan
+
+
+def _saved_sizes(checkpoint, selection) -> dict[str, tuple[int, tuple[int, ...]]]:
+    """Pre-quantized weights -> (bytes of their saved stats, the (out, in) shape bitsandbytes holds)."""
+    stats = getattr(selection, "stats", {})
+    return {w: (saved_size(checkpoint, s), selection.shapes[w]) for w, s in stats.items()}
 
 
 def _check_fits(plan: Plan, checkpoint, max_memory: dict[str, int], assemble_from_disk: bool) -> None:
