@@ -119,3 +119,53 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600) -> subproce
         text=True,
         timeout=timeout,
     )
+
+
+BNB_KINDS = {
+    "int8": {"load_in_8bit": True},
+    "nf4": {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True},
+    "nf4-single": {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": False},
+    "fp4": {"load_in_4bit": True, "bnb_4bit_quant_type": "fp4", "bnb_4bit_use_double_quant": False},
+}
+
+
+def save_bnb_quantized(src: Path, dest: Path, kind: str, shards: int = 3) -> Path:
+    """What a user downloads as a pre-quantized model: transformers quantizes `src` with bitsandbytes
+    (BitsAndBytesConfig) on the CPU and writes it with save_pretrained, in 2+ shards (about `shards`)."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    model = AutoModelForCausalLM.from_pretrained(src, quantization_config=BitsAndBytesConfig(**BNB_KINDS[kind]))
+    total = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    model.save_pretrained(dest, max_shard_size=max(total // shards, 1))
+    assert len(list(dest.glob("*.safetensors"))) >= 2
+    return dest
+
+
+def bnb_reference(path: Path):
+    """transformers' from_pretrained of a pre-quantized directory, with bitsandbytes' CPU repacking off.
+
+    On CPUs with AVX512-BF16, Linear4bit repacks its weight at the first forward (absmax to bf16, double
+    quantization undone) and multiplies through another kernel; the pipeline keeps the saved layout so its
+    plan stays exact (pipeline/quant/bnb.py). Turning the repack off in the reference compares the same
+    computation; the tensors themselves are compared before any forward.
+    """
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.quant.bnb import import_bitsandbytes
+
+    bnb = import_bitsandbytes()
+    model = AutoModelForCausalLM.from_pretrained(path)
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+    return model
+
+
+def assert_same_tensors(ours: torch.nn.Module, theirs: torch.nn.Module) -> int:
+    """Every state_dict entry equal in name, dtype and bits (bitsandbytes layers include their int8 SCB or
+    4-bit absmax, quant_map, nested stats and packed quant_state); returns how many were compared."""
+    a, b = ours.state_dict(), theirs.state_dict()
+    assert sorted(a) == sorted(b)
+    for key, value in b.items():
+        assert a[key].dtype == value.dtype and torch.equal(a[key].cpu(), value.cpu()), key
+    return len(b)

@@ -190,17 +190,3 @@ def test_four_bit_weights_match_transformers(tiny, tmp_path):
     ids = torch.arange(24).unsqueeze(0) * 5 % 256
     with torch.inference_mode():
         assert torch.equal(ours(input_ids=ids).logits, theirs.eval()(input_ids=ids).logits)
-
-
-def test_four_bit_save_is_refused_clearly(tiny, tmp_path):
-    with pytest.raises(UserError, match="stages.save: saving nf4 models is not supported yet"):
-        load(
-            [
-                f"checkpoint.path={tiny('llama')}",
-                "quantization=nf4",
-                "stages=[instantiate_empty,plan,quantize,load_shards,save]",
-                f"stages.save.path={tmp_path / 'out'}",
-            ],
-            run_dir=tmp_path / "r",
-        )
-    assert not (tmp_path / "out").exists()

@@ -25,8 +25,10 @@ def write_checkpoint_dir(
     max_shard_bytes: int,
     copy_from: str | None = None,
     copied: tuple[str, ...] = (),
+    json_files: dict[str, dict] | None = None,
 ) -> int:
-    """Shards, index and the `copied` files of `copy_from` into `dest` (replacing it); returns the shard count."""
+    """Shards, index, the `copied` files of `copy_from` and `json_files` (name -> document) into `dest`
+    (replacing it); returns the shard count."""
     parent = os.path.dirname(dest) or "."
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".save-", dir=parent)
@@ -39,6 +41,10 @@ def write_checkpoint_dir(
             src = os.path.join(copy_from, name) if copy_from else None
             if src and os.path.isfile(src):
                 shutil.copyfile(src, os.path.join(tmp, name))
+        for name, doc in (json_files or {}).items():
+            with open(os.path.join(tmp, name), "w") as fh:
+                json.dump(doc, fh, indent=2, sort_keys=True)
+                fh.write("\n")
         if os.path.exists(dest):
             shutil.rmtree(dest)
         os.replace(tmp, dest)

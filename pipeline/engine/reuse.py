@@ -22,6 +22,7 @@ import shutil
 
 from omegaconf import OmegaConf
 
+from ..loading.hf_attributes import set_threshold
 from ..stages.context import LoadContext
 
 _last: dict = {}
@@ -64,6 +65,7 @@ def take(key: str | None, fresh: LoadContext) -> tuple[LoadContext, list[str]] |
     for name, module in old.model.named_modules():
         if type(module).__name__ == "Linear8bitLt":
             module.state.threshold = old.plan.int8_thresholds.get(name, spec.threshold)  # per-module overrides stay
+    set_threshold(old.model, spec.threshold)
     ctx = dataclasses.replace(old, cfg=fresh.cfg, run_dir=fresh.run_dir, report=fresh.report, quant=spec, artifacts={})
     for section in ("checkpoint", "model", "plan", "load", "quantization"):
         ctx.report[section] = copy.deepcopy(old.report.get(section))

@@ -1,7 +1,8 @@
 """Put loaded tensors into the skeleton: cast or quantize on the target device, tie, finish buffers.
 
 Quantized weights (int8, nf4, fp4) are quantized by bitsandbytes on their planned
-device as they arrive; saved int8 weights come with their row scales and are used as is.
+device as they arrive; pre-quantized weights come with the stats they were saved with
+(int8 row scales, 4-bit quant_state) and are used as is.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..planning import TensorPlan
-from ..quant.bnb import int8_params, quantize_four_bit, quantize_int8
+from ..quant.bnb import quantize_four_bit, quantize_int8, saved_params
 from ..quant.spec import QuantSpec
 
 
@@ -19,11 +20,12 @@ def place(
     tensor: torch.Tensor,
     device: torch.device,
     spec: QuantSpec,
-    scale: torch.Tensor | None = None,
+    saved: dict[str, torch.Tensor] | None = None,
 ) -> None:
-    """`tensor` (as read from the checkpoint) becomes model tensor `t.name`, in its planned form."""
-    if t.quantized and scale is not None:  # saved int8: the weight and its scales as they were written
-        value = int8_params(tensor.to(device), scale.to(device))
+    """`tensor` (as read from the checkpoint) becomes model tensor `t.name`, in its planned form;
+    `saved`: the stats a pre-quantized weight was saved with."""
+    if t.quantized and saved is not None:  # pre-quantized: the weight and its stats as they were written
+        value = saved_params(tensor.to(device), saved, model.get_submodule(t.name.rpartition(".")[0]), device)
     elif t.quantized == "int8":  # from the load dtype, as transformers casts before Int8Params quantizes
         value = quantize_int8(tensor.to(device=device, dtype=t.load_dtype or tensor.dtype))
     elif t.quantized:

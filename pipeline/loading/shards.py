@@ -94,11 +94,13 @@ def load_tensors(
     mapped = [(i, t) for i, t in todo if i.name not in streamed_names]
     bar = progress_bar(sum(i.nbytes for i, _ in todo), len(todo), options.progress)
 
+    saved = SavedStats(plan, checkpoint)
+
     def put(info, t: TensorPlan | None, tensor: torch.Tensor) -> None:
         if t is None:
             assembler.feed(info.name, tensor)
         else:
-            place(model, t, tensor, devices[t.device], spec, _saved_scale(plan, checkpoint, t))
+            place(model, t, tensor, devices[t.device], spec, saved.of(t))
 
     start = time.perf_counter()
     if streamed:
@@ -112,6 +114,7 @@ def load_tensors(
     seconds = time.perf_counter() - start
     if bar is not None:
         bar.close()
+    saved.close()
     return LoadStats(seconds, sum(i.nbytes for i, _ in todo), len(todo), len(streamed), len(mapped))
 
 
@@ -160,14 +163,29 @@ def _advance(bar, nbytes: int) -> None:
         tick(bar)
 
 
-def _saved_scale(plan: Plan, checkpoint, t: TensorPlan):
-    """The fp32 row scales a saved int8 checkpoint keeps beside a weight (None for other tensors)."""
-    key = plan.scales.get(t.name)
-    if key is None:
-        return None
-    info = checkpoint.tensors[key]
-    with safe_open(info.file, framework="pt", device="cpu") as fh:
-        return fh.get_tensor(key)
+class SavedStats:
+    """The stats a pre-quantized weight was saved with (int8 SCB, 4-bit absmax, quant_state...), read on the CPU
+    from their shards (one open handle per shard for the load); None for every other tensor."""
+
+    def __init__(self, plan: Plan, checkpoint):
+        self.plan, self.checkpoint, self.handles = plan, checkpoint, {}
+
+    def of(self, t: TensorPlan) -> dict[str, torch.Tensor] | None:
+        stats = self.plan.saved_stats.get(t.name)
+        if stats is None:
+            return None
+        return {stat: self._read(key) for stat, key in stats.items()}
+
+    def _read(self, key: str) -> torch.Tensor:
+        if self.checkpoint.pickled is not None:
+            return self.checkpoint.pickled[key]
+        info = self.checkpoint.tensors[key]
+        if info.file not in self.handles:
+            self.handles[info.file] = safe_open(info.file, framework="pt", device="cpu")
+        return self.handles[info.file].get_tensor(key)
+
+    def close(self) -> None:
+        self.handles.clear()
 
 
 def _torch_device(dev: str) -> torch.device:

@@ -13,7 +13,7 @@ from dataclasses import replace
 
 from ..dtypes import DtypePolicy
 from ..errors import UserError
-from ..quant.prequantized import scale_key
+from ..quant.sizes import saved_size
 from ..quant.spec import QuantSpec
 from ..quant.targets import QuantSelection
 from . import offload_policy
@@ -43,9 +43,18 @@ def build_plan(
     `assemble_from_disk`: tensors built from several checkpoint tensors may be planned on disk
     (the streamed reference assembles them at forward time, loading/offload.py); else exit 2.
     """
-
-    common = dict(policy=policy, keep_in_fp32=keep_in_fp32, tied_groups=tied_groups, spec=spec)
-    sized = functools.partial(plan_tensors, model, checkpoint, transposed=selection.transposed, **common)
+    saved = getattr(selection, "stats", {})  # pre-quantized: weight name -> its stats keys
+    sized = functools.partial(
+        plan_tensors,
+        model,
+        checkpoint,
+        policy=policy,
+        keep_in_fp32=keep_in_fp32,
+        tied_groups=tied_groups,
+        spec=spec,
+        transposed=selection.transposed,
+        saved=_saved_sizes(checkpoint, selection),
+    )
     planned = sized(quantized_modules=selection.modules)
     dmap = compute_device_map(
         model, planned.tensors, strategy=strategy, explicit=explicit_map, max_memory=max_memory, no_split=no_split
@@ -66,17 +75,23 @@ def build_plan(
         device_map=dmap,
         tensors=tensors,
         key_map=planned.key_map,
-        unexpected=_unexpected(planned.unexpected, modules, spec),
+        unexpected=[k for k in planned.unexpected if k not in getattr(selection, "stats_keys", ())],
         missing=planned.missing,
         tied_duplicates=planned.tied_duplicates,
         quantized_modules=modules,
         skipped=skipped,
         int8_thresholds={m: t for m, t in selection.thresholds.items() if m in modules},
         warnings=list(selection.warnings),
-        scales={f"{m}.weight": scale_key(m) for m in modules} if spec.prequantized else {},
+        saved_stats={w: saved[w] for w in (f"{m}.weight" for m in modules) if w in saved},
     )
     _check_fits(plan, checkpoint, max_memory, assemble_from_disk)
     return plan
+
+
+def _saved_sizes(checkpoint, selection) -> dict[str, tuple[int, tuple[int, ...]]]:
+    """Pre-quantized weights -> (bytes of their saved stats, the (out, in) shape bitsandbytes holds)."""
+    stats = getattr(selection, "stats", {})
+    return {w: (saved_size(checkpoint, s), selection.shapes[w]) for w, s in stats.items()}
 
 
 def _check_fits(plan: Plan, checkpoint, max_memory: dict[str, int], assemble_from_disk: bool) -> None:
@@ -100,8 +115,8 @@ def _refuse_demoting_saved(spec: QuantSpec, demoted: dict[str, str], tensors) ->
     if spec.prequantized:
         first = next(iter(demoted))
         raise UserError(
-            f"memory.max_memory: {first} is saved as int8 and would be offloaded to "
-            f"{tensors[f'{first}.weight'].device}; saved int8 layers run on a GPU or the CPU: raise the caps"
+            f"memory.max_memory: {first} is saved as {spec.method} and would be offloaded to "
+            f"{tensors[f'{first}.weight'].device}; saved {spec.method} layers run on a GPU or the CPU: raise the caps"
         )
 
 
@@ -113,11 +128,3 @@ def _buffers_on_execution_device(tensors: dict[str, TensorPlan], modules, main: 
     return {
         n: replace(t, device=main) if t.device in streamed and t.kind == "buffer" else t for n, t in tensors.items()
     }
-
-
-def _unexpected(unexpected: list[str], modules, spec: QuantSpec) -> list[str]:
-    """A saved int8 checkpoint's row scales are used by their weights, not unexpected."""
-    if not spec.prequantized:
-        return unexpected
-    scales = {scale_key(m) for m in modules}
-    return [k for k in unexpected if k not in scales]

@@ -28,7 +28,8 @@ class Plan:
     skipped: dict[str, str] = field(default_factory=dict)  # module -> why it is not quantized
     int8_thresholds: dict[str, float] = field(default_factory=dict)  # per-module overrides of the threshold
     warnings: list[str] = field(default_factory=list)
-    scales: dict[str, str] = field(default_factory=dict)  # saved int8 checkpoints: weight name -> its .SCB key
+    # pre-quantized checkpoints: weight name -> {stat name: checkpoint key} (int8 SCB, 4-bit absmax, quant_state...)
+    saved_stats: dict[str, dict[str, str]] = field(default_factory=dict)
 
     @property
     def predicted_bytes(self) -> dict[str, int]:

@@ -20,6 +20,7 @@ from ..checkpoint.pieces import Piece
 from ..dtypes import SAFETENSORS_DTYPES, DtypePolicy, dtype_name, itemsize, policy_dtype
 from ..errors import UserError
 from ..names import matches
+from ..quant.formats.bnb_keys import check_saved_shape
 from ..quant.sizes import quantized_nbytes, quantized_storage_dtype
 from ..quant.spec import QuantSpec
 
@@ -81,11 +82,14 @@ def plan_tensors(
     quantized_modules,
     spec: QuantSpec,
     transposed=(),
+    saved: dict[str, tuple[int, tuple[int, ...]]] | None = None,
 ) -> PlannedTensors:
     """Every model tensor's dtype, bytes and checkpoint source, with the quantized modules as given.
 
     `transposed`: quantized modules whose checkpoint weight is stored (in, out) (GPT-2's Conv1D);
     bitsandbytes holds them (out, in), so they are planned and loaded transposed, as transformers does.
+    `saved`: pre-quantized weights -> (bytes of the stats saved beside them, the shape bitsandbytes
+    holds); see quant/sizes.py saved_size.
     """
     entries = list(model_tensors(model))
     names = {n: t for n, _kind, t in entries}
@@ -100,7 +104,7 @@ def plan_tensors(
     for name, conv in mapping.converted.items():
         source_of[name] = conv.sources[0]
     canonical, tied_duplicates = _tied_canonical(tied_groups, source_of)
-    rules = _DtypeRules(policy, keep_in_fp32, quantized_modules, spec)
+    rules = _DtypeRules(policy, keep_in_fp32, quantized_modules, spec, saved or {})
     flipped = {f"{m}.weight" for m in transposed if m in set(quantized_modules)}
     tensors: dict[str, TensorPlan] = {}
     for name, kind, tensor in entries:
@@ -156,7 +160,7 @@ def _refuse_mismatch(unexpected: list[str], missing: list[str]) -> None:
 class _DtypeRules:
     """The dtype and bytes of one tensor: tied copy, quantized weight, 4-bit bias, or the dtype policy."""
 
-    def __init__(self, policy: DtypePolicy, keep_in_fp32, quantized_modules, spec: QuantSpec):
+    def __init__(self, policy: DtypePolicy, keep_in_fp32, quantized_modules, spec: QuantSpec, saved):
         self.policy = None if policy.name.lower() == "auto" else policy_dtype(policy.name, "dtype")
         self.overrides = {str(p): policy_dtype(d, f"dtype.overrides.{p}") for p, d in policy.overrides.items()}
         self.keep_in_fp32 = list(keep_in_fp32 or ())
@@ -164,8 +168,14 @@ class _DtypeRules:
         self.quantized_weights = {f"{m}.weight" for m in quantized_modules}
         self.four_bit_biases = {f"{m}.bias" for m in quantized_modules} if spec.is_four_bit else set()
         self.compute = policy_dtype(spec.compute_dtype, "quantization.compute_dtype") if spec.is_four_bit else None
+        self.saved = saved
 
     def plan(self, name, kind, tensor, key, info, canonical, conv: Conversion | None = None) -> TensorPlan:
+        if info and name in self.saved and name in self.quantized_weights:  # pre-quantized: as saved
+            stats_bytes, shape = self.saved[name]
+            check_saved_shape(info, shape, self.spec.method)
+            dtype = SAFETENSORS_DTYPES[info.dtype]
+            return TensorPlan(name, kind, shape, dtype, info.nbytes + stats_bytes, key, self.spec.method)
         _check_shape(name, tensor, key, info, conv)
         shape = conv.shape if conv else tuple(info.shape) if info else tuple(tensor.shape)
         if canonical != name:

@@ -93,3 +93,16 @@ def quantize_four_bit(weight: torch.Tensor, module, spec: QuantSpec):
         module=module,
         bnb_quantized=True,
     )
+
+
+def saved_params(weight: torch.Tensor, stats: dict[str, torch.Tensor], module, device: torch.device):
+    """The parameter of a pre-quantized weight from the stats it was saved with, as transformers rebuilds it
+    (integrations/bitsandbytes.py: Int8Params with SCB; Params4bit.from_prequantized), on `device`."""
+    bnb = import_bitsandbytes()
+    if "SCB" in stats:
+        return int8_params(weight, stats["SCB"].to(device))
+    param = bnb.nn.Params4bit.from_prequantized(
+        data=weight, quantized_stats=dict(stats), requires_grad=False, device=device, module=module
+    )
+    module.support_avx512bf16_for_cpu = False  # keep the saved layout (see quantize_four_bit)
+    return param

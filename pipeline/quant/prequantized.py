@@ -1,44 +1,110 @@
 """Checkpoints that are already quantized: loaded as saved, never quantized again.
 
-Today: int8 checkpoints written by the save stage (the int8 weight, its fp32 row scales
-`<module>.SCB`, and metadata saying which modules and thresholds).
+The format (quant/formats/) says which checkpoint weights are quantized and where their
+stats lie; here that becomes the run's spec and layers, in model names. The method is the
+checkpoint's: a `quantization=` of another method is refused (exit 2, at plan time);
+`quantization=none` loads the checkpoint as saved, as transformers' from_pretrained does.
+Settings that act at forward time (the int8 threshold, the 4-bit compute dtype) are the
+run's when it names the same method, else the checkpoint's.
 """
 
 from __future__ import annotations
 
-import json
+from dataclasses import dataclass, field
 
 import torch
 
+from ..checkpoint.conversions import map_keys
+from ..errors import UserError
+from .formats import SavedQuantization, read_saved_quantization
 from .spec import QuantSpec
 from .targets import QuantSelection
 
-METADATA_KEY = "model_loader"
+__all__ = ["SavedSelection", "prequantized_selection", "read_saved_quantization"]
 
 
-def saved_quantization(checkpoint) -> dict | None:
-    """The quantization a saved checkpoint carries ({"method": "int8", "modules": [...], ...}), else None."""
-    raw = (checkpoint.metadata or {}).get(METADATA_KEY)
-    if not raw:
-        return None
-    try:
-        info = json.loads(raw)
-    except (TypeError, json.JSONDecodeError):
-        return None
-    quant = info.get("quantization") or {}
-    return quant if quant.get("method") == "int8" else None
+@dataclass
+class SavedSelection(QuantSelection):
+    """The layers a checkpoint holds quantized, and each weight's stats keys (model weight name -> stat -> key)."""
+
+    stats: dict[str, dict[str, str]] = field(default_factory=dict)
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # weight name -> (out, in), as bnb holds it
+    stats_keys: set[str] = field(default_factory=set)  # every stats key: used by its weight, never unexpected
 
 
-def scale_key(module: str) -> str:
-    return f"{module}.SCB"
+def prequantized_selection(
+    model, checkpoint, saved: SavedQuantization, requested: QuantSpec
+) -> tuple[QuantSpec, SavedSelection]:
+    """The spec and layers of a pre-quantized checkpoint; UserError when the run asks for another method.
+
+    Saved weight keys reach model names through the same mapping the planner uses (transformers' renames).
+    """
+    _refuse_contradiction(saved, requested)
+    same = requested.method == saved.method
+    spec = QuantSpec(
+        method=saved.method,
+        threshold=requested.threshold if same and saved.method == "int8" else saved.threshold,
+        compute_dtype=(requested.compute_dtype if same else saved.compute_dtype) or "fp32",
+        double_quant=saved.double_quant,
+        blocksize=saved.blocksize,
+        offloaded=saved.method,
+        unquantized_dtype=requested.unquantized_dtype if same else None,
+        prequantized=True,
+    )
+    names = dict(model.named_parameters(remove_duplicate=False))
+    to_model = map_keys(model, {k: checkpoint.tensors[k] for k in saved.weights}, names).renamed
+    modules_of = {w.rpartition(".")[0]: k.rpartition(".")[0] for k, w in to_model.items()}
+    layers = dict(model.named_modules())
+    modules, skipped = [], {}
+    for name, module in layers.items():
+        if name in modules_of:
+            _check_layer(name, module, saved)
+            modules.append(name)
+        elif isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D":
+            skipped[name] = f"not {saved.method} in the saved checkpoint"
+    unmatched = sorted(set(saved.weights) - set(to_model))
+    if unmatched:
+        raise UserError(
+            f"{saved.origin}: quantized tensor {unmatched[0]!r} matches no model weight "
+            f"({len(unmatched)} such); the checkpoint does not match config.json"
+        )
+    selection = SavedSelection(
+        modules,
+        skipped,
+        {m: saved.thresholds[modules_of[m]] for m in modules if modules_of[m] in saved.thresholds},
+        _ignored_settings(requested) if same else [],
+        stats={f"{m}.weight": saved.weights[f"{modules_of[m]}.weight"] for m in modules},
+        shapes={f"{m}.weight": _bnb_shape(layers[m]) for m in modules},
+        stats_keys=saved.stats_keys,
+    )
+    return spec, selection
 
 
-def prequantized_selection(model, saved: dict, requested: QuantSpec) -> tuple[QuantSpec, QuantSelection]:
-    """The spec and layers of a saved int8 checkpoint; the threshold is the run's (it acts at forward time)."""
-    linear = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
-    modules = [m for m in linear if m in set(saved.get("modules") or [])]
-    skipped = {n: "not int8 in the saved checkpoint" for n in linear if n not in modules}
-    thresholds = {m: float(t) for m, t in (saved.get("thresholds") or {}).items() if m in modules}
-    threshold = requested.threshold if requested.is_int8 else float(saved.get("threshold") or 0.0)
-    spec = QuantSpec(method="int8", threshold=threshold, offloaded="int8", prequantized=True)
-    return spec, QuantSelection(modules, skipped, thresholds)
+def _refuse_contradiction(saved: SavedQuantization, requested: QuantSpec) -> None:
+    if requested.enabled and requested.method != saved.method:
+        raise UserError(
+            f"quantization={requested.method}: the checkpoint is already {saved.method} ({saved.origin}) and loads "
+            f"as saved; use quantization={saved.method} (or quantization=none), or load an unquantized checkpoint"
+        )
+
+
+def _bnb_shape(module) -> tuple[int, ...]:
+    """The (out, in) weight bitsandbytes holds: a Linear's own, a Conv1D's (stored (in, out)) transposed."""
+    shape = tuple(module.weight.shape)
+    return shape if isinstance(module, torch.nn.Linear) else shape[::-1]
+
+
+def _check_layer(name: str, module, saved: SavedQuantization) -> None:
+    if not (isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D"):
+        raise UserError(
+            f"{saved.origin}: {name} is saved {saved.method} but the model's {name} is a "
+            f"{type(module).__name__}, not a Linear or Conv1D; loading it quantized is not supported"
+        )
+
+
+def _ignored_settings(requested: QuantSpec) -> list[str]:
+    """Layer choices of the run that a saved checkpoint has already made (said once, as a warning)."""
+    out = []
+    if requested.skip_modules or any(v == "skip" for _, v in requested.overrides):
+        out.append("quantization.skip_modules/overrides skip: ignored, the checkpoint's layers are quantized as saved")
+    return out

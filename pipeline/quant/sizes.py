@@ -8,6 +8,7 @@ with an fp32 absmax per 256 of them, their own 256-entry fp32 code book and an
 fp32 offset. bitsandbytes keeps these per module, not shared, so each counts.
 The sizes hold on every device: on the CPU we keep bitsandbytes' canonical
 layout (see quant/bnb.py, quantize_four_bit) so the plan stays exact.
+A pre-quantized weight is sized from the headers of what was saved beside it (saved_size).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import math
 
 import torch
 
+from .formats.bnb_keys import HELD_BY_BNB
 from .spec import QuantSpec
 
 NESTED_BLOCKSIZE = 256  # bitsandbytes quantizes absmax values in blocks of 256
@@ -39,3 +41,16 @@ def quantized_nbytes(shape, spec: QuantSpec) -> int:
     else:
         absmax = 4 * blocks
     return packed + absmax + code
+
+
+NESTED_OFFSET_BYTES = 4  # the fp32 offset QuantState.from_dict makes from the packed quant_state
+
+
+def saved_size(checkpoint, stats: dict[str, str]) -> int:
+    """Bytes bitsandbytes holds beside a pre-quantized weight, from the headers of its stats tensors.
+
+    It keeps SCB (int8) and absmax, quant_map, nested_absmax, nested_quant_map (4-bit) as
+    tensors, plus an fp32 nested offset; weight_format and the packed quant_state are parsed, not kept.
+    """
+    held = sum(checkpoint.tensors[key].nbytes for stat, key in stats.items() if stat in HELD_BY_BNB)
+    return held + (NESTED_OFFSET_BYTES if "nested_absmax" in stats else 0)

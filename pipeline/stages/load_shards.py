@@ -1,7 +1,8 @@
 """Stage 4: stream every checkpoint tensor to its planned device and dtype (loading/shards.py).
 
-Measures the load (seconds, bytes, peak host memory, peak GPU memory) and attaches
-accelerate's offload hooks when the plan offloads modules.
+Measures the load (seconds, bytes, peak host memory, peak GPU memory), attaches
+accelerate's offload hooks when the plan offloads modules, and sets what from_pretrained
+sets on its model (loading/hf_attributes.py).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import logging
 
 import torch
 
+from ..loading.hf_attributes import set_hf_attributes
 from ..loading.offload import dispatch
 from ..loading.shards import ReaderOptions, load_tensors, target_devices
 from ..measure.memory import PeakAnonSampler
@@ -36,10 +38,10 @@ def load_shards(
     with PeakAnonSampler() as sampler:
         stats = load_tensors(ctx.model, plan, ctx.checkpoint, ctx.quant, devices, options)
     model = ctx.model
-    model.hf_device_map = dict(plan.device_map)
     model.eval()  # a loaded model is for inference, as from_pretrained returns it
     if plan.needs_dispatch:
         ctx.offload = dispatch(model, plan, ctx.checkpoint)
+    set_hf_attributes(model, plan.device_map, ctx.quant, plan.quantized_modules)
     ctx.loaded = True
     seconds = stats.seconds
     ctx.report["load"] = {

@@ -14,7 +14,7 @@ from ..dtypes import DtypePolicy
 from ..planning import build_plan
 from ..planning.device_map import resolve_max_memory
 from ..planning.document import plan_document, plan_table
-from ..quant.prequantized import prequantized_selection, saved_quantization
+from ..quant.prequantized import prequantized_selection, read_saved_quantization
 from ..quant.targets import QuantSelection, select_quantized_modules
 from ..sizes import format_bytes
 from .context import LoadContext
@@ -75,10 +75,14 @@ def plan(
 
 
 def _quantization(ctx: LoadContext, checkpoint):
-    """The effective spec and layers: a checkpoint that is already int8 decides its own; else the config's."""
-    saved = saved_quantization(checkpoint)
-    if saved is not None:  # written by the save stage: already int8, keep its layers; the threshold is ours
-        return prequantized_selection(ctx.model, saved, ctx.quant)
+    """The effective spec and layers: a checkpoint that is already quantized decides its own; else the config's."""
+    saved = read_saved_quantization(checkpoint, ctx.model_config)
+    if saved is not None:  # pre-quantized (transformers' save_pretrained or ours): loaded as saved
+        spec, selection = prequantized_selection(ctx.model, checkpoint, saved, ctx.quant)
+        log.info("the checkpoint is already %s (%s): loaded as saved", spec.method, saved.origin)
+        for warning in selection.warnings:
+            log.warning(warning)
+        return spec, selection
     if not ctx.quant.enabled:
         return ctx.quant, QuantSelection([])
     selection = select_quantized_modules(

@@ -41,6 +41,8 @@ def quantize(ctx: LoadContext) -> None:
         "unquantized_dtype": spec.unquantized_dtype,
         "warnings": list(plan.warnings),
     }
+    if spec.prequantized:
+        report["prequantized"] = True  # loaded as saved (docs/quantization.md, pre-quantized checkpoints)
     if spec.is_int8:
         report.update(threshold=spec.threshold, thresholds=dict(plan.int8_thresholds))
     else:

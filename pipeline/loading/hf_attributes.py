@@ -1,0 +1,52 @@
+"""What from_pretrained sets on the model it returns, set on ours where loading finishes.
+
+`hf_device_map` in accelerate's format (module -> GPU index as int, "cpu" or "disk"), set as
+transformers 5 sets it: only when the model spans several devices or disk (dispatched), and
+for a quantized model what transformers' bitsandbytes quantizer leaves: `is_quantized`,
+`quantization_method`, `hf_quantizer` (its own Bnb8Bit/Bnb4BitHfQuantizer, built from the
+BitsAndBytesConfig our save writes) and, through its postprocess_model,
+`config.quantization_config` and `is_loaded_in_8bit` / `is_loaded_in_4bit`. With them,
+`model.save_pretrained` writes what transformers reads back and peft-style code
+(`prepare_model_for_kbit_training`, `getattr(model, "is_loaded_in_8bit")`) sees a bnb model.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from ..quant.formats.hf_config import bnb_quantization_config, unconverted_modules
+from ..quant.spec import QuantSpec
+
+log = logging.getLogger(__name__)
+
+
+def hf_device_map(device_map: dict[str, str]) -> dict[str, int | str]:
+    """Our plan's map (devices as strings: "0", "cpu", "disk") in accelerate's format (GPUs as ints)."""
+    return {name: int(dev) if str(dev).isdigit() else dev for name, dev in device_map.items()}
+
+
+def set_hf_attributes(model, device_map: dict[str, str], spec: QuantSpec, quantized_modules) -> None:
+    devices = set(device_map.values())
+    if len(devices) > 1 or "disk" in devices:
+        model.hf_device_map = hf_device_map(device_map)
+    elif "hf_device_map" in model.__dict__:
+        del model.hf_device_map  # one device: from_pretrained leaves it unset
+    if not spec.enabled or not hasattr(model, "config"):
+        return
+    from transformers import BitsAndBytesConfig
+    from transformers.quantizers.auto import AutoHfQuantizer
+
+    config = BitsAndBytesConfig.from_dict(bnb_quantization_config(spec, unconverted_modules(model, quantized_modules)))
+    quantizer = AutoHfQuantizer.from_config(config, pre_quantized=spec.prequantized)
+    quantizer.modules_to_not_convert = list(config.llm_int8_skip_modules or [])
+    model.is_quantized = True
+    model.quantization_method = config.quant_method
+    model.hf_quantizer = quantizer
+    quantizer.postprocess_model(model)  # config.quantization_config, is_loaded_in_8bit / _4bit
+
+
+def set_threshold(model, threshold: float) -> None:
+    """A reused int8 model (sweeps over the threshold) says the threshold its layers now use."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None and getattr(quantizer.quantization_config, "load_in_8bit", False):
+        quantizer.quantization_config.llm_int8_threshold = threshold
