@@ -61,13 +61,7 @@ def build_plan(
     )
     tensors = assign_devices(planned.tensors, dmap)
     main = main_device or offload_policy.main_device(t.device for t in tensors.values())
-    modules, skipped = list(selection.modules), dict(selection.skipped)
-    demoted = offload_policy.demoted_modules(tensors, modules, keep_offloaded=spec.offloaded == "keep", main=main)
-    if demoted:
-        _refuse_demoting_saved(spec, demoted, tensors)
-        modules = [m for m in modules if m not in demoted]
-        skipped.update(demoted)
-        tensors = assign_devices(sized(quantized_modules=modules).tensors, dmap)
+    modules, skipped, tensors = _demote_offloaded(tensors, selection, spec, main, resize=sized, dmap=dmap)
     tensors = _buffers_on_execution_device(tensors, modules, main)
     plan = Plan(
         strategy=strategy,
@@ -86,6 +80,19 @@ def build_plan(
     )
     _check_fits(plan, checkpoint, max_memory, assemble_from_disk)
     return plan
+
+
+def _demote_offloaded(tensors, selection, spec: QuantSpec, main: str, *, resize, dmap):
+    """Quantized layers placed where they cannot stay quantized (disk; the CPU with offloaded=keep)
+    leave the quantized set and are sized again: (modules, skipped with reasons, tensors)."""
+    modules, skipped = list(selection.modules), dict(selection.skipped)
+    demoted = offload_policy.demoted_modules(tensors, modules, keep_offloaded=spec.offloaded == "keep", main=main)
+    if not demoted:
+        return modules, skipped, tensors
+    _refuse_demoting_saved(spec, demoted, tensors)
+    modules = [m for m in modules if m not in demoted]
+    skipped.update(demoted)
+    return modules, skipped, assign_devices(resize(quantized_modules=modules).tensors, dmap)
 
 
 def _saved_sizes(checkpoint, selection) -> dict[str, tuple[int, tuple[int, ...]]]:
