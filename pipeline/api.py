@@ -15,6 +15,8 @@ from .engine.binding import check_moved_targets
 from .engine.result import LoadResult
 from .engine.runner import run, save_config
 from .errors import UserError
+from .parallel.launch import agree_run_dir, parallel_spec
+from .parallel.spec import env_rank
 
 
 def compose_config(overrides=(), config_name: str = "config"):
@@ -54,6 +56,11 @@ def load(overrides=(), *, run_dir: str | Path | None = None, config_name: str = 
         raise UserError(f"{getattr(exc, 'full_key', 'config')}: {str(exc).splitlines()[0]}") from None
     with open_dict(cfg):
         del cfg["hydra"]
-    save_config(cfg, target, overrides)
+    try:
+        target = Path(agree_run_dir(parallel_spec(cfg), str(target)))  # tensor parallel: rank 0's directory
+    except UserError:
+        pass  # a bad `parallel` group: the runner reports it (report.json, exit 2)
+    if env_rank(cfg.get("parallel")) == 0:  # other ranks write nothing but their log
+        save_config(cfg, target, overrides)
     OmegaConf.set_readonly(cfg, True)
     return run(cfg, target)

@@ -19,6 +19,7 @@ from ..errors import UserError
 from ..names import map_checkpoint_keys, matches
 from ..quant.sizes import quantized_nbytes, quantized_storage_dtype
 from ..quant.spec import QuantSpec
+from .slices import TensorSlice
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,7 @@ class TensorPlan:
     quantized: str | None = None  # "int8", "nf4" or "fp4" for bitsandbytes weights
     tied_to: str | None = None
     device: str = "cpu"
+    slice: TensorSlice | None = None  # tensor parallel: this rank's shard (shape above is the shard's)
 
     def to_json(self) -> dict:
         out = {"device": self.device, "dtype": dtype_name(self.dtype), "bytes": self.nbytes, "shape": list(self.shape)}
@@ -41,6 +43,8 @@ class TensorPlan:
             out["quantized"] = self.quantized
         if self.tied_to:
             out["tied_to"] = self.tied_to
+        if self.slice is not None:
+            out["slice"] = self.slice.to_json()
         return out
 
 
