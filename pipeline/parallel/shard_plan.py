@@ -53,9 +53,9 @@ def shard_plans(model, plan: Plan, checkpoint, parallel: ParallelSpec, spec: Qua
     """The plan of every rank; exit 2 when the world size cuts a sharded dim or an attention head."""
     world = parallel.world_size
     styles = model_plan(model)
-    check_heads(model, styles, world)
     dims = _sharded_dims(plan, styles)
     _check_divisible(plan, dims, world)
+    check_heads(model, styles, world)
     out = []
     for rank in range(world):
         device = parallel.device_of(rank)
@@ -94,7 +94,7 @@ def _check_divisible(plan: Plan, dims, world: int) -> None:
             fits = [w for w in range(1, math.gcd(*sizes) + 1) if math.gcd(*sizes) % w == 0]
             raise UserError(
                 f"parallel.world_size={world} does not divide {name} dim {dim} ({t.shape[dim]}); "
-                f"choose a world size that divides every sharded dim, e.g. {', '.join(map(str, fits[-4:]))}"
+                f"choose a world size that divides every sharded dim, e.g. {', '.join(map(str, fits[1:4] or [1]))}"
             )
 
 

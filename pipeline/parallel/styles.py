@@ -56,10 +56,10 @@ def check_heads(model, plan: dict[str, str], world: int) -> None:
     if config is None:
         return
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    for field in ("num_attention_heads", "num_key_value_heads"):
+    for field, what in (("num_attention_heads", "attention"), ("num_key_value_heads", "key/value")):
         heads = getattr(text, field, None)
         if isinstance(heads, int) and get_kv_heads_per_rank(plan, heads, world) is None:
             raise UserError(
-                f"parallel.world_size={world} does not divide the {heads} attention heads of {type(model).__name__} "
-                f"(config {field}); use a world size that divides {heads}"
+                f"parallel.world_size={world} does not divide the {heads} {what} heads of {type(model).__name__} "
+                f"(config.json {field}); a head cannot be cut across ranks: use a world size that divides {heads}"
             )
