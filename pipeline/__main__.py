@@ -21,7 +21,6 @@ def _app(cfg: DictConfig) -> str:
     from .engine.report import format_summary
     from .engine.runner import run
     from .errors import PipelineError
-
     from .parallel.spec import env_rank
 
     hc = HydraConfig.get()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 from hydra import compose, initialize_config_module
@@ -56,10 +57,8 @@ def load(overrides=(), *, run_dir: str | Path | None = None, config_name: str = 
         raise UserError(f"{getattr(exc, 'full_key', 'config')}: {str(exc).splitlines()[0]}") from None
     with open_dict(cfg):
         del cfg["hydra"]
-    try:
+    with contextlib.suppress(UserError):  # a bad `parallel` group: the runner reports it (report.json, exit 2)
         target = Path(agree_run_dir(parallel_spec(cfg), str(target)))  # tensor parallel: rank 0's directory
-    except UserError:
-        pass  # a bad `parallel` group: the runner reports it (report.json, exit 2)
     if env_rank(cfg.get("parallel")) == 0:  # other ranks write nothing but their log
         save_config(cfg, target, overrides)
     OmegaConf.set_readonly(cfg, True)

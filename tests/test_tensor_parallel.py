@@ -103,7 +103,14 @@ def test_each_rank_reads_only_its_plan(tp_runs, quant):
     # the sharded tensors are read once over both ranks, the whole ones by each rank
     assert sum(r["bytes_read"] for r in ranks) == ck_bytes + _whole_bytes(path, plan_doc)
     # rank 1 writes nothing into the run directory but its log
-    assert sorted(f.name for f in out.iterdir()) == [".hydra", "logits.pt", "plan.json", "report.json", "run.log", "run.rank1.log"]
+    assert sorted(f.name for f in out.iterdir()) == [
+        ".hydra",
+        "logits.pt",
+        "plan.json",
+        "report.json",
+        "run.log",
+        "run.rank1.log",
+    ]
 
 
 def test_plan_shards_follow_the_models_own_plan(tp_runs):
@@ -145,7 +152,9 @@ def test_int8_logits_match_the_single_process_int8_load(tp_runs, tmp_path):
     # differ by int8 noise: less than twice int8's own error, and as far from fp32 as the single-process one.
     assert quality.relative_error(sharded, single) < 2 * own
     assert quality.relative_error(sharded, fp32) < 1.5 * own
-    assert report["parallel"]["logits"]["relative_error"] == pytest.approx(quality.relative_error(sharded, fp32), rel=1e-3)
+    assert report["parallel"]["logits"]["relative_error"] == pytest.approx(
+        quality.relative_error(sharded, fp32), rel=1e-3
+    )
 
 
 def test_dry_run_plans_four_ranks_in_one_process(tmp_path):
@@ -228,8 +237,12 @@ def test_model_without_a_plan_is_named(tiny, tmp_path):
 
 
 def test_cli_exit_2_with_one_line(tiny, tmp_path):
-    p = run_cli(f"checkpoint.path={tiny('llama')}", "parallel=tensor", "parallel.world_size=2", f"hydra.run.dir={tmp_path}")
+    p = run_cli(
+        f"checkpoint.path={tiny('llama')}", "parallel=tensor", "parallel.world_size=2", f"hydra.run.dir={tmp_path}"
+    )
     assert p.returncode == 2
     assert p.stderr.strip().splitlines()[-1].startswith("error: parallel.world_size=2: this process was not started")
-    p = run_cli(f"checkpoint.path={tiny('llama')}", "parallel=tensor", "parallel.world_size=3", DRY, f"hydra.run.dir={tmp_path}")
+    p = run_cli(
+        f"checkpoint.path={tiny('llama')}", "parallel=tensor", "parallel.world_size=3", DRY, f"hydra.run.dir={tmp_path}"
+    )
     assert p.returncode == 2 and "does not divide model.embed_tokens.weight dim 0" in p.stderr.strip().splitlines()[-1]

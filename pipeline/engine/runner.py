@@ -90,7 +90,9 @@ def start_context(cfg: DictConfig, run_dir: Path | str) -> LoadContext:
     """A fresh context for `cfg` (what run() starts from): empty report, validated quantization spec."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    return LoadContext(cfg=cfg, run_dir=run_dir, report=new_report(), quant=_quant_spec(cfg), parallel=parallel_spec(cfg))
+    return LoadContext(
+        cfg=cfg, run_dir=run_dir, report=new_report(), quant=_quant_spec(cfg), parallel=parallel_spec(cfg)
+    )
 
 
 def _take_reused(ctx: LoadContext, stages) -> tuple[LoadContext, list[str], str | None]:

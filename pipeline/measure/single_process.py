@@ -26,7 +26,12 @@ def sharded_logits(model) -> torch.Tensor:
 
 
 def compare(
-    logits: torch.Tensor, make_reference: Callable[[], torch.nn.Module | None], model, *, quantized: bool, tolerance: float
+    logits: torch.Tensor,
+    make_reference: Callable[[], torch.nn.Module | None],
+    model,
+    *,
+    quantized: bool,
+    tolerance: float,
 ) -> dict:
     """Max and relative difference to the single-process reference; `matches` is None when there is no bar."""
     ref = make_reference()

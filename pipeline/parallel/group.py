@@ -25,7 +25,9 @@ def ensure_group(spec: ParallelSpec) -> None:
         torch.cuda.set_device(spec.local_rank)
         device_id = torch.device("cuda", spec.local_rank)
     dist.init_process_group(
-        backend=spec.backend, timeout=timedelta(seconds=spec.timeout_s), device_id=device_id if spec.backend == "nccl" else None
+        backend=spec.backend,
+        timeout=timedelta(seconds=spec.timeout_s),
+        device_id=device_id if spec.backend == "nccl" else None,
     )
 
 
