@@ -25,6 +25,7 @@ class ParallelSpec:
     world_size: int = 1
     rank: int = 0
     local_rank: int = 0
+    local_world_size: int = 1  # ranks per node (torchrun's LOCAL_WORLD_SIZE): rank r uses GPU r % this
     launched: bool = False  # started by torchrun: RANK and WORLD_SIZE are in the environment
     backend: str = "gloo"
     device_type: str = "cpu"  # where every rank's shards live: "cpu" or "cuda" (its local GPU)
@@ -45,10 +46,10 @@ class ParallelSpec:
         return self.enabled and self.launched
 
     def device_of(self, rank: int) -> str:
-        """The plan's device key of `rank`: "cpu", or its GPU index (local rank; rank itself in a dry run)."""
+        """The plan's device key of `rank`: "cpu", or its GPU index on its node (its local rank)."""
         if self.device_type == "cpu":
             return "cpu"
-        return str(self.local_rank if rank == self.rank and self.launched else rank)
+        return str(self.local_rank if rank == self.rank else rank % self.local_world_size)
 
     @classmethod
     def from_config(cls, node: Mapping | None, *, dry_run: bool, env: Mapping[str, str] | None = None) -> ParallelSpec:
@@ -70,6 +71,7 @@ class ParallelSpec:
         backend = _backend(str(node.get("backend", "auto")), device)
         rank = int(env["RANK"]) if launched else 0
         local = int(env.get("LOCAL_RANK", rank)) if launched else 0
+        per_node = int(env.get("LOCAL_WORLD_SIZE", world)) if launched else world
         if launched and device == "cuda":
             _check_gpu(local)
         return cls(
@@ -77,6 +79,7 @@ class ParallelSpec:
             world_size=world,
             rank=rank,
             local_rank=local,
+            local_world_size=max(per_node, 1),
             launched=launched,
             backend=backend,
             device_type=device,
