@@ -246,3 +246,33 @@ def test_cli_exit_2_with_one_line(tiny, tmp_path):
         f"checkpoint.path={tiny('llama')}", "parallel=tensor", "parallel.world_size=3", DRY, f"hydra.run.dir={tmp_path}"
     )
     assert p.returncode == 2 and "does not divide model.embed_tokens.weight dim 0" in p.stderr.strip().splitlines()[-1]
+
+
+def _tiny(arch: str, dest: Path) -> Path:
+    """Qwen2 (colwise q/k/v biases) and Phi-3 (fused qkv and gate_up, gathered; rowwise_split_input)."""
+    from transformers import Phi3Config, Phi3ForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    cls, config_cls = {"qwen2": (Qwen2ForCausalLM, Qwen2Config), "phi3": (Phi3ForCausalLM, Phi3Config)}[arch]
+    shape = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
+    torch.manual_seed(0)
+    config = config_cls(**shape, num_key_value_heads=2, tie_word_embeddings=False, pad_token_id=0, eos_token_id=1)
+    cls(config).eval().save_pretrained(dest, max_shard_size=60_000)
+    return dest
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "phi3"])
+def test_other_plans_load_and_match(arch, tmp_path):
+    path = _tiny(arch, tmp_path / arch)
+    out = tmp_path / "run"
+    p = _torchrun(
+        "checkpoint=hf_dir", f"checkpoint.path={path}", "parallel=tensor", "quantization=none", f"hydra.run.dir={out}"
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    assert report["validation"]["checks"]["matches_single_process"] and all(report["validation"]["checks"].values())
+    tensors = json.loads((out / "plan.json").read_text())["parallel"]["ranks"][1]["tensors"]
+    fused = "model.layers.0.self_attn.qkv_proj.weight" if arch == "phi3" else "model.layers.0.self_attn.q_proj.bias"
+    assert tensors[fused]["slice"]["style"] == ("colwise_gather_output" if arch == "phi3" else "colwise")
+    for r in report["parallel"]["ranks"]:
+        assert r["bytes_read"] == r["read_bytes"] < report["checkpoint"]["bytes"]
+        assert r["measured_bytes"] == r["predicted_bytes"]
