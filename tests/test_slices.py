@@ -34,3 +34,21 @@ def test_byte_ranges_are_one_run_for_rows_and_one_per_row_for_columns():
     cols = rank_slice((4, 6), 1, 1, 2, "rowwise").byte_ranges(100, 4)
     assert rows == [(100 + 2 * 24, 48)]
     assert cols == [(100 + r * 24 + 12, 12) for r in range(4)]
+
+
+def test_a_fused_targets_slice_is_a_slice_of_each_source():
+    """gate and up (4 rows each) fused along dim 0: packed gives each rank its share of both; plain ranges split."""
+    from pipeline.planning.slices import source_slices
+
+    gate, up = torch.arange(8.0).reshape(4, 2), 100 + torch.arange(8.0).reshape(4, 2)
+    fused = torch.cat([gate, up])
+    for rank in range(2):
+        target = rank_slice(fused.shape, 0, rank, 2, "packed_colwise")
+        packed = source_slices(target, [4, 4], packed=True)
+        local = torch.cat([(gate, up)[i][s.start : s.stop] for i, s in packed])
+        assert torch.equal(local, torch.cat([gate.chunk(2)[rank], up.chunk(2)[rank]]))  # _StridedShard(sf=2)
+        plain = source_slices(target, [4, 4], packed=False)
+        local = torch.cat([(gate, up)[i][s.start : s.stop] for i, s in plain])
+        assert torch.equal(local, fused.chunk(2)[rank])
+    uneven = source_slices(rank_slice((6, 2), 0, 0, 2, "colwise"), [2, 4], packed=False)
+    assert [(i, s.start, s.stop) for i, s in uneven] == [(0, 0, 2), (1, 0, 1)]

@@ -49,3 +49,27 @@ def rank_slice(full_shape, dim: int, rank: int, world: int, style: str) -> Tenso
     dim = dim % len(shape)
     n = shape[dim] // world
     return TensorSlice(dim, rank * n, (rank + 1) * n, shape, style)
+
+
+def source_slices(target: TensorSlice, sizes: list[int], *, packed: bool) -> list[tuple[int, TensorSlice]]:
+    """A rank's slice of a target fused from sources concatenated along `target.dim`, as slices of each source.
+
+    `sizes` are the sources' lengths along that dim (their other dims equal the target's). Packed
+    styles (transformers' packed_colwise: fused gate/up) give each rank its share of every source;
+    a plain slice of the concatenation covers sub-ranges of the sources it overlaps. Either way each
+    source is read as a contiguous range of its own dim: only this rank's bytes of every source.
+    """
+    world = target.full_shape[target.dim] // (target.stop - target.start) if target.stop > target.start else 1
+    rank = target.start // max(target.stop - target.start, 1)
+    out: list[tuple[int, TensorSlice]] = []
+    at = 0
+    for i, n in enumerate(sizes):
+        shape = target.full_shape[: target.dim] + (n,) + target.full_shape[target.dim + 1 :]
+        if packed:
+            out.append((i, rank_slice(shape, target.dim, rank, world, target.style)))
+        else:
+            lo, hi = max(target.start, at) - at, min(target.stop, at + n) - at
+            if lo < hi:
+                out.append((i, TensorSlice(target.dim, lo, hi, shape, target.style)))
+        at += n
+    return out
