@@ -58,7 +58,7 @@ def validate(
             reference_dtype=ctx.dtype_policy.name,
         )
     if ctx.parallel.enabled and not meta:
-        _against_single_process(ctx, check, single_process_tolerance)
+        _against_single_process(ctx, check, single_process_tolerance, found.get("logits_rel_error"))
     if ctx.parallel.enabled:
         _merge_ranks(ctx, check, measured, plan_error)
     ctx.report["validation"] = {
@@ -85,13 +85,18 @@ def _reference(ctx: LoadContext):
     )
 
 
-def _against_single_process(ctx: LoadContext, check: CheckLog, tolerance: float) -> None:
+def _against_single_process(ctx: LoadContext, check: CheckLog, tolerance: float, known_error) -> None:
     """Tensor parallel: every rank runs the sharded forward; rank 0 compares it with the single-process model."""
     logits = single_process.sharded_logits(ctx.model)
     found = None
     if ctx.parallel.is_main:
         found = single_process.compare(
-            logits, lambda: _reference(ctx), ctx.model, quantized=ctx.quant.enabled, tolerance=tolerance
+            logits,
+            lambda: _reference(ctx),
+            ctx.model,
+            quantized=ctx.quant.enabled,
+            tolerance=tolerance,
+            known_error=known_error,
         )
         if ctx.parallel.save_logits:
             torch.save(logits, ctx.run_dir / "logits.pt")
