@@ -128,7 +128,9 @@ def test_plan_shards_follow_the_models_own_plan(tp_runs):
 
 def test_fp32_logits_equal_the_single_process_load(tp_runs, tmp_path):
     path, runs = tp_runs
-    _p, out = runs["none"]
+    p, out = runs["none"]
+    assert p.stdout.count("run: ") == 1  # rank 0 prints the summary for all ranks
+    assert "tensor parallel: 2 ranks (gloo)" in p.stdout and "logits vs single process: max |diff|" in p.stdout
     report = json.loads((out / "report.json").read_text())
     found = report["parallel"]["logits"]
     assert report["validation"]["checks"]["matches_single_process"] and found["matches"]
