@@ -26,8 +26,9 @@ CHECKS = (
     "plan_matches_measured",
     "weights_finite",
     "forward_finite",
-    "matches_single_process",  # tensor parallel only: gathered logits equal the single-process model's
 )
+# Checks of tensor-parallel runs only: the gathered logits equal the single-process model's.
+PARALLEL_CHECKS = ("matches_single_process",)
 
 
 class CheckLog:

@@ -13,7 +13,7 @@ import torch
 
 from ..errors import CheckFailed, UserError
 from ..measure import single_process
-from ..measure.checks import CHECKS, CheckLog, check_memory, check_tensors, check_weights_finite
+from ..measure.checks import CHECKS, PARALLEL_CHECKS, CheckLog, check_memory, check_tensors, check_weights_finite
 from ..measure.metrics import METRICS, MetricSettings, measure_quality
 from ..measure.reference import streamed_reference
 from ..parallel.group import all_gather, broadcast
@@ -34,7 +34,7 @@ def validate(
 ) -> None:
     plan = ctx.require("plan", "validate", "plan")
     ctx.require("loaded", "validate", "load_shards")
-    check = CheckLog(_switches(checks, CHECKS, "checks"))
+    check = CheckLog(_switches(checks, CHECKS + PARALLEL_CHECKS, "checks"))
     settings = MetricSettings(
         _switches(metrics, METRICS, "metrics"), eval_text, max_eval_tokens, prompt, max_new_tokens
     )
