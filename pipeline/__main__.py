@@ -21,23 +21,27 @@ def _app(cfg: DictConfig) -> str:
     from .engine.report import format_summary
     from .engine.runner import run
     from .errors import PipelineError
+    from .parallel.spec import env_rank
 
     hc = HydraConfig.get()
     run_dir = hc.runtime.output_dir
+    main_rank = env_rank(cfg.get("parallel")) == 0  # tensor parallel: rank 0 speaks for all ranks
     try:
         result = run(cfg, run_dir, reuse=hc.mode == RunMode.MULTIRUN and bool(cfg.get("sweep_reuse", True)))
     except BaseException as exc:
         result = getattr(exc, "result", None)
         if result is None or os.environ.get("PIPELINE_DEBUG"):
             raise  # not from the runner (or debugging): Hydra / Python show the traceback
-        if result.report["stages"]:
+        if result.report["stages"] and main_rank:
             print(format_summary(result.report, run_dir))
-        print(f"error: {result.report['error']}", file=sys.stderr)
+        if main_rank or not isinstance(exc, PipelineError):  # bad input and checks are alike on every rank
+            print(f"error: {result.report['error']}", file=sys.stderr)
         code = exc.exit_code if isinstance(exc, PipelineError) else 130 if isinstance(exc, KeyboardInterrupt) else 1
         if hc.mode == RunMode.MULTIRUN:  # the sweep goes on; report.json says what happened
             return _sweep_value(cfg, result.report)
         raise SystemExit(code) from None
-    print(format_summary(result.report, run_dir))
+    if main_rank:
+        print(format_summary(result.report, run_dir))
     return _sweep_value(cfg, result.report)
 
 
@@ -69,9 +73,32 @@ def _preflight(args: list[str]) -> None:
         raise SystemExit(2) from None
 
 
+def _shared_run_dir(args: list[str]) -> list[str]:
+    """Under torchrun with parallel=tensor: every rank's Hydra job in rank 0's run directory (parallel/launch.py)."""
+    if "RANK" not in os.environ or any(a.startswith("-") for a in args):
+        return args
+    from .api import compose_config
+    from .errors import UserError
+    from .parallel.launch import agree_run_dir, cli_overrides, parallel_spec
+
+    try:
+        cfg = compose_config(args)
+        if cfg.get("parallel") is None or cfg.parallel.get("mode") != "tensor":
+            return args
+        parallel = parallel_spec(cfg)
+        run_dir = agree_run_dir(parallel, str(cfg.hydra.run.dir))
+    except UserError as exc:
+        if os.environ.get("RANK", "0") == "0":  # the same line on every rank: rank 0 says it
+            print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    kept = [a for a in args if not a.startswith(("hydra.run.dir=", "hydra.output_subdir="))]
+    return kept + cli_overrides(parallel, run_dir)
+
+
 def main() -> None:
     sys.argv[0] = "python -m pipeline"
     _preflight(sys.argv[1:])
+    sys.argv[1:] = _shared_run_dir(sys.argv[1:])
     try:
         _app()
     except SystemExit as exc:
@@ -79,6 +106,10 @@ def main() -> None:
         if exc.code not in (0, None) and not _task_started:
             raise SystemExit(2) from None
         raise
+    finally:
+        from .parallel.group import shutdown
+
+        shutdown()
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 from hydra import compose, initialize_config_module
@@ -15,6 +16,8 @@ from .engine.binding import check_moved_targets
 from .engine.result import LoadResult
 from .engine.runner import run, save_config
 from .errors import UserError
+from .parallel.launch import agree_run_dir, parallel_spec
+from .parallel.spec import env_rank
 
 
 def compose_config(overrides=(), config_name: str = "config"):
@@ -54,6 +57,9 @@ def load(overrides=(), *, run_dir: str | Path | None = None, config_name: str = 
         raise UserError(f"{getattr(exc, 'full_key', 'config')}: {str(exc).splitlines()[0]}") from None
     with open_dict(cfg):
         del cfg["hydra"]
-    save_config(cfg, target, overrides)
+    with contextlib.suppress(UserError):  # a bad `parallel` group: the runner reports it (report.json, exit 2)
+        target = Path(agree_run_dir(parallel_spec(cfg), str(target)))  # tensor parallel: rank 0's directory
+    if env_rank(cfg.get("parallel")) == 0:  # other ranks write nothing but their log
+        save_config(cfg, target, overrides)
     OmegaConf.set_readonly(cfg, True)
     return run(cfg, target)

@@ -18,6 +18,7 @@ LAYERS = [
     ("pipeline.engine",),
     ("pipeline.stages",),
     ("pipeline.measure",),
+    ("pipeline.parallel",),
     ("pipeline.loading",),
     ("pipeline.planning",),
     ("pipeline.quant",),

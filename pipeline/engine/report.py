@@ -27,6 +27,8 @@ def format_summary(report: dict, run_dir) -> str:
     lines.append("stages: " + "  ".join(f"{s['name']} {s['status']} {s['seconds']:.2f}s" for s in report["stages"]))
     if report.get("plan"):
         lines += _memory_table(report["plan"], report.get("validation") or {})
+    if report.get("parallel"):
+        lines += _rank_table(report["parallel"])
     load = report.get("load")
     if load:
         lines.append(
@@ -59,6 +61,33 @@ def _memory_table(plan: dict, validation: dict) -> list[str]:
         )
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
     return ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+
+
+def _rank_table(parallel: dict) -> list[str]:
+    """Tensor parallel: every rank's predicted, measured and read bytes (the table above is rank 0's)."""
+    lines = [f"tensor parallel: {parallel['world_size']} ranks ({parallel['backend']})"]
+    rows = [("rank", "device", "predicted", "measured", "planned read", "read")]
+    for r in parallel["ranks"]:
+        measured, read = r.get("measured_bytes"), r.get("bytes_read")
+        rows.append(
+            (
+                str(r["rank"]),
+                r["device"],
+                format_bytes(r["predicted_bytes"]),
+                format_bytes(measured) if measured is not None else "-",
+                format_bytes(r["read_bytes"]),
+                format_bytes(read) if read is not None else "-",
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(6)]
+    lines += ["  " + "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
+    found = parallel.get("logits") or {}
+    if found.get("max_abs_diff") is not None:
+        lines.append(
+            f"logits vs single process: max |diff| {found['max_abs_diff']:.3g} of max |logit| "
+            f"{found['max_abs_reference']:.3g}" + (f" (tolerance {found['tolerance']:g})" if found["tolerance"] else "")
+        )
+    return lines
 
 
 def _quantization_line(quant: dict) -> str:

@@ -16,6 +16,9 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from ..errors import OutOfMemory, PipelineError, UserError
+from ..parallel.group import ensure_group
+from ..parallel.launch import parallel_spec
+from ..parallel.spec import env_rank
 from ..quant.spec import QuantSpec
 from ..stages.context import LoadContext
 from .artifacts import write_json
@@ -51,10 +54,14 @@ def run(cfg: DictConfig, run_dir: Path | str, *, reuse: bool = False) -> LoadRes
     ctx = LoadContext(cfg=cfg, run_dir=run_dir, report=new_report())
     report = ctx.report
     error: BaseException | None = None
-    with _log_to(run_dir / "run.log"):
+    rank = env_rank(cfg.get("parallel"))  # tensor parallel: only rank 0 writes report.json and artifacts
+    with _log_to(run_dir / ("run.log" if rank == 0 else f"run.rank{rank}.log"), rank):
         try:
             stages = bind_stages(cfg)
             ctx.quant = _quant_spec(cfg)
+            ctx.parallel = parallel_spec(cfg)
+            ensure_group(ctx.parallel)
+            reuse = reuse and not ctx.parallel.enabled
             ctx, done, key = _take_reused(ctx, stages) if reuse else (ctx, [], None)
             for i, (name, stage) in enumerate(stages):
                 if name in done:
@@ -70,7 +77,8 @@ def run(cfg: DictConfig, run_dir: Path | str, *, reuse: bool = False) -> LoadRes
         except Exception as exc:
             error = _unexpected_error(exc, ctx, run_dir)
         finally:
-            write_json(run_dir / "report.json", report)
+            if rank == 0:
+                write_json(run_dir / "report.json", report)
     result = LoadResult(ctx.model, report, run_dir)
     if error is not None:
         error.result = result
@@ -82,7 +90,9 @@ def start_context(cfg: DictConfig, run_dir: Path | str) -> LoadContext:
     """A fresh context for `cfg` (what run() starts from): empty report, validated quantization spec."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    return LoadContext(cfg=cfg, run_dir=run_dir, report=new_report(), quant=_quant_spec(cfg))
+    return LoadContext(
+        cfg=cfg, run_dir=run_dir, report=new_report(), quant=_quant_spec(cfg), parallel=parallel_spec(cfg)
+    )
 
 
 def _take_reused(ctx: LoadContext, stages) -> tuple[LoadContext, list[str], str | None]:
@@ -172,12 +182,13 @@ def _write_artifacts(ctx: LoadContext) -> None:
     """Files a stage produced (plan.json...), written atomically into the run directory."""
     while ctx.artifacts:
         name, doc = ctx.artifacts.popitem()
-        write_json(ctx.run_dir / name, doc)
+        if ctx.parallel.is_main:  # tensor parallel: rank 0 writes for all ranks
+            write_json(ctx.run_dir / name, doc)
 
 
 @contextmanager
-def _log_to(path: Path):
-    """The pipeline's log lines go to run.log (and to stderr, once per process)."""
+def _log_to(path: Path, rank: int = 0):
+    """The pipeline's log lines go to run.log (and to stderr, once per process; tagged with the rank when not 0)."""
     logger = logging.getLogger("pipeline")
     logger.setLevel(logging.INFO)
     logger.propagate = False  # Hydra's root handler would print every line twice
@@ -187,7 +198,8 @@ def _log_to(path: Path):
     logger.addHandler(handler)
     if not any(getattr(h, "_pipeline_console", False) for h in logger.handlers):
         console = logging.StreamHandler()
-        console.setFormatter(logging.Formatter("[%(levelname)s] %(message)s"))
+        tag = f" rank {rank}" if rank else ""
+        console.setFormatter(logging.Formatter(f"[%(levelname)s{tag}] %(message)s"))
         console._pipeline_console = True
         logger.addHandler(console)
     try:

@@ -18,13 +18,14 @@ from dataclasses import dataclass
 import torch
 from safetensors import safe_open
 
-from ..dtypes import SAFETENSORS_DTYPES
+from ..dtypes import SAFETENSORS_DTYPES, itemsize
 from ..errors import UserError
 from ..planning import Plan, TensorPlan
 from ..quant.spec import QuantSpec
 from .assemble import Assembler
 from .assign import finish_skeleton_tensors, place, tie
 from .progress import progress_bar, tick
+from .slices import SliceReader
 from .streamer import Item, ShardStreamer
 
 READERS = ("auto", "stream", "safetensors")
@@ -54,6 +55,7 @@ class LoadStats:
     tensors: int
     streamed: int
     mapped: int
+    sliced: int = 0  # tensor parallel: tensors of which only this rank's slice was read
 
 
 def target_devices(plan: Plan) -> dict[str, torch.device]:
@@ -75,6 +77,8 @@ def load_tensors(
         for t in plan.tensors.values()
         if t.source and t.device != "disk" and t.conversion is None
     ]
+    sliced = [(i, t) for i, t in todo if t.slice is not None]  # tensor parallel: this rank's shards only
+    todo = [(i, t) for i, t in todo if t.slice is None]
     todo += [(checkpoint.tensors[key], None) for key in assembler.uses]  # sources of converted tensors
 
     def device_of(info, t):
@@ -92,7 +96,8 @@ def load_tensors(
     )
     streamed_names = {i.name for i, _ in streamed}
     mapped = [(i, t) for i, t in todo if i.name not in streamed_names]
-    bar = progress_bar(sum(i.nbytes for i, _ in todo), len(todo), options.progress)
+    slice_total = sum(t.slice.nbytes(itemsize(SAFETENSORS_DTYPES[i.dtype])) for i, t in sliced)
+    bar = progress_bar(sum(i.nbytes for i, _ in todo) + slice_total, len(todo) + len(sliced), options.progress)
 
     saved = SavedStats(plan, checkpoint)
 
@@ -103,6 +108,7 @@ def load_tensors(
             place(model, t, tensor, devices[t.device], spec, saved.of(t))
 
     start = time.perf_counter()
+    sliced_bytes = _read_sliced(model, sliced, devices, spec, bar)
     if streamed:
         _stream(streamed, device_of, put, options, bar)
     _read_mapped(mapped, put, bar, pickled)
@@ -115,7 +121,8 @@ def load_tensors(
     if bar is not None:
         bar.close()
     saved.close()
-    return LoadStats(seconds, sum(i.nbytes for i, _ in todo), len(todo), len(streamed), len(mapped))
+    read = sum(i.nbytes for i, _ in todo) + sliced_bytes
+    return LoadStats(seconds, read, len(todo) + len(sliced), len(streamed), len(mapped), len(sliced))
 
 
 def _stream(pairs, device_of, put, options: ReaderOptions, bar) -> None:
@@ -138,6 +145,16 @@ def _stream(pairs, device_of, put, options: ReaderOptions, bar) -> None:
 
 def _in_place(info, t: TensorPlan) -> bool:
     return not t.quantized and SAFETENSORS_DTYPES[info.dtype] == t.dtype
+
+
+def _read_sliced(model, pairs, devices, spec, bar) -> int:
+    """Tensor parallel: only this rank's byte ranges of each tensor (loading/slices.py), cast or quantized as a shard."""
+    with SliceReader() as reader:
+        for info, t in sorted(pairs, key=lambda p: (p[0].file, p[0].start)):
+            before = reader.bytes_read
+            place(model, t, reader.read(info, t.slice), devices[t.device], spec)
+            _advance(bar, reader.bytes_read - before)
+        return reader.bytes_read
 
 
 def _read_mapped(pairs, put, bar, pickled) -> None:

@@ -10,7 +10,7 @@ import logging
 import torch
 
 from ..planning import Plan
-from .memory import device_str, measured_bytes
+from .memory import device_str, local_tensor, measured_bytes
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +27,8 @@ CHECKS = (
     "weights_finite",
     "forward_finite",
 )
+# Checks of tensor-parallel runs only: the gathered logits equal the single-process model's.
+PARALLEL_CHECKS = ("matches_single_process",)
 
 
 class CheckLog:
@@ -115,11 +117,11 @@ def names_list(names) -> str:
 
 
 def named_tensors(model):
-    """Parameters, then buffers, each name once."""
+    """Parameters (a tensor-parallel rank's own shards), then buffers, each name once."""
     seen = set()
     for n, p in model.named_parameters(remove_duplicate=False):
         seen.add(n)
-        yield n, p
+        yield n, local_tensor(p)
     for n, b in model.named_buffers(remove_duplicate=False):
         if n not in seen:
             yield n, b

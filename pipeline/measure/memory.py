@@ -60,6 +60,12 @@ def quant_state_tensors(state) -> list:
     return [t for t in out if isinstance(t, torch.Tensor)]
 
 
+def local_tensor(t):
+    """A tensor-parallel parameter's own shard (a DTensor's local tensor); any other tensor as it is."""
+    to_local = getattr(t, "to_local", None)
+    return to_local() if callable(to_local) else t
+
+
 def measured_bytes(model: torch.nn.Module, offload=None) -> dict[str, int]:
     """Bytes held per device by parameters, buffers and quantization state, each storage counted once,
     plus what accelerate holds for offloaded modules (CPU copies, tensors referenced on disk)."""
@@ -69,6 +75,7 @@ def measured_bytes(model: torch.nn.Module, offload=None) -> dict[str, int]:
     def add(t):
         if t is None or t.device.type == "meta":
             return
+        t = local_tensor(t)  # tensor parallel: the bytes this rank holds
         key = (str(t.device), t.data_ptr(), t.numel(), t.dtype)
         if key in seen:
             return

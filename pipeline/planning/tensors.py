@@ -23,6 +23,7 @@ from ..names import matches
 from ..quant.formats.bnb_keys import check_saved_shape
 from ..quant.sizes import quantized_nbytes, quantized_storage_dtype
 from ..quant.spec import QuantSpec
+from .slices import TensorSlice
 
 CONV1D_TRANSPOSE = "Transpose(0, 1) (Conv1D weight, as transformers' bitsandbytes integration)"
 
@@ -40,6 +41,7 @@ class TensorPlan:
     device: str = "cpu"
     conversion: Conversion | None = None  # assembled from checkpoint tensors (source is the first of them)
     load_dtype: torch.dtype | None = None  # int8 weights: the dtype the policy loads them in before quantizing
+    slice: TensorSlice | None = None  # tensor parallel: this rank's shard (shape above is the shard's)
 
     def to_json(self) -> dict:
         out = {"device": self.device, "dtype": dtype_name(self.dtype), "bytes": self.nbytes, "shape": list(self.shape)}
@@ -51,6 +53,8 @@ class TensorPlan:
             out["tied_to"] = self.tied_to
         if self.conversion:
             out["conversion"] = self.conversion.to_json()
+        if self.slice is not None:
+            out["slice"] = self.slice.to_json()
         return out
 
 

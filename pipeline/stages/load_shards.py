@@ -15,6 +15,8 @@ from ..loading.hf_attributes import set_hf_attributes
 from ..loading.offload import dispatch
 from ..loading.shards import ReaderOptions, load_tensors, target_devices
 from ..measure.memory import PeakAnonSampler
+from ..parallel.group import all_gather
+from ..parallel.hooks import distribute
 from .context import LoadContext
 
 log = logging.getLogger(__name__)
@@ -41,6 +43,8 @@ def load_shards(
     model.eval()  # a loaded model is for inference, as from_pretrained returns it
     if plan.needs_dispatch:
         ctx.offload = dispatch(model, plan, ctx.checkpoint)
+    if ctx.parallel.enabled:  # the shards as transformers' tensor-parallel forward expects them, hooks installed
+        distribute(model, plan, ctx.parallel)
     set_hf_attributes(model, plan.device_map, ctx.quant, plan.quantized_modules)
     ctx.loaded = True
     seconds = stats.seconds
@@ -58,6 +62,16 @@ def load_shards(
         "missing_keys": plan.missing,
         "unexpected_keys": plan.unexpected,
     }
+    if ctx.parallel.enabled:
+        _gather_ranks(ctx)
     log.info(
         "loaded %d bytes in %.2f s (%.2f GB/s)", stats.bytes_read, seconds, stats.bytes_read / max(seconds, 1e-9) / 1e9
     )
+
+
+def _gather_ranks(ctx: LoadContext) -> None:
+    """Tensor parallel: every rank's bytes read (its slices only) beside its plan, in rank 0's report."""
+    load = ctx.report["load"]
+    mine = {k: load[k] for k in ("seconds", "bytes_read", "peak_host_anon_bytes", "peak_gpu_bytes")}
+    for rank, row in enumerate(all_gather(mine, ctx.parallel)):
+        ctx.report["parallel"]["ranks"][rank].update(row)

@@ -11,6 +11,9 @@ import logging
 
 from ..checkpoint import open_checkpoint
 from ..dtypes import DtypePolicy
+from ..parallel.inputs import check_inputs
+from ..parallel.shard_plan import plan_table as rank_table
+from ..parallel.shard_plan import shard_plans
 from ..planning import build_plan
 from ..planning.device_map import resolve_max_memory
 from ..planning.document import plan_document, plan_table
@@ -39,7 +42,8 @@ def plan(
     ctx.report["checkpoint"] = checkpoint.summary()
     spec, selection = _quantization(ctx, checkpoint)
     policy = DtypePolicy(spec.unquantized_dtype or dtype, dict(dtype_overrides or {}))
-    caps = resolve_max_memory(max_memory) if strategy not in ("cpu", "explicit") or max_memory else {}
+    parallel = ctx.parallel
+    placed, device_map, caps = _placement(ctx, checkpoint, spec, strategy, device_map, max_memory)
     result = build_plan(
         model,
         checkpoint,
@@ -49,10 +53,13 @@ def plan(
         tied_groups=ctx.tied_groups,
         keep_in_fp32=ctx.keep_in_fp32,
         no_split=ctx.no_split,
-        strategy=strategy,
+        strategy=placed,
         explicit_map=device_map,
         max_memory=caps,
     )
+    if parallel.enabled:
+        ctx.rank_plans = shard_plans(ctx.model, result, checkpoint, parallel, spec, max_memory)
+        result = ctx.rank_plans[parallel.rank].plan
     ctx.plan, ctx.quant, ctx.dtype_policy = result, spec, policy
     doc = plan_document(
         result,
@@ -64,14 +71,44 @@ def plan(
         no_split=ctx.no_split,
         tied_groups=ctx.tied_groups,
     )
-    ctx.artifacts[output] = doc  # the engine writes it into the run directory
     ctx.report["plan"] = {
         "strategy": strategy,
-        "max_memory": caps,
+        "max_memory": result.max_memory,
         "device_map": result.device_map,
         "predicted_bytes": result.predicted_bytes,
     }
+    if parallel.enabled:
+        _parallel_sections(ctx, doc)
+    ctx.artifacts[output] = doc  # the engine writes it into the run directory
     _log_plan(result, strategy)
+
+
+def _placement(ctx: LoadContext, checkpoint, spec, strategy: str, device_map, max_memory):
+    """(strategy, map, caps) for build_plan. Tensor parallel: the rank's own device, no caps here (they apply
+    to each rank's shards, checked by the shard plan), after refusing what cannot be combined with it."""
+    parallel = ctx.parallel
+    if parallel.enabled:
+        check_inputs(
+            parallel, strategy=strategy, device_map=device_map, max_memory=max_memory, checkpoint=checkpoint, spec=spec
+        )
+        return "explicit", {"": parallel.device_of(parallel.rank)}, {}
+    caps = resolve_max_memory(max_memory) if strategy not in ("cpu", "explicit") or max_memory else {}
+    return strategy, device_map, caps
+
+
+def _parallel_sections(ctx: LoadContext, doc: dict) -> None:
+    """plan.json and report.json get every rank's plan; the log prints one line per rank."""
+    ranks = ctx.rank_plans
+    base = {"mode": "tensor", "world_size": ctx.parallel.world_size, "backend": ctx.parallel.backend}
+    doc["parallel"] = {**base, "ranks": [r.to_json() for r in ranks]}
+    ctx.report["parallel"] = {
+        **base,
+        "ranks": [
+            {"rank": r.rank, "device": r.device, "predicted_bytes": r.predicted_bytes, "read_bytes": r.read_bytes}
+            for r in ranks
+        ],
+    }
+    log.info("tensor parallel over %d ranks (%s):\n%s", len(ranks), ctx.parallel.backend, rank_table(ranks))
 
 
 def _quantization(ctx: LoadContext, checkpoint):

@@ -10,10 +10,14 @@ loaded model's logits error against it, forward throughput and a greedy continua
 
 from __future__ import annotations
 
+import torch
+
 from ..errors import CheckFailed, UserError
-from ..measure.checks import CHECKS, CheckLog, check_memory, check_tensors, check_weights_finite
+from ..measure import single_process
+from ..measure.checks import CHECKS, PARALLEL_CHECKS, CheckLog, check_memory, check_tensors, check_weights_finite
 from ..measure.metrics import METRICS, MetricSettings, measure_quality
 from ..measure.reference import streamed_reference
+from ..parallel.group import all_gather, broadcast
 from .context import LoadContext
 
 
@@ -23,6 +27,7 @@ def validate(
     checks: dict | None = None,
     metrics: dict | None = None,
     plan_tolerance: float = 0.01,
+    single_process_tolerance: float = 1e-5,
     eval_text: str | None = None,
     max_eval_tokens: int = 512,
     prompt: str = "The capital of France is",
@@ -30,7 +35,7 @@ def validate(
 ) -> None:
     plan = ctx.require("plan", "validate", "plan")
     ctx.require("loaded", "validate", "load_shards")
-    check = CheckLog(_switches(checks, CHECKS, "checks"))
+    check = CheckLog(_switches(checks, CHECKS + PARALLEL_CHECKS, "checks"))
     settings = MetricSettings(
         _switches(metrics, METRICS, "metrics"), eval_text, max_eval_tokens, prompt, max_new_tokens
     )
@@ -50,9 +55,13 @@ def validate(
             check,
             settings,
             quantized=ctx.quant.enabled,
-            make_reference=lambda: _reference(ctx),
+            make_reference=lambda: _reference(ctx) if ctx.parallel.is_main else None,
             reference_dtype=ctx.dtype_policy.name,
         )
+    if ctx.parallel.enabled and not meta:
+        _against_single_process(ctx, check, single_process_tolerance, found.get("logits_rel_error"))
+    if ctx.parallel.enabled:
+        _merge_ranks(ctx, check, measured, plan_error)
     ctx.report["validation"] = {
         "checks": check.results,
         "failures": check.failures,
@@ -85,6 +94,47 @@ def _reference(ctx: LoadContext):
         keep_in_fp32=ctx.keep_in_fp32,
         no_split=ctx.no_split,
     )
+
+
+def _against_single_process(ctx: LoadContext, check: CheckLog, tolerance: float, known_error) -> None:
+    """Tensor parallel: every rank runs the sharded forward; rank 0 compares it with the single-process model."""
+    logits = single_process.sharded_logits(ctx.model)
+    found = None
+    if ctx.parallel.is_main:
+        found = single_process.compare(
+            logits,
+            lambda: _reference(ctx),
+            ctx.model,
+            quantized=ctx.quant.enabled,
+            tolerance=tolerance,
+            known_error=known_error,
+        )
+        if ctx.parallel.save_logits:
+            torch.save(logits, ctx.run_dir / "logits.pt")
+    found = broadcast(found, ctx.parallel)  # every rank records the same checks, so every rank exits alike
+    if found.get("matches") is not None:
+        why = (
+            f"gathered logits differ from the single-process model by {found['max_abs_diff']:.3g} "
+            f"(tolerance {tolerance:g} x {found['max_abs_reference']:.3g})"
+        )
+        check("matches_single_process", found["matches"], why)
+    ctx.report["parallel"]["logits"] = found
+
+
+def _merge_ranks(ctx: LoadContext, check: CheckLog, measured: dict, plan_error: dict) -> None:
+    """Every rank's checks and memory in the report; a check holds only if it holds on every rank."""
+    mine = {"checks": check.results, "failures": check.failures, "measured": measured, "error": plan_error}
+    rows = all_gather(mine, ctx.parallel)
+    merged = {name: all(r["checks"].get(name, True) for r in rows) for name in check.results}
+    failures: dict[str, str] = {}
+    for rank, row in enumerate(rows):
+        entry = ctx.report["parallel"]["ranks"][rank]
+        entry["measured_bytes"] = sum(row["measured"].values())
+        entry["plan_error"] = max(row["error"].values(), key=abs, default=0.0)
+        entry["checks_passed"] = all(row["checks"].values())
+        for name, why in row["failures"].items():
+            failures[name] = f"{failures[name]}; rank {rank}: {why}" if name in failures else f"rank {rank}: {why}"
+    check.results, check.failures = merged, failures
 
 
 def _switches(given, names, key) -> dict[str, bool]:

@@ -1,0 +1,58 @@
+"""Tensor parallel: do the sharded model's (gathered) logits equal the single-process model's?
+
+The single-process model is the streamed reference (measure/reference.py): the same
+checkpoint, unsharded, in the run's dtype policy, read layer by layer, so no rank ever
+holds the whole model. Every rank runs the sharded forward (it has collectives); only
+the rank that asks builds the reference. For an unquantized load the two compute the
+same function, and differ only by the order of the rowwise partial sums (fp32: about
+1e-7 of the largest logit); `tolerance` (relative to the largest reference logit) is
+the bar for the `matches_single_process` check. An int8 load is compared with the
+unquantized reference (its quantization error), with no bar: it is reported.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from . import quality
+
+
+def sharded_logits(model) -> torch.Tensor:
+    """The fixed-token forward of the sharded model (run it on every rank)."""
+    out, _ = quality.forward_output(model, quality.fixed_inputs(model))
+    return out
+
+
+def compare(
+    logits: torch.Tensor,
+    make_reference: Callable[[], torch.nn.Module | None],
+    model,
+    *,
+    quantized: bool,
+    tolerance: float,
+    known_error: float | None = None,
+) -> dict:
+    """Max and relative difference to the single-process reference; `matches` is None when there is no bar.
+
+    `known_error`: an int8 load's logits error that the quality metrics already measured against the
+    same reference (validation.metrics.logits_rel_error): used as is, not streamed a second time.
+    """
+    if quantized and known_error is not None:
+        return {"reference": "single process, unquantized", "relative_error": known_error, "matches": None}
+    ref = make_reference()
+    if ref is None:
+        return {"reference": "none (pickle, saved-quantized or incomplete checkpoint)"}
+    ref_out, _ = quality.forward_output(ref, quality.fixed_inputs(model))
+    diff = (logits - ref_out).abs().max().item()
+    scale = ref_out.abs().max().item()
+    found = {
+        "reference": "single process, unquantized" if quantized else "single process, same dtypes",
+        "max_abs_diff": diff,
+        "max_abs_reference": scale,
+        "relative_error": round(quality.relative_error(logits, ref_out), 9),
+        "tolerance": None if quantized else tolerance,
+        "matches": None if quantized else diff <= tolerance * scale,
+    }
+    return found

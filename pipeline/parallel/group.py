@@ -1,0 +1,67 @@
+"""The torch.distributed process group of a tensor-parallel run, its device mesh, and the few collectives we use.
+
+The group is made from torchrun's environment (env:// rendezvous): gloo on the CPU,
+NCCL with one GPU per rank. Everything a rank tells another goes through here.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from .spec import ParallelSpec
+
+_mesh = None
+
+
+def ensure_group(spec: ParallelSpec) -> None:
+    """Join the process group once per process (a no-op when it exists or for a dry run)."""
+    if not spec.distributed or dist.is_initialized():
+        return
+    device_id = None
+    if spec.device_type == "cuda":
+        torch.cuda.set_device(spec.local_rank)
+        device_id = torch.device("cuda", spec.local_rank)
+    dist.init_process_group(
+        backend=spec.backend,
+        timeout=timedelta(seconds=spec.timeout_s),
+        device_id=device_id if spec.backend == "nccl" else None,
+    )
+
+
+def mesh(spec: ParallelSpec):
+    """The 1-D device mesh over all ranks that transformers' tensor-parallel styles work on."""
+    global _mesh
+    if _mesh is None:
+        ensure_group(spec)
+        from torch.distributed.device_mesh import init_device_mesh
+
+        _mesh = init_device_mesh(spec.device_type, (spec.world_size,), mesh_dim_names=("tp",))
+    return _mesh
+
+
+def broadcast(obj, spec: ParallelSpec):
+    """Rank 0's `obj` on every rank (the object itself for a dry run)."""
+    if not spec.distributed:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def all_gather(obj, spec: ParallelSpec) -> list:
+    """Every rank's `obj`, in rank order, on every rank."""
+    if not spec.distributed:
+        return [obj]
+    out = [None] * spec.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def shutdown() -> None:
+    global _mesh
+    _mesh = None
+    if dist.is_initialized():
+        dist.destroy_process_group()

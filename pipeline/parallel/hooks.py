@@ -1,0 +1,85 @@
+"""The sharded forward: transformers' own tensor-parallel styles, installed on the loaded shards.
+
+We reuse transformers (`transformers.distributed.tensor_parallel`, the registry
+ALL_PARALLEL_STYLES): each style's `install_forward` wraps the module's forward with
+the collectives it needs (colwise: none, the output stays sharded; rowwise: all-reduce
+of the partial sums, bias added once; colwise_gather_output: all-gather of the logits;
+embedding_rowwise: masked lookups summed by DTensor). What we do ourselves is put the
+weights in: the shards this rank read become what transformers' `shard_param` makes of a
+meta weight, a DTensor with the style's placement (we ask the style for that placement
+and check it against the plan's dim), so the hooks see exactly the parameters they were
+written for. int8 weights stay plain local `Int8Params` (bitsandbytes cannot hold a
+DTensor) and their modules take transformers' local path for quantized layers.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import PipelineError
+from ..planning import Plan
+from .group import mesh as device_mesh
+from .spec import ParallelSpec
+from .styles import model_plan
+
+
+def distribute(model: torch.nn.Module, plan: Plan, parallel: ParallelSpec) -> None:
+    """Wrap this rank's loaded shards as DTensors and install the model's tensor-parallel forward hooks."""
+    from transformers.distributed.tensor_parallel import ALL_PARALLEL_STYLES
+
+    mesh = device_mesh(parallel)
+    styles = model_plan(model)
+    modules = dict(model.named_modules())
+    for t in plan.tensors.values():
+        if t.slice is None or t.tied_to or t.quantized:
+            continue
+        mod_name, _, leaf = t.name.rpartition(".")
+        module = modules[mod_name]
+        placement = _placement(ALL_PARALLEL_STYLES[t.slice.style], module, leaf, t, mesh)
+        _wrap(module, leaf, placement, t, mesh)
+    _retie(model, plan, modules)
+    for name, style in styles.items():
+        module = modules.get(name)
+        if module is None:
+            continue  # a parameter entry: its shard is in place already
+        if type(module).__name__ in ("Linear8bitLt", "Linear4bit"):
+            module._hf_quantized_needs_local_tp = True  # transformers' local path for quantized layers
+        ALL_PARALLEL_STYLES[style].install_forward(module, mesh)
+
+
+def _placement(style, module, leaf: str, t, mesh):
+    """The placement transformers' style gives this parameter (it shards a meta copy); must match our plan."""
+    from torch.distributed.tensor import Shard
+
+    loaded = module._parameters[leaf]
+    module._parameters[leaf] = torch.nn.Parameter(
+        torch.empty(t.slice.full_shape, dtype=loaded.dtype, device="meta"), requires_grad=False
+    )
+    try:
+        style.shard_param(module, leaf, mesh)
+        placements = getattr(module._parameters[leaf], "placements", None)
+    finally:
+        module._parameters[leaf] = loaded
+    placement = placements[0] if placements else None
+    if not isinstance(placement, Shard) or placement.dim % len(t.slice.full_shape) != t.slice.dim:
+        raise PipelineError(f"{t.name}: transformers places it as {placement}, our plan sharded dim {t.slice.dim}")
+    return placement
+
+
+def _wrap(module, leaf: str, placement, t, mesh) -> None:
+    from torch.distributed.tensor import DTensor
+
+    local = module._parameters[leaf].data
+    full = t.slice.full_shape
+    stride = torch.empty(full, device="meta").stride()
+    value = DTensor.from_local(local, mesh, [placement], run_check=False, shape=full, stride=stride)
+    module._parameters[leaf] = torch.nn.Parameter(value, requires_grad=False)
+
+
+def _retie(model, plan: Plan, modules) -> None:
+    """Tied members point at their head again (the head was just re-wrapped)."""
+    for t in plan.tensors.values():
+        if t.tied_to and t.kind == "param":
+            head_mod, _, head_leaf = t.tied_to.rpartition(".")
+            mod_name, _, leaf = t.name.rpartition(".")
+            modules[mod_name]._parameters[leaf] = modules[head_mod]._parameters[head_leaf]

@@ -1,0 +1,65 @@
+"""The model's own tensor-parallel plan, as transformers carries it, and which dim of each tensor a style shards.
+
+transformers models name a style per module (`config.base_model_tp_plan`, the class's
+`_tp_plan`; Llama: `layers.*.self_attn.q_proj: colwise`, `o_proj: rowwise`, `lm_head:
+colwise_gather_output`, and the input embedding `embedding_rowwise`). We read that plan
+through transformers (`model.tp_plan`, expanded to concrete names by the model's own
+`_expand_parallel_plan`) rather than keeping a table of our own per architecture. The
+dims below are the placements transformers' styles give (ColwiseParallel: Shard(ndim-2),
+bias Shard(0); RowwiseParallel: Shard(-1), bias replicated; EmbeddingParallel: its
+shard_dim); hooks.py checks them against the styles themselves when it wraps the shards.
+"""
+
+from __future__ import annotations
+
+from ..errors import UserError
+
+COLWISE = ("colwise", "colwise_gather_output", "colwise_rep")
+ROWWISE = ("rowwise", "rowwise_rep", "rowwise_split_input")
+EMBEDDING = {"embedding_rowwise": 0, "embedding_colwise": 1}
+SUPPORTED = (*COLWISE, *ROWWISE, *EMBEDDING)
+
+
+def model_plan(model) -> dict[str, str]:
+    """Concrete module and parameter names -> style, from the model's own plan; exit 2 when it has none."""
+    plan = dict(getattr(model, "tp_plan", None) or {})
+    if not plan or not hasattr(model, "_expand_parallel_plan"):
+        raise UserError(
+            f"parallel=tensor: {type(model).__name__} has no tensor-parallel plan (no config.base_model_tp_plan "
+            "or _tp_plan in transformers); load it with parallel=none"
+        )
+    expanded = model._expand_parallel_plan(plan)
+    unsupported = {name: style for name, style in expanded.items() if style not in SUPPORTED}
+    if unsupported:
+        name, style = next(iter(unsupported.items()))
+        raise UserError(
+            f"parallel=tensor: {type(model).__name__} shards {name} with style {style!r}, which we do not load "
+            f"yet (supported: {', '.join(SUPPORTED)}); load it with parallel=none"
+        )
+    return expanded
+
+
+def shard_dim(style: str, leaf: str, ndim: int) -> int | None:
+    """The dim of parameter `leaf` (weight, bias) that `style` shards; None when it stays whole on every rank."""
+    if style in COLWISE:
+        return max(ndim - 2, 0)
+    if style in ROWWISE:
+        return None if leaf == "bias" else ndim - 1
+    return EMBEDDING[style]
+
+
+def check_heads(model, plan: dict[str, str], world: int) -> None:
+    """Attention heads must not be cut across ranks: world must divide the query and key/value head counts."""
+    from transformers.distributed.tensor_parallel import get_kv_heads_per_rank
+
+    config = getattr(model, "config", None)
+    if config is None:
+        return
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for field, what in (("num_attention_heads", "attention"), ("num_key_value_heads", "key/value")):
+        heads = getattr(text, field, None)
+        if isinstance(heads, int) and get_kv_heads_per_rank(plan, heads, world) is None:
+            raise UserError(
+                f"parallel.world_size={world} does not divide the {heads} {what} heads of {type(model).__name__} "
+                f"(config.json {field}); a head cannot be cut across ranks: use a world size that divides {heads}"
+            )
