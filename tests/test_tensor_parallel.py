@@ -278,3 +278,13 @@ def test_other_plans_load_and_match(arch, tmp_path):
     for r in report["parallel"]["ranks"]:
         assert r["bytes_read"] == r["read_bytes"] < report["checkpoint"]["bytes"]
         assert r["measured_bytes"] == r["predicted_bytes"]
+
+
+def test_converted_tensors_are_refused_before_any_byte_is_read(tmp_path):
+    """Mixtral's experts (fused from per-expert checkpoint tensors, sharded packed): not loaded yet, said at plan time."""
+    from architectures import BY_FAMILY, build
+
+    path = build(BY_FAMILY["mixtral"], tmp_path / "mixtral")
+    with pytest.raises(UserError, match=r"experts\.gate_up_proj .*load it with parallel=none") as info:
+        load([f"checkpoint.path={path}", "parallel=tensor", "parallel.world_size=2", DRY], run_dir=tmp_path / "run")
+    assert info.value.result.report["load"] is None
