@@ -11,7 +11,10 @@ from __future__ import annotations
 
 from ..errors import CheckFailed, UserError
 from ..measure.checks import CHECKS, CheckLog, check_memory, check_tensors, check_weights_finite
-from ..measure.metrics import METRICS, MetricSettings, measure_quality
+from ..measure.cache import metric_cache
+from ..measure.memory import device_str
+from ..measure.metrics import METRICS, Costs, MetricSettings, measure_quality
+from ..measure.quality import input_device
 from ..measure.reference import streamed_reference
 from .context import LoadContext
 
@@ -38,6 +41,7 @@ def validate(
     measured, plan_error = check_memory(model, plan, ctx.offload, check, plan_tolerance)
     check_weights_finite(model, check)
     found: dict = {}
+    costs = Costs()
     if (
         getattr(model, "config", None) is not None
         and not meta
@@ -51,6 +55,8 @@ def validate(
             quantized=ctx.quant.enabled,
             make_reference=lambda: _reference(ctx),
             reference_dtype=ctx.dtype_policy.name,
+            cache=_cache(ctx, settings),
+            costs=costs,
         )
     ctx.report["validation"] = {
         "checks": check.results,
@@ -58,6 +64,7 @@ def validate(
         "measured_bytes": measured,
         "plan_error": plan_error,
         "metrics": found,
+        "metric_costs": costs.entries,  # seconds per metric, and whether it came from measure/cache.py
     }
     if check.failures:
         raise CheckFailed("; ".join(f"{k}: {v}" for k, v in check.failures.items()))
@@ -74,6 +81,11 @@ def _reference(ctx: LoadContext):
         keep_in_fp32=ctx.keep_in_fp32,
         no_split=ctx.no_split,
     )
+
+
+def _cache(ctx: LoadContext, settings: MetricSettings):
+    device = device_str(input_device(ctx.model))
+    return metric_cache(ctx.checkpoint, ctx.plan, ctx.dtype_policy, ctx.quant, settings, device)
 
 
 def _switches(given, names, key) -> dict[str, bool]:
