@@ -10,8 +10,8 @@ loaded model's logits error against it, forward throughput and a greedy continua
 from __future__ import annotations
 
 from ..errors import CheckFailed, UserError
-from ..measure.checks import CHECKS, CheckLog, check_memory, check_tensors, check_weights_finite
 from ..measure.cache import metric_cache
+from ..measure.checks import CHECKS, CheckLog, check_memory, check_tensors, check_weights_finite
 from ..measure.memory import device_str
 from ..measure.metrics import METRICS, Costs, MetricSettings, measure_quality
 from ..measure.quality import input_device
