@@ -135,6 +135,7 @@ def main(path: str, out: str | None) -> None:
     for t in grid_t:
         for c in (4, 16, 64):
             record("limit", min(limit(ck, t, c * 2**20) for _ in range(2)), threads=t, chunk_mib=c)
+            torch.cuda.empty_cache()
     d = machine_defaults()
     record(
         "streamer_defaults",

@@ -170,7 +170,7 @@ def methods_for(a, scratch: Path) -> list[dict]:
             shutil.rmtree(first_cache, ignore_errors=True)
 
         return [
-            dict(name="floor_int8", argv=me("--floor", "cpu", "--quant", "int8")),
+            dict(name="floor_int8", argv=me("--floor", "cpu", "--quant", "int8"), prime=True),
             dict(
                 name="ours_default_first",
                 argv=ours(f"hydra.run.dir={scratch}/first"),
@@ -195,8 +195,9 @@ def methods_for(a, scratch: Path) -> list[dict]:
                     f"checkpoint.path={a.dir}", "quantization=none", f"hydra.run.dir={scratch}/ours", *NO_METRICS
                 ),
                 run_dir=scratch / "ours",
+                prime=True,
             ),
-            dict(name="hf_fp32", argv=me("--peer", a.dir, "--device", "cpu", "--quant", "none")),
+            dict(name="hf_fp32", argv=me("--peer", a.dir, "--device", "cpu", "--quant", "none"), prime=True),
         ]
     if a.suite == "cpu-dry70b":
         caps = "memory.max_memory={0:40GiB,1:40GiB,cpu:200GiB}"
@@ -205,6 +206,7 @@ def methods_for(a, scratch: Path) -> list[dict]:
                 name="ours_dry_run_70b",
                 argv=ours(f"checkpoint.path={a.dir}", "+experiment=dry_run", caps, f"hydra.run.dir={scratch}/dry"),
                 run_dir=scratch / "dry",
+                prime=True,
             ),
             dict(name="floor_no_bnb", argv=me("--floor", "cpu", "--quant", "none")),
         ]
@@ -214,8 +216,9 @@ def methods_for(a, scratch: Path) -> list[dict]:
         over = [f"checkpoint.path={a.dir}", f"quantization={q}", "memory.max_memory={0: 120GiB}"]
         over += [f"hydra.run.dir={scratch}/ours_{q}", "quantization.unquantized_dtype=null", *NO_METRICS]
         over += a.ours_overrides.split()
-        out.append(dict(name=f"ours_{q}", argv=ours(*over), run_dir=scratch / f"ours_{q}"))
-        out.append(dict(name=f"hf_{q}", argv=me("--peer", a.dir, "--device", "cuda", "--quant", q)))
+        first = q == a.quant.split(",")[-1]  # one of each primes the bytecode cache
+        out.append(dict(name=f"ours_{q}", argv=ours(*over), run_dir=scratch / f"ours_{q}", prime=first))
+        out.append(dict(name=f"hf_{q}", argv=me("--peer", a.dir, "--device", "cuda", "--quant", q), prime=first))
     return out
 
 
@@ -246,15 +249,17 @@ def drive(a) -> None:
     t0 = time.perf_counter()
     scratch = Path(tempfile.mkdtemp(prefix="whole_process_"))
     methods = methods_for(a, scratch)
-    pyc_warm = scratch / "pyc_warm"
-    base_env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO), "PYTHONPYCACHEPREFIX": str(pyc_warm)}
+    path = os.pathsep.join([str(REPO)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []))
+    base_env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": path}
+    if a.suite == "gpu":  # the wheels there are installed without bytecode: keep it in one warm place
+        base_env["PYTHONPYCACHEPREFIX"] = str(scratch / "pyc_warm")
     modes = [("warm", "warm_pyc")]
     if a.cold:
         modes.append(("cold", "warm_pyc"))
     if a.cold_pyc:
         modes.append(("warm", "cold_pyc"))
     for m in methods:  # fills the bytecode cache, and the metric cache of the "repeated" method
-        if m.get("prime") or m is methods[0] or m["name"].startswith("ours"):
+        if m.get("prime"):
             s = run_child(m["name"], m["argv"], {**base_env, **m.get("env", {})}, a.timeout, m.get("run_dir"))
             print(json.dumps({"prime": s}), flush=True)
     samples = []
