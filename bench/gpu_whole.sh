@@ -14,6 +14,6 @@ python3 bench/h2d_limit.py $ck $OUT/limit.json 2>&1 | tail -40 > $OUT/limit.log
 tail -1 $OUT/limit.log
 left=$(( budget - ($(date +%s) - start) ))
 echo "whole-process budget ${left}s"
-python3 bench/whole_process.py --suite gpu --dir $ck --quant none,int8,nf4 --rounds ${ROUNDS:-2} ${EXTRA:-} \
+python3 bench/whole_process.py --suite gpu --dir $ck --quant none,int8,nf4 --rounds ${ROUNDS:-2} ${EXTRA:-} ${ONLY:+--only $ONLY} \
   --budget $left --timeout 200 --out $OUT/whole.json > $OUT/whole.log 2>&1
 grep -v '^{' $OUT/whole.log | tail -40
