@@ -59,8 +59,8 @@ def _sweep_value(cfg: DictConfig, report: dict):
 
 def _preflight(args: list[str]) -> None:
     """Compose once before Hydra does, so a bad override ends in one clear line and exit 2."""
-    if any(a.startswith("-") for a in args) or os.environ.get("PIPELINE_DEBUG"):
-        return  # multirun, --cfg, --help...: Hydra handles (and reports) these itself
+    if not args or any(a.startswith("-") for a in args) or os.environ.get("PIPELINE_DEBUG"):
+        return  # no overrides: nothing of the user's to check; multirun, --cfg, --help...: Hydra's own
     from .api import compose_config
     from .errors import UserError
 

@@ -8,6 +8,8 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# Every metric measured fresh unless a test asks for the cache (tests/test_metric_cache.py).
+os.environ.setdefault("MODEL_LOADER_METRICS_CACHE", "off")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

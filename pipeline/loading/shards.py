@@ -128,9 +128,9 @@ def load_tensors(
 def _stream(pairs, device_of, put, options: ReaderOptions, bar) -> None:
     by_name = {i.name: t for i, t in pairs}
     streamer = ShardStreamer(
-        options.threads,
-        options.chunk_mib * 2**20,
-        options.staging_mib * 2**20,
+        options.threads or None,  # None: from the machine (streamer.machine_defaults)
+        options.chunk_mib * 2**20 if options.chunk_mib else None,
+        options.staging_mib * 2**20 if options.staging_mib else None,
         options.temp_mib * 2**20,
         options.readahead,
     )

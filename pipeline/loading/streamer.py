@@ -17,6 +17,8 @@ trip through the CPU); the bytes of such temporaries in flight are bounded by
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import os
 import queue
 import threading
@@ -64,19 +66,43 @@ class _Slots:
         self._free.put((slot, event))
 
 
+@dataclass(frozen=True)
+class ReaderShape:
+    threads: int
+    chunk: int
+    staging: int
+
+
+def machine_defaults(threads: int | None = None, chunk: int | None = None, staging: int | None = None) -> ReaderShape:
+    """Reader threads, chunk bytes and pinned pool from this machine where not given.
+
+    Three threads for every four cores, at most 12, 16 MiB chunks, two pinned chunks per
+    thread, never more than 1/64 of the machine's memory pinned. Measured on the 16-core
+    H200 host (bench/h2d_limit.py): 12 x 16 MiB reached 87% of the raw pread->pinned->H2D
+    limit, 16 threads 79%, 8 threads 65%; 4 MiB chunks were slower at every count.
+    """
+    threads = int(threads) if threads else max(2, min(12, (os.cpu_count() or 8) * 3 // 4))
+    chunk = int(chunk) if chunk else 16 * 2**20
+    if not staging:
+        staging = 2 * threads * chunk
+        with contextlib.suppress(ValueError, OSError):
+            staging = min(staging, os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 64)
+    return ReaderShape(max(1, threads), max(4096, chunk), max(chunk, int(staging)))
+
+
 class ShardStreamer:
     def __init__(
         self,
-        threads: int = 8,
-        chunk_bytes: int = 16 * 2**20,
-        staging_bytes: int = 256 * 2**20,
+        threads: int | None = None,
+        chunk_bytes: int | None = None,
+        staging_bytes: int | None = None,
         temp_bytes: int = 2**30,
         readahead: bool = True,
     ):
+        """threads / chunk_bytes / staging_bytes None (or 0): chosen from the machine (machine_defaults)."""
         self.readahead = readahead
-        self.threads = max(1, int(threads))
-        self.chunk = max(4096, int(chunk_bytes))
-        self.staging = max(self.chunk, int(staging_bytes))
+        shape = machine_defaults(threads, chunk_bytes, staging_bytes)
+        self.threads, self.chunk, self.staging = shape.threads, shape.chunk, shape.staging
         self.temp_bytes = int(temp_bytes)
         self._fds: dict[str, int] = {}
         self._streams = threading.local()
@@ -95,6 +121,8 @@ class ShardStreamer:
         # beside the workers slowed warm loads by a third on the H100 host (0.85 s -> 1.13 s).
         cold = [f for f in dict.fromkeys(it.info.file for it in items) if self.readahead and resident_fraction(f) < 0.9]
         readahead = threading.Thread(target=self._readahead, args=(cold,), daemon=True)
+        collecting = gc.isenabled()
+        gc.disable()  # a full collection over a 7B skeleton's objects would stall every reader on the GIL
         try:
             if cold:
                 readahead.start()
@@ -109,12 +137,15 @@ class ShardStreamer:
                 while pending:
                     self._finish(pending.popleft(), finish)
         finally:
+            if collecting:
+                gc.enable()
             for fd in self._fds.values():
                 os.close(fd)
             self._fds.clear()
             self._slots = None
 
-    def _readahead(self, paths: list[str]) -> None:
+    @staticmethod
+    def _readahead(paths: list[str]) -> None:
         """Ask the kernel to read each cold shard front to back, one shard at a time.
 
         The workers' parallel chunk reads arrive out of order; on a cold page cache
@@ -166,11 +197,10 @@ class ShardStreamer:
             slot = self._slots.take()
             try:
                 _pread_into(fd, slot[:n], info.start + off, info)
-                stream = self._stream(dest.device)
-                with torch.cuda.stream(stream):
-                    dest[off : off + n].copy_(slot[:n], non_blocking=True)
-                    event = torch.cuda.Event()
-                    event.record(stream)
+                stream = self._stream(dest.device)  # this thread's current stream on that device
+                dest[off : off + n].copy_(slot[:n], non_blocking=True)
+                event = torch.cuda.Event()
+                event.record(stream)
             except BaseException:
                 self._slots.give(slot, None)
                 raise
@@ -184,8 +214,39 @@ class ShardStreamer:
         if streams is None:
             streams = self._streams.by_device = {}
         if device not in streams:
+            # Made current once per worker thread (torch's current stream is per thread): no
+            # stream context switch per chunk, which cost readers time on the GIL at 12+ threads.
             streams[device] = torch.cuda.Stream(device)
+            torch.cuda.set_stream(streams[device])
         return streams[device]
+
+
+def prefetch(paths: list[str], use_cuda: bool) -> threading.Thread:
+    """Start, in a daemon thread, what can overlap Python's imports of the model code: the kernel
+    reading the shards that are not in the page cache (one sequential stream per shard, as
+    `_readahead`), and the CUDA context when the load will use a GPU. Changes nothing that
+    is loaded; a warm page cache costs a few sampled mincore calls."""
+
+    def work():
+        if use_cuda:
+            with contextlib.suppress(Exception):
+                torch.cuda.init()
+        try:
+            budget = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES") // 2
+        except (ValueError, OSError):
+            budget = 0
+        cold = []
+        for p in paths:
+            with contextlib.suppress(OSError):
+                size = os.path.getsize(p)
+                if size <= budget and resident_fraction(p) < 0.9:
+                    cold.append(p)
+                    budget -= size
+        ShardStreamer._readahead(cold)
+
+    thread = threading.Thread(target=work, name="prefetch", daemon=True)
+    thread.start()
+    return thread
 
 
 def resident_fraction(path: str, samples: int = 16, window: int = 2**20) -> float:

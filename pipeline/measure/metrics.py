@@ -1,18 +1,24 @@
 """Quality metrics of a loaded model: a forward on fixed inputs, perplexity, the unquantized reference, greedy text.
 
 Each metric is switched in conf/stages/validate.yaml; the forward pass (on inputs built
-for the model's kind, measure/inputs.py) also feeds the `forward_finite` check. A metric
-that does not apply to the model (perplexity of an image classifier) is skipped with its reason.
+for the model's kind, measure/inputs.py) also feeds the `forward_finite` check and always
+runs. A metric that does not apply to the model (perplexity of an image classifier) is
+skipped with its reason. The expensive ones (perplexity, the reference, greedy text) come
+from measure/cache.py when their inputs are unchanged; what each cost, and whether it came
+from the cache, is returned beside them.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 import torch
 
 from . import quality
+from .cache import MetricCache
 from .checks import CheckLog
 
 METRICS = ("perplexity", "reference", "greedy", "throughput")
@@ -27,6 +33,21 @@ class MetricSettings:
     max_new_tokens: int = 12
 
 
+@dataclass
+class Costs:
+    """Seconds per metric and whether it came from the cache (report.json `validation.metric_costs`)."""
+
+    entries: dict = field(default_factory=dict)
+
+    @contextmanager
+    def timed(self, name: str, cached: bool = False):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.entries[name] = {"seconds": round(time.perf_counter() - start, 4), "cached": cached}
+
+
 def measure_quality(
     model,
     tokenizer_dir: str,
@@ -36,37 +57,53 @@ def measure_quality(
     quantized: bool,
     make_reference: Callable[[], torch.nn.Module | None],
     reference_dtype: str,
+    cache: MetricCache | None = None,
+    costs: Costs | None = None,
 ) -> dict:
     """Metrics of `model` (and the forward_finite check); `make_reference` builds the unquantized reference.
 
     What cannot be measured on this kind of model is skipped with its reason (check.skipped).
     """
     found: dict = {}
+    costs = costs if costs is not None else Costs()
     wanted = settings.wanted
     inputs = quality.fixed_inputs(model)
-    out = _forward(model, inputs, check, found, wanted["throughput"])
+    with costs.timed("forward"):
+        out = _forward(model, inputs, check, found, wanted["throughput"])
     if out is None:
         for name in ("perplexity", "reference", "greedy"):
             if wanted[name]:
                 check.skip(name, check.skipped.get("forward_finite") or "the forward pass failed")
         return found
-    tokenizer = _tokenizer(model, tokenizer_dir, check, settings)
-    text = quality.eval_text(settings.eval_text) if tokenizer is not None and wanted["perplexity"] else None
-    if text is not None:
-        found["perplexity"] = round(quality.perplexity(model, tokenizer, text, settings.max_eval_tokens), 4)
+    texts = _Texts(model, tokenizer_dir, check, settings)
+    stored = cache.get_model() if cache is not None else {}
+    fresh: dict = {}
+    if texts.text is not None:
+        with costs.timed("perplexity", cached="perplexity" in stored):
+            if "perplexity" not in stored:
+                fresh["perplexity"] = round(texts.perplexity(model), 4)
+        found["perplexity"] = stored.get("perplexity", fresh.get("perplexity"))
     if wanted["reference"]:
-        reference = _Reference(inputs.kwargs, out, tokenizer, text, settings.max_eval_tokens)
-        compared = reference.compare(model, quantized, make_reference, reference_dtype, found.get("perplexity"))
+        reference = _Reference(inputs.kwargs, out, texts, cache)
+        with costs.timed("reference", cached=reference.cached):
+            compared = reference.compare(model, quantized, make_reference, reference_dtype, found.get("perplexity"))
         if compared:
             found.update(compared)
         else:
             check.skip("reference", "no unquantized reference: it streams unquantized safetensors weights")
-    if tokenizer is not None and wanted["greedy"]:
+    if texts.has_tokenizer and wanted["greedy"]:
         if settings.max_new_tokens:
+            with costs.timed("greedy", cached="continuation" in stored):
+                if "continuation" not in stored:
+                    fresh["continuation"] = quality.greedy(
+                        model, texts.tokenizer, settings.prompt, settings.max_new_tokens
+                    )
             found["prompt"] = settings.prompt
-            found["continuation"] = quality.greedy(model, tokenizer, settings.prompt, settings.max_new_tokens)
+            found["continuation"] = stored.get("continuation", fresh.get("continuation"))
         else:
             check.skip("greedy", "stages.validate.max_new_tokens is 0")
+    if cache is not None and fresh:
+        cache.put_model({**stored, **fresh})
     return found
 
 
@@ -94,25 +131,49 @@ def _forward(model, inputs, check: CheckLog, found: dict, throughput: bool) -> t
     return out
 
 
-def _tokenizer(model, tokenizer_dir: str, check: CheckLog, settings: MetricSettings):
-    """The checkpoint's tokenizer for the text metrics, or None with the reason they are skipped."""
-    causal = quality.is_causal_lm(model)
-    tokenizer = quality.load_tokenizer(tokenizer_dir) if causal else None
-    if tokenizer is None:
-        why = "the checkpoint directory has no tokenizer" if causal else f"{type(model).__name__} is not a causal LM"
-        for name in ("perplexity", "greedy"):
-            if settings.wanted[name]:
-                check.skip(name, why)
-    return tokenizer
+class _Texts:
+    """The tokenizer and evaluation text, loaded only when a metric is measured (not on a cache hit);
+    the text metrics are skipped with their reason when the model is not a causal LM or has no tokenizer."""
+
+    def __init__(self, model, tokenizer_dir: str, check: CheckLog, settings: MetricSettings):
+        self.settings = settings
+        self._dir = tokenizer_dir
+        self._tokenizer = None
+        causal = quality.is_causal_lm(model)
+        self.has_tokenizer = causal and quality.has_tokenizer(tokenizer_dir)
+        if not self.has_tokenizer:
+            why = (
+                "the checkpoint directory has no tokenizer" if causal else f"{type(model).__name__} is not a causal LM"
+            )
+            for name in ("perplexity", "greedy"):
+                if settings.wanted[name]:
+                    check.skip(name, why)
+        self.text = (
+            quality.eval_text(settings.eval_text) if self.has_tokenizer and settings.wanted["perplexity"] else None
+        )
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            self._tokenizer = quality.load_tokenizer(self._dir)
+        return self._tokenizer
+
+    def perplexity(self, model) -> float:
+        return quality.perplexity(model, self.tokenizer, self.text, self.settings.max_eval_tokens)
 
 
 @dataclass
 class _Reference:
     inputs: dict
     out: torch.Tensor
-    tokenizer: object
-    text: str | None
-    max_eval_tokens: int
+    texts: _Texts
+    cache: MetricCache | None
+
+    def __post_init__(self):
+        self.entry = self.cache.get_reference() if self.cache is not None else None
+        if self.entry is not None and self.texts.text is not None and "perplexity" not in self.entry:
+            self.entry = None  # stored without perplexity (it was off): measure again
+        self.cached = self.entry is not None
 
     def compare(self, model, quantized: bool, make_reference, reference_dtype: str, perplexity) -> dict:
         if not quantized:
@@ -121,10 +182,10 @@ class _Reference:
                 found["reference_perplexity"] = perplexity
             found["logits_rel_error"] = 0.0
             return found
-        ref = make_reference()
-        if ref is None:
+        entry = self.entry if self.entry is not None else self._measure(make_reference)
+        if entry is None:
             return {}
-        ref_out, _ = quality.forward_output(ref, self.inputs)
+        ref_out = entry["logits"]
         found = {
             "reference": "unquantized, streamed layer by layer from the checkpoint",
             "reference_dtype": reference_dtype,  # the dtype policy of everything quantization leaves alone
@@ -132,8 +193,18 @@ class _Reference:
         }
         if not quality.is_causal_lm(model):
             found["output_cosine_to_reference"] = round(quality.mean_cosine(self.out, ref_out), 6)
-        if self.text is not None:
-            found["reference_perplexity"] = round(
-                quality.perplexity(ref, self.tokenizer, self.text, self.max_eval_tokens), 4
-            )
+        if self.texts.text is not None:
+            found["reference_perplexity"] = entry["perplexity"]
         return found
+
+    def _measure(self, make_reference) -> dict | None:
+        ref = make_reference()
+        if ref is None:
+            return None
+        ref_out, _ = quality.forward_output(ref, self.inputs)
+        entry = {"logits": ref_out}
+        if self.texts.text is not None:
+            entry["perplexity"] = round(self.texts.perplexity(ref), 4)
+        if self.cache is not None:
+            self.cache.put_reference(entry)
+        return entry

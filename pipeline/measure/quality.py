@@ -72,11 +72,14 @@ def is_causal_lm(model) -> bool:
     )
 
 
+def has_tokenizer(root: str) -> bool:
+    """Whether the checkpoint ships a tokenizer (checked without importing the tokenizer code)."""
+    return any(os.path.exists(os.path.join(root, f)) for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json"))
+
+
 def load_tokenizer(root: str):
     """The checkpoint's own tokenizer, or None when it ships none."""
-    if not any(
-        os.path.exists(os.path.join(root, f)) for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json")
-    ):
+    if not has_tokenizer(root):
         return None
     from transformers import AutoTokenizer
 

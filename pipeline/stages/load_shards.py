@@ -14,6 +14,7 @@ import torch
 from ..loading.hf_attributes import set_hf_attributes
 from ..loading.offload import dispatch
 from ..loading.shards import ReaderOptions, load_tensors, target_devices
+from ..loading.streamer import machine_defaults
 from ..measure.memory import PeakAnonSampler
 from ..parallel.group import all_gather
 from ..parallel.hooks import distribute
@@ -27,9 +28,9 @@ def load_shards(
     *,
     progress: bool | None = None,
     reader: str = "auto",
-    threads: int = 12,
-    chunk_mib: float = 16,
-    staging_mib: float = 256,
+    threads: int | None = None,
+    chunk_mib: float | None = 16,
+    staging_mib: float | None = None,
     temp_mib: float = 1024,
     readahead: bool = True,
 ) -> None:
@@ -53,7 +54,11 @@ def load_shards(
         "bytes_read": stats.bytes_read,
         "gb_per_s": round(stats.bytes_read / seconds / 1e9, 3) if seconds > 0 else 0.0,
         "tensors": stats.tensors,
-        "reader": {"streamed": stats.streamed, "mapped": stats.mapped, "threads": threads, "staging_mib": staging_mib},
+        "reader": {
+            "streamed": stats.streamed,
+            "mapped": stats.mapped,
+            **_reader_shape(threads, chunk_mib, staging_mib),
+        },
         "baseline_host_anon_bytes": sampler.baseline,
         "peak_host_anon_bytes": sampler.peak,
         "peak_gpu_bytes": {
@@ -75,3 +80,12 @@ def _gather_ranks(ctx: LoadContext) -> None:
     mine = {k: load[k] for k in ("seconds", "bytes_read", "peak_host_anon_bytes", "peak_gpu_bytes")}
     for rank, row in enumerate(all_gather(mine, ctx.parallel)):
         ctx.report["parallel"]["ranks"][rank].update(row)
+
+
+def _reader_shape(threads, chunk_mib, staging_mib) -> dict:
+    """The streamer's threads, chunk and pinned pool as used (null in the config: chosen from the machine)."""
+    mib = 2**20
+    shape = machine_defaults(
+        threads, chunk_mib * mib if chunk_mib else None, staging_mib * mib if staging_mib else None
+    )
+    return {"threads": shape.threads, "chunk_mib": shape.chunk / mib, "staging_mib": shape.staging / mib}

@@ -14,8 +14,11 @@ import torch
 
 from ..errors import CheckFailed, UserError
 from ..measure import single_process
+from ..measure.cache import metric_cache
 from ..measure.checks import CHECKS, PARALLEL_CHECKS, CheckLog, check_memory, check_tensors, check_weights_finite
-from ..measure.metrics import METRICS, MetricSettings, measure_quality
+from ..measure.memory import device_str
+from ..measure.metrics import METRICS, Costs, MetricSettings, measure_quality
+from ..measure.quality import input_device
 from ..measure.reference import streamed_reference
 from ..parallel.group import all_gather, broadcast
 from .context import LoadContext
@@ -44,6 +47,7 @@ def validate(
     measured, plan_error = check_memory(model, plan, ctx.offload, check, plan_tolerance)
     check_weights_finite(model, check)
     found: dict = {}
+    costs = Costs()
     unmeasurable = _unmeasurable(model, meta)
     if unmeasurable:
         for name in ("forward_finite", *(m for m, on in settings.wanted.items() if on)):
@@ -57,6 +61,8 @@ def validate(
             quantized=ctx.quant.enabled,
             make_reference=lambda: _reference(ctx) if ctx.parallel.is_main else None,
             reference_dtype=ctx.dtype_policy.name,
+            cache=_cache(ctx, settings),
+            costs=costs,
         )
     if ctx.parallel.enabled and not meta:
         _against_single_process(ctx, check, single_process_tolerance, found.get("logits_rel_error"))
@@ -69,6 +75,7 @@ def validate(
         "plan_error": plan_error,
         "metrics": found,
         "skipped": check.skipped,
+        "metric_costs": costs.entries,  # seconds per metric, and whether it came from measure/cache.py
     }
     if check.failures:
         raise CheckFailed("; ".join(f"{k}: {v}" for k, v in check.failures.items()))
@@ -135,6 +142,11 @@ def _merge_ranks(ctx: LoadContext, check: CheckLog, measured: dict, plan_error: 
         for name, why in row["failures"].items():
             failures[name] = f"{failures[name]}; rank {rank}: {why}" if name in failures else f"rank {rank}: {why}"
     check.results, check.failures = merged, failures
+
+
+def _cache(ctx: LoadContext, settings: MetricSettings):
+    device = device_str(input_device(ctx.model))
+    return metric_cache(ctx.checkpoint, ctx.plan, ctx.dtype_policy, ctx.quant, settings, device)
 
 
 def _switches(given, names, key) -> dict[str, bool]:
