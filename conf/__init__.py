@@ -1,3 +1,3 @@
 """Hydra config package (compose with initialize_config_module("conf"))."""
 
-import pipeline.resolvers  # noqa: F401  (resolvers the configs use)
+import pipeline.engine.resolvers  # noqa: F401  (resolvers the configs use)
