@@ -10,6 +10,7 @@ import logging
 import torch
 
 from ..dtypes import policy_dtype
+from .cpu_int8 import use_cpu_matmul
 from .spec import QuantSpec
 
 
@@ -27,6 +28,7 @@ def empty_module(old: torch.nn.Module, spec: QuantSpec, threshold: float | None 
     bnb = import_bitsandbytes()
     bias = old.bias is not None
     if spec.is_int8:
+        use_cpu_matmul(spec.cpu_matmul)  # exact int32 on every CPU (quant/cpu_int8.py)
         return bnb.nn.Linear8bitLt(
             old.in_features,
             old.out_features,

@@ -40,5 +40,6 @@ def prequantized_selection(model, saved: dict, requested: QuantSpec) -> tuple[Qu
     skipped = {n: "not int8 in the saved checkpoint" for n in linear if n not in modules}
     thresholds = {m: float(t) for m, t in (saved.get("thresholds") or {}).items() if m in modules}
     threshold = requested.threshold if requested.is_int8 else float(saved.get("threshold") or 0.0)
-    spec = QuantSpec(method="int8", threshold=threshold, offloaded="int8", prequantized=True)
+    cpu_matmul = requested.cpu_matmul if requested.is_int8 else "exact"
+    spec = QuantSpec(method="int8", threshold=threshold, offloaded="int8", prequantized=True, cpu_matmul=cpu_matmul)
     return spec, QuantSelection(modules, skipped, thresholds)
