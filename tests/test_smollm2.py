@@ -10,6 +10,7 @@ from pipeline import load
 pytestmark = pytest.mark.slow
 
 
+@pytest.mark.quality
 def test_default_cli_run(tmp_path):
     out = tmp_path / "run"
     p = run_cli(f"hydra.run.dir={out}")
@@ -29,6 +30,7 @@ def test_default_cli_run(tmp_path):
     assert "Paris" in p.stdout and "perplexity" in p.stdout
 
 
+@pytest.mark.quality
 @pytest.mark.parametrize("text", ["eval.txt", "heldout.txt"])
 def test_int8_threshold_6_within_2_percent_of_unquantized(text, tmp_path):
     """Issue 5's bar: int8 at threshold 6.0 within 2% of the unquantized model's perplexity, lm_head not
