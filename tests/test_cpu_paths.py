@@ -16,9 +16,9 @@ import sys
 import pytest
 import torch
 
+from pipeline import load
+from pipeline.errors import UserError
 from pipeline.quant.cpu_int8 import EXACT_SLICE
-
-pytestmark = pytest.mark.quality
 
 PATHS = ("native", "avx2", "default")
 
@@ -82,11 +82,13 @@ def exact_runs(tmp_path_factory):
     return {p: _run(p, "exact", src, tmp / f"{p}.pt") for p in PATHS}, ca, cb
 
 
+@pytest.mark.quality
 def test_each_path_is_the_capability_it_claims(exact_runs):
     runs, _, _ = exact_runs
     assert runs["avx2"]["capability"] == "AVX2" and runs["default"]["capability"] == "DEFAULT"
 
 
+@pytest.mark.quality
 def test_int8_matmul_is_exact_on_every_path(exact_runs):
     """int8 x int8 -> int32 equals the integer product, also where sums pass 2**24 (bitsandbytes' fp32
     fallback rounds those)."""
@@ -97,6 +99,7 @@ def test_int8_matmul_is_exact_on_every_path(exact_runs):
         assert torch.equal(r["mm"], exact), path
 
 
+@pytest.mark.quality
 @pytest.mark.parametrize("path", ["avx2", "default"])
 def test_int8_layer_output_and_weights_equal_across_paths(exact_runs, path):
     """One real Linear8bitLt (threshold 6.0, outlier columns, sums past 2**24): the same CB/SCB and the
@@ -107,6 +110,7 @@ def test_int8_layer_output_and_weights_equal_across_paths(exact_runs, path):
     assert torch.equal(ref["y"], other["y"]), (ref["y"] - other["y"]).abs().max()
 
 
+@pytest.mark.quality
 def test_bitsandbytes_mode_is_bitsandbytes_own_kernel(tmp_path):
     """quantization.cpu_matmul=bitsandbytes gives exactly what bitsandbytes computes on its own
     (a process where we registered nothing)."""
@@ -122,3 +126,20 @@ def test_bitsandbytes_mode_is_bitsandbytes_own_kernel(tmp_path):
     )
     assert p.returncode == 0, p.stderr[-3000:]
     assert torch.equal(ours, torch.load(tmp_path / "own.pt"))
+
+
+def test_bad_cpu_matmul_is_a_user_error_before_loading(tiny, tmp_path):
+    with pytest.raises(UserError, match=r"quantization\.cpu_matmul: 'fast'; choose one of exact, bitsandbytes"):
+        load(
+            [f"checkpoint.path={tiny('llama')}", "quantization=int8", "quantization.cpu_matmul=fast"], run_dir=tmp_path
+        )
+
+
+def test_report_says_which_cpu_matmul(tiny, tmp_path):
+    r = load([f"checkpoint.path={tiny('llama')}", "quantization=int8"], run_dir=tmp_path / "a")
+    assert r.report["quantization"]["cpu_matmul"] == "exact"
+    r = load(
+        [f"checkpoint.path={tiny('llama')}", "quantization=int8", "quantization.cpu_matmul=bitsandbytes"],
+        run_dir=tmp_path / "b",
+    )
+    assert r.report["quantization"]["cpu_matmul"] == "bitsandbytes"
