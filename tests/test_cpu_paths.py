@@ -84,8 +84,11 @@ def exact_runs(tmp_path_factory):
 
 @pytest.mark.quality
 def test_each_path_is_the_capability_it_claims(exact_runs):
+    """default exists everywhere; avx2 wherever the CPU has it (x86 with AVX2 or AVX-512)."""
     runs, _, _ = exact_runs
-    assert runs["avx2"]["capability"] == "AVX2" and runs["default"]["capability"] == "DEFAULT"
+    assert runs["default"]["capability"] == "DEFAULT"
+    if runs["native"]["capability"] in ("AVX2", "AVX512"):
+        assert runs["avx2"]["capability"] == "AVX2"
 
 
 @pytest.mark.quality
