@@ -10,6 +10,7 @@ import logging
 import torch
 
 from ..dtypes import policy_dtype
+from .cpu_int8 import use_cpu_matmul
 from .spec import QuantSpec
 
 
@@ -31,6 +32,7 @@ def empty_module(old: torch.nn.Module, spec: QuantSpec, threshold: float | None 
     else:  # GPT-2's Conv1D keeps its weight as (in, out); its quantized weight is (out, in), as in transformers
         in_features, out_features = old.weight.shape
     if spec.is_int8:
+        use_cpu_matmul(spec.cpu_matmul)  # exact int32 on every CPU (quant/cpu_int8.py)
         new = bnb.nn.Linear8bitLt(
             in_features,
             out_features,

@@ -17,6 +17,7 @@ METHODS = ("none", "int8", "nf4", "fp4")
 FOUR_BIT = ("nf4", "fp4")
 BLOCKSIZES = (64, 128, 256, 512, 1024, 2048, 4096)
 SKIP = "skip"
+CPU_MATMULS = ("exact", "bitsandbytes")  # see quant/cpu_int8.py
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,7 @@ class QuantSpec:
     double_quant: bool = True
     blocksize: int = 64
     prequantized: bool = False  # the checkpoint holds quantized weights: loaded as saved, never re-quantized
+    cpu_matmul: str = "exact"  # int8 on the CPU: exact int32 on every CPU, or bitsandbytes' own kernel choice
 
     @property
     def enabled(self) -> bool:
@@ -79,6 +81,7 @@ class QuantSpec:
         kwargs: dict = {"method": method}
         if method == "int8":
             kwargs["threshold"] = _threshold(node.get("threshold", 6.0), "quantization.threshold")
+            kwargs["cpu_matmul"] = _cpu_matmul(node.get("cpu_matmul", "exact"))
         else:
             kwargs["compute_dtype"] = _dtype(
                 node.get("compute_dtype", "bf16"), "quantization.compute_dtype", allow_null=False
@@ -108,6 +111,13 @@ def _threshold(raw, key: str) -> float:
         raise UserError(f"{key}: {raw!r} is not a number; use e.g. {key}=6.0") from None
     if value < 0 or value != value:
         raise UserError(f"{key}: {raw} is negative; use 0 (no outlier path) or a positive value such as 6.0")
+    return value
+
+
+def _cpu_matmul(raw) -> str:
+    value = str(raw).lower()
+    if value not in CPU_MATMULS:
+        raise UserError(f"quantization.cpu_matmul: {raw!r}; choose one of {', '.join(CPU_MATMULS)}")
     return value
 
 

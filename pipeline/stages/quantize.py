@@ -44,7 +44,7 @@ def quantize(ctx: LoadContext) -> None:
     if spec.prequantized:
         report["prequantized"] = True  # loaded as saved (docs/quantization.md, pre-quantized checkpoints)
     if spec.is_int8:
-        report.update(threshold=spec.threshold, thresholds=dict(plan.int8_thresholds))
+        report.update(threshold=spec.threshold, thresholds=dict(plan.int8_thresholds), cpu_matmul=spec.cpu_matmul)
     else:
         report.update(compute_dtype=spec.compute_dtype, double_quant=spec.double_quant, blocksize=spec.blocksize)
     ctx.report["quantization"] = report
