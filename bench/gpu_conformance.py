@@ -48,7 +48,10 @@ def tensors(model) -> dict[str, torch.Tensor]:
     out = {}
     for name, p in model.named_parameters():
         out[name] = p
+        module = model.get_submodule(name.rpartition(".")[0])
         scb = getattr(p, "SCB", None)
+        if scb is None and type(module).__name__ == "Linear8bitLt" and name.endswith(".weight"):
+            scb = module.state.SCB  # moved into the layer's state by a first forward (validate ran one)
         if scb is not None:
             out[name + ":SCB"] = scb
     for name, b in model.named_buffers():

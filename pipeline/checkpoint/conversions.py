@@ -148,9 +148,12 @@ def _interpret(model, converter, first: str, collected, tensors) -> dict[str, P.
 
 
 def _handlers() -> dict:
-    from transformers.core_model_loading import Chunk, Concatenate, MergeModulelist, Split, Transpose
+    """Our shape-only reading of each op class the installed transformers defines (older ones lack some)."""
+    from transformers import core_model_loading as ops
 
-    return {MergeModulelist: _merge, Concatenate: _concatenate, Chunk: _chunk, Split: _split, Transpose: _transpose}
+    wanted = {"MergeModulelist": _merge, "Concatenate": _concatenate, "Chunk": _chunk, "Split": _split}
+    wanted["Transpose"] = _transpose
+    return {getattr(ops, name): handler for name, handler in wanted.items() if hasattr(ops, name)}
 
 
 def _single(state: dict) -> P.Virtual:
