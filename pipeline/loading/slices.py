@@ -13,8 +13,8 @@ import torch
 
 from ..checkpoint.header import TensorInfo
 from ..dtypes import SAFETENSORS_DTYPES, itemsize
-from ..errors import UserError
 from ..planning.slices import TensorSlice
+from .streamer import pread_exact
 
 
 class SliceReader:
@@ -32,7 +32,7 @@ class SliceReader:
         fd = self._fd(info.file)
         at = 0
         for offset, length in sl.byte_ranges(info.start, size):
-            _pread_exact(fd, view[at : at + length], offset, info)
+            pread_exact(fd, view[at : at + length], offset, info)
             at += length
         self.bytes_read += at
         return buf.view(dtype).view(sl.shape)
@@ -53,12 +53,3 @@ class SliceReader:
 
     def __exit__(self, *exc):
         self.close()
-
-
-def _pread_exact(fd: int, view: memoryview, offset: int, info: TensorInfo) -> None:
-    done = 0
-    while done < len(view):
-        got = os.preadv(fd, [view[done:]], offset + done)
-        if got <= 0:
-            raise UserError(f"{info.file}: tensor {info.name!r} ends past the end of the file; the file is truncated")
-        done += got

@@ -295,7 +295,11 @@ def resident_fraction(path: str, samples: int = 16, window: int = 2**20) -> floa
 
 
 def _pread_into(fd: int, buf: torch.Tensor, offset: int, info: TensorInfo) -> None:
-    view = memoryview(buf.numpy()).cast("B")
+    pread_exact(fd, memoryview(buf.numpy()).cast("B"), offset, info)
+
+
+def pread_exact(fd: int, view: memoryview, offset: int, info: TensorInfo) -> None:
+    """Fill `view` from `offset`; a short read means the shard is truncated (one-line UserError)."""
     done = 0
     while done < len(view):
         got = os.preadv(fd, [view[done:]], offset + done)

@@ -116,12 +116,18 @@ def _audio_attr(config, attr: str):
     )
 
 
-def _encoder(model):
-    get = getattr(model, "get_encoder", None)
+def submodule_of(model, getter: str):
+    """What `model.<getter>()` returns (get_encoder, get_input_embeddings), or None when the model has none."""
+    get = getattr(model, getter, None)
     try:
-        return get() if callable(get) else model
+        return get() if callable(get) else None
     except (NotImplementedError, AttributeError):
-        return model
+        return None
+
+
+def _encoder(model):
+    encoder = submodule_of(model, "get_encoder")
+    return model if encoder is None else encoder
 
 
 def _conv_stride(module) -> int:

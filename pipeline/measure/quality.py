@@ -9,7 +9,7 @@ from importlib import resources
 
 import torch
 
-from .inputs import Inputs, build_inputs
+from .inputs import Inputs, build_inputs, submodule_of
 
 
 def input_device(model) -> torch.device:
@@ -28,11 +28,7 @@ def input_device(model) -> torch.device:
 
 def _input_embeddings(model):
     """The module the main input enters: token embeddings, or a vision model's patch embeddings."""
-    get = getattr(model, "get_input_embeddings", None)
-    try:
-        return get() if callable(get) else None
-    except (NotImplementedError, AttributeError):
-        return None
+    return submodule_of(model, "get_input_embeddings")
 
 
 def fixed_inputs(model) -> Inputs:
