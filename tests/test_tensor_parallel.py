@@ -52,7 +52,7 @@ def _four_heads_llama(dest: Path) -> Path:
 
 def _single_process_logits(path, quantization: str, run_dir) -> torch.Tensor:
     result = load([f"checkpoint.path={path}", f"quantization={quantization}"], run_dir=run_dir)
-    out, _ = quality.forward_output(result.model, quality.fixed_inputs(result.model))
+    out, _ = quality.forward_output(result.model, quality.fixed_inputs(result.model).kwargs)
     return out
 
 

@@ -21,7 +21,7 @@ from . import quality
 
 def sharded_logits(model) -> torch.Tensor:
     """The fixed-token forward of the sharded model (run it on every rank)."""
-    out, _ = quality.forward_output(model, quality.fixed_inputs(model))
+    out, _ = quality.forward_output(model, quality.fixed_inputs(model).kwargs)
     return out
 
 
@@ -44,7 +44,7 @@ def compare(
     ref = make_reference()
     if ref is None:
         return {"reference": "none (pickle, saved-quantized or incomplete checkpoint)"}
-    ref_out, _ = quality.forward_output(ref, quality.fixed_inputs(model))
+    ref_out, _ = quality.forward_output(ref, quality.fixed_inputs(model).kwargs)
     diff = (logits - ref_out).abs().max().item()
     scale = ref_out.abs().max().item()
     found = {
