@@ -30,6 +30,21 @@ def tiny(tmp_path_factory):
     return get
 
 
+@pytest.fixture(scope="session")
+def saved(tmp_path_factory):
+    """saved("mixtral") -> a tiny model of that family (tests/architectures.py) saved by save_pretrained, once."""
+    from architectures import BY_FAMILY, build
+
+    cache: dict = {}
+
+    def get(family: str) -> Path:
+        if family not in cache:
+            cache[family] = build(BY_FAMILY[family], tmp_path_factory.mktemp(family))
+        return cache[family]
+
+    return get
+
+
 @pytest.fixture
 def run_dir(tmp_path) -> Path:
     return tmp_path / "run"

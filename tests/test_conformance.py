@@ -15,7 +15,7 @@ import re
 import pytest
 import torch
 import transformers
-from architectures import ARCHITECTURES, BY_FAMILY, build, inputs_for, is_text_model
+from architectures import ARCHITECTURES, BY_FAMILY, inputs_for, is_text_model
 
 from pipeline import load
 from pipeline.measure.memory import measured_bytes
@@ -48,18 +48,6 @@ MODES = {
 CASES = [(a.family, mode) for a in ARCHITECTURES for mode in ("fp32", "bf16", "int8")]
 CASES += [(family, "nf4") for family in ("llama", "gpt2", "mixtral", "t5", "bert")]
 CASES += [(family, "int8-bf16") for family in ("llama", "gpt2", "mixtral")]
-
-
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory):
-    cache: dict = {}
-
-    def get(family: str):
-        if family not in cache:
-            cache[family] = build(BY_FAMILY[family], tmp_path_factory.mktemp(family))
-        return cache[family]
-
-    return get
 
 
 def _theirs(path, arch, mode: str):

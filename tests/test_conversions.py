@@ -13,7 +13,7 @@ import shutil
 import pytest
 import torch
 import transformers
-from architectures import BY_FAMILY, build
+from architectures import BY_FAMILY
 from helpers import run_cli
 from safetensors.torch import load_file, save_file
 from transformers import conversion_mapping
@@ -23,18 +23,6 @@ from pipeline import load
 from pipeline.errors import UserError
 
 PLAN_ONLY = "stages=[instantiate_empty,plan]"
-
-
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory):
-    cache: dict = {}
-
-    def get(family: str):
-        if family not in cache:
-            cache[family] = build(BY_FAMILY[family], tmp_path_factory.mktemp(family))
-        return cache[family]
-
-    return get
 
 
 def _plan(path, tmp_path, *extra):
