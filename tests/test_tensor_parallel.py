@@ -280,11 +280,79 @@ def test_other_plans_load_and_match(arch, tmp_path):
         assert r["measured_bytes"] == r["predicted_bytes"]
 
 
-def test_converted_tensors_are_refused_before_any_byte_is_read(tmp_path):
-    """Mixtral's experts (fused from per-expert checkpoint tensors, sharded packed): not loaded yet, said at plan time."""
-    from architectures import BY_FAMILY, build
+def _read_once_over_ranks(path, ranks: list[dict]) -> int:
+    """Every checkpoint byte read once over all ranks, plus the tensors each rank keeps whole (from the plan)."""
+    ck = open_checkpoint(str(path))
+    whole = {}
+    for name, t in ranks[0]["tensors"].items():
+        if "slice" not in t and not t.get("tied_to"):
+            for key in t.get("conversion", {}).get("sources") or [t.get("source", name)]:
+                if key in ck.tensors:
+                    whole[key] = ck.tensors[key].nbytes
+    world = len(ranks)
+    return sum(i.nbytes for i in ck.tensors.values()) + (world - 1) * sum(whole.values())
 
-    path = build(BY_FAMILY["mixtral"], tmp_path / "mixtral")
-    with pytest.raises(UserError, match=r"experts\.gate_up_proj .*load it with parallel=none") as info:
+
+# every family of tests/architectures.py whose transformers class carries a tensor-parallel plan:
+# fused MoE experts (packed_colwise gate_up assembled from per-expert w1/w3, rowwise down from w2,
+# moe_tp_experts), Qwen3's per-head norms (replicated_with_grad_allreduce), Gemma 2, GPT-NeoX
+TP_FAMILIES = ["mixtral", "qwen2_moe", "olmoe", "qwen3", "gemma2", "gpt_neox"]
+
+
+@pytest.mark.parametrize("family", TP_FAMILIES)
+def test_families_load_sharded_with_logits_of_the_single_process_load(family, saved, tmp_path):
+    path = saved(family)
+    before = tree_digest(path)
+    out = tmp_path / "run"
+    p = _torchrun(
+        "checkpoint=hf_dir",
+        f"checkpoint.path={path}",
+        "parallel=tensor",
+        "parallel.save_logits=true",
+        "quantization=none",
+        f"hydra.run.dir={out}",
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert tree_digest(path) == before
+    report = json.loads((out / "report.json").read_text())
+    plan_ranks = json.loads((out / "plan.json").read_text())["parallel"]["ranks"]
+    assert report["validation"]["checks"]["matches_single_process"] and all(report["validation"]["checks"].values())
+    for r in report["parallel"]["ranks"]:
+        assert r["bytes_read"] == r["read_bytes"] < report["checkpoint"]["bytes"]  # its slices only
+        assert r["measured_bytes"] == r["predicted_bytes"] and r["plan_error"] == 0.0
+    assert sum(r["bytes_read"] for r in report["parallel"]["ranks"]) == _read_once_over_ranks(path, plan_ranks)
+    sharded = torch.load(out / "logits.pt")
+    single = _single_process_logits(path, "none", tmp_path / "single")
+    assert (sharded - single).abs().max().item() <= 1e-5 * single.abs().max().item()
+
+
+def test_fused_experts_are_planned_packed_per_rank(saved, tmp_path):
+    """Mixtral's gate_up_proj: each rank holds its half of gate and of up, read from every expert's w1 and w3."""
+    path = saved("mixtral")
+    load([f"checkpoint.path={path}", "parallel=tensor", "parallel.world_size=2", DRY], run_dir=tmp_path / "run")
+    ranks = json.loads((tmp_path / "run" / "plan.json").read_text())["parallel"]["ranks"]
+    gu, down = "model.layers.0.mlp.experts.gate_up_proj", "model.layers.0.mlp.experts.down_proj"
+    full = open_checkpoint(str(path)).tensors["model.layers.0.block_sparse_moe.experts.0.w1.weight"].shape
+    inter = full[0]
+    for r in ranks:
+        t = r["tensors"]
+        assert t[gu]["slice"] == {
+            "style": "packed_colwise",
+            "dim": 1,
+            "start": r["rank"] * inter // 2,
+            "stop": (r["rank"] + 1) * inter // 2,
+            "packed": 2,
+        }
+        assert t[gu]["shape"][1] == inter and t[down]["slice"]["dim"] == 2 and t[down]["shape"][2] == inter // 2
+
+
+def test_a_world_size_that_cuts_the_packed_blocks_is_refused(tmp_path):
+    """intermediate 33: gate_up's 66 rows split in two, but its gate and up blocks of 33 do not."""
+    from architectures import BY_FAMILY, Arch, build
+
+    mixtral = BY_FAMILY["mixtral"]
+    odd = Arch(mixtral.family, mixtral.config, mixtral.model, dict(mixtral.kwargs, intermediate_size=33))
+    path = build(odd, tmp_path / "mixtral")
+    with pytest.raises(UserError, match=r"does not divide .*in 2 packed blocks") as info:
         load([f"checkpoint.path={path}", "parallel=tensor", "parallel.world_size=2", DRY], run_dir=tmp_path / "run")
     assert info.value.result.report["load"] is None

@@ -28,6 +28,7 @@ class Piece:
     source: str  # checkpoint key
     into: tuple[Step, ...] = ()  # steps from the target tensor to the region this source fills
     take: tuple[Step, ...] = ()  # steps from the source tensor to the part that goes there
+    read: tuple[tuple[int, int, int], ...] | None = None  # tensor parallel: (dim, start, stop) per dim cut: all read
 
 
 @dataclass(frozen=True)

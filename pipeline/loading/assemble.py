@@ -14,6 +14,7 @@ import torch
 
 from ..checkpoint.pieces import view
 from ..planning import Plan, TensorPlan
+from ..planning.slices import source_slice
 from ..quant.spec import QuantSpec
 from .assign import place
 
@@ -25,8 +26,8 @@ class Assembler:
         self.left: dict[str, int] = {}
         self.building: dict[str, torch.Tensor] = {}
         for t in plan.tensors.values():
-            if t.conversion is None or t.tied_to or t.device == "disk":
-                continue
+            if t.conversion is None or t.tied_to or t.device == "disk" or t.slice is not None:
+                continue  # a sharded one (tensor parallel) is read piece by piece: assemble_slices
             for piece in t.conversion.pieces:
                 self.uses.setdefault(piece.source, []).append((t, piece))
             self.left[t.name] = len(t.conversion.pieces)
@@ -39,16 +40,27 @@ class Assembler:
         for t, piece in self.uses[key]:
             target = self.building.get(t.name)
             if target is None:
-                target = self.building[t.name] = self._allocate(t)
+                target = self.building[t.name] = allocate(t, self.devices[t.device])
             view(target, piece.into).copy_(view(tensor, piece.take))
             self.left[t.name] -= 1
             if not self.left[t.name]:
                 place(self.model, t, self.building.pop(t.name), target.device, self.spec)
 
-    def _allocate(self, t: TensorPlan) -> torch.Tensor:
-        # a quantized target is assembled in its checkpoint dtype and quantized from there, as a plain one is
-        dtype = (t.load_dtype or t.conversion.dtype) if t.quantized else t.dtype
-        return torch.empty(t.conversion.shape, dtype=dtype, device=self.devices[t.device])
-
     def unfinished(self) -> list[str]:
         return [name for name, n in self.left.items() if n]
+
+
+def allocate(t: TensorPlan, device: torch.device) -> torch.Tensor:
+    """The empty target; a quantized one is assembled in its checkpoint dtype and quantized from there."""
+    dtype = (t.load_dtype or t.conversion.dtype) if t.quantized else t.dtype
+    return torch.empty(t.conversion.shape, dtype=dtype, device=device)
+
+
+def assemble_slices(model, t: TensorPlan, checkpoint, reader, device: torch.device, spec: QuantSpec) -> None:
+    """Tensor parallel: this rank's shard of a converted tensor, each piece read as its source range only."""
+    target = allocate(t, device)
+    for piece in t.conversion.pieces:
+        info = checkpoint.tensors[piece.source]
+        part = reader.read(info, source_slice(piece, info))
+        view(target, piece.into).copy_(view(part, piece.take))
+    place(model, t, target, device, spec)

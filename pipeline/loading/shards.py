@@ -21,8 +21,9 @@ from safetensors import safe_open
 from ..dtypes import SAFETENSORS_DTYPES, itemsize
 from ..errors import UserError
 from ..planning import Plan, TensorPlan
+from ..planning.slices import piece_bytes
 from ..quant.spec import QuantSpec
-from .assemble import Assembler
+from .assemble import Assembler, assemble_slices
 from .assign import finish_skeleton_tensors, place, tie
 from .progress import progress_bar, tick
 from .slices import SliceReader
@@ -78,6 +79,7 @@ def load_tensors(
         if t.source and t.device != "disk" and t.conversion is None
     ]
     sliced = [(i, t) for i, t in todo if t.slice is not None]  # tensor parallel: this rank's shards only
+    sliced_converted = [t for t in plan.tensors.values() if t.conversion and t.slice and not t.tied_to]
     todo = [(i, t) for i, t in todo if t.slice is None]
     todo += [(checkpoint.tensors[key], None) for key in assembler.uses]  # sources of converted tensors
 
@@ -85,19 +87,17 @@ def load_tensors(
         return devices[t.device if t is not None else assembler.device_of(info.name)]
 
     pickled = checkpoint.pickled  # pickle checkpoints: memory-mapped by torch.load, no byte offsets to stream
-    streamed = (
-        []
-        if pickled is not None
-        else [
-            (i, t)
-            for i, t in todo
-            if options.reader == "stream" or (options.reader == "auto" and device_of(i, t).type == "cuda")
-        ]
-    )
+    stream = options.reader == "stream" and pickled is None
+    auto = options.reader == "auto" and pickled is None
+    streamed = [(i, t) for i, t in todo if stream or (auto and device_of(i, t).type == "cuda")]
     streamed_names = {i.name for i, _ in streamed}
     mapped = [(i, t) for i, t in todo if i.name not in streamed_names]
     slice_total = sum(t.slice.nbytes(itemsize(SAFETENSORS_DTYPES[i.dtype])) for i, t in sliced)
-    bar = progress_bar(sum(i.nbytes for i, _ in todo) + slice_total, len(todo) + len(sliced), options.progress)
+    slice_total += sum(
+        piece_bytes(checkpoint.tensors[p.source], p) for t in sliced_converted for p in t.conversion.pieces
+    )
+    count = len(todo) + len(sliced) + len(sliced_converted)
+    bar = progress_bar(sum(i.nbytes for i, _ in todo) + slice_total, count, options.progress)
 
     saved = SavedStats(plan, checkpoint)
 
@@ -108,7 +108,7 @@ def load_tensors(
             place(model, t, tensor, devices[t.device], spec, saved.of(t))
 
     start = time.perf_counter()
-    sliced_bytes = _read_sliced(model, sliced, devices, spec, bar)
+    sliced_bytes = _read_sliced(model, sliced, sliced_converted, checkpoint, devices, spec, bar)
     if streamed:
         _stream(streamed, device_of, put, options, bar)
     _read_mapped(mapped, put, bar, pickled)
@@ -122,7 +122,7 @@ def load_tensors(
         bar.close()
     saved.close()
     read = sum(i.nbytes for i, _ in todo) + sliced_bytes
-    return LoadStats(seconds, read, len(todo) + len(sliced), len(streamed), len(mapped), len(sliced))
+    return LoadStats(seconds, read, count, len(streamed), len(mapped), len(sliced) + len(sliced_converted))
 
 
 def _stream(pairs, device_of, put, options: ReaderOptions, bar) -> None:
@@ -147,12 +147,16 @@ def _in_place(info, t: TensorPlan) -> bool:
     return not t.quantized and SAFETENSORS_DTYPES[info.dtype] == t.dtype
 
 
-def _read_sliced(model, pairs, devices, spec, bar) -> int:
+def _read_sliced(model, pairs, converted, checkpoint, devices, spec, bar) -> int:
     """Tensor parallel: only this rank's byte ranges of each tensor (loading/slices.py), cast or quantized as a shard."""
     with SliceReader() as reader:
         for info, t in sorted(pairs, key=lambda p: (p[0].file, p[0].start)):
             before = reader.bytes_read
             place(model, t, reader.read(info, t.slice), devices[t.device], spec)
+            _advance(bar, reader.bytes_read - before)
+        for t in converted:  # fused from several checkpoint tensors: each piece's own range
+            before = reader.bytes_read
+            assemble_slices(model, t, checkpoint, reader, devices[t.device], spec)
             _advance(bar, reader.bytes_read - before)
         return reader.bytes_read
 

@@ -42,6 +42,8 @@ def distribute(model: torch.nn.Module, plan: Plan, parallel: ParallelSpec) -> No
         module = modules.get(name)
         if module is None:
             continue  # a parameter entry: its shard is in place already
+        if style == "mla_kv_a_proj":  # as transformers' apply_tensor_parallelism: it splits by the config's dims
+            module.config = model.config.get_text_config()
         if type(module).__name__ in ("Linear8bitLt", "Linear4bit"):
             module._hf_quantized_needs_local_tp = True  # transformers' local path for quantized layers
         ALL_PARALLEL_STYLES[style].install_forward(module, mesh)
@@ -50,6 +52,7 @@ def distribute(model: torch.nn.Module, plan: Plan, parallel: ParallelSpec) -> No
 def _placement(style, module, leaf: str, t, mesh):
     """The placement transformers' style gives this parameter (it shards a meta copy); must match our plan."""
     from torch.distributed.tensor import Shard
+    from torch.distributed.tensor.placement_types import _StridedShard
 
     loaded = module._parameters[leaf]
     module._parameters[leaf] = torch.nn.Parameter(
@@ -61,8 +64,17 @@ def _placement(style, module, leaf: str, t, mesh):
     finally:
         module._parameters[leaf] = loaded
     placement = placements[0] if placements else None
-    if not isinstance(placement, Shard) or placement.dim % len(t.slice.full_shape) != t.slice.dim:
-        raise PipelineError(f"{t.name}: transformers places it as {placement}, our plan sharded dim {t.slice.dim}")
+    ndim = len(t.slice.full_shape)
+    packed = getattr(placement, "split_factor", 1)  # _StridedShard: packed blocks cut alike
+    if (
+        not isinstance(placement, (Shard, _StridedShard))
+        or placement.dim % ndim != t.slice.dim
+        or packed != t.slice.packed
+    ):
+        raise PipelineError(
+            f"{t.name}: transformers places it as {placement}, our plan sharded dim {t.slice.dim} "
+            f"in {t.slice.packed} block(s)"
+        )
     return placement
 
 

@@ -17,12 +17,12 @@ from ..dtypes import SAFETENSORS_DTYPES, itemsize
 from ..errors import UserError
 from ..planning import Plan, TensorPlan
 from ..planning.device_map import check_caps
-from ..planning.slices import TensorSlice, rank_slice
+from ..planning.slices import TensorSlice, piece_bytes, rank_slice, slice_pieces
 from ..quant.sizes import quantized_nbytes
 from ..quant.spec import QuantSpec
 from ..sizes import format_bytes, normalize_max_memory
 from .spec import ParallelSpec
-from .styles import check_heads, model_plan, shard_dim
+from .styles import check_heads, model_plan, packing, shard_dim
 
 
 @dataclass(frozen=True)
@@ -56,11 +56,12 @@ def shard_plans(model, plan: Plan, checkpoint, parallel: ParallelSpec, spec: Qua
     dims = _sharded_dims(plan, styles)
     _check_divisible(plan, dims, world)
     check_heads(model, styles, world)
+    shapes = {k: tuple(info.shape) for k, info in checkpoint.tensors.items()}
     out = []
     for rank in range(world):
         device = parallel.device_of(rank)
         caps = rank_caps(max_memory, device)
-        tensors = _rank_tensors(plan, dims, rank, world, device, spec)
+        tensors = _rank_tensors(plan, dims, rank, world, device, spec, shapes)
         rank_plan = replace(plan, tensors=tensors, device_map={"": device}, max_memory=caps)
         check_caps(rank_plan.predicted_bytes, caps)
         out.append(RankPlan(rank, device, rank_plan, _read_bytes(tensors, checkpoint)))
@@ -73,11 +74,6 @@ def _sharded_dims(plan: Plan, styles: dict[str, str]) -> dict[str, tuple[str, in
     for t in plan.tensors.values():
         style = styles.get(t.name) if t.kind == "param" else None
         dim = shard_dim(style, t.name.rpartition(".")[2], len(t.shape)) if style else None
-        if dim is not None and t.conversion is not None:
-            raise UserError(
-                f"parallel=tensor: {t.name} is assembled from several checkpoint tensors ({t.conversion.ops}); "
-                "tensor-parallel loading of converted tensors is not supported yet: load it with parallel=none"
-            )
         if dim is not None:
             dims[t.name] = (style, dim)
     for t in plan.tensors.values():
@@ -90,28 +86,35 @@ def _sharded_dims(plan: Plan, styles: dict[str, str]) -> dict[str, tuple[str, in
 
 
 def _check_divisible(plan: Plan, dims, world: int) -> None:
-    for name, (_style, dim) in dims.items():
+    for name, (style, dim) in dims.items():
         t = plan.tensors[name]
         if t.tied_to:
             continue
-        if t.shape[dim] % world:
-            sizes = [plan.tensors[n].shape[d] for n, (_s, d) in dims.items()]
+        blocks = packing(style)
+        if t.shape[dim] % (world * blocks):
+            sizes = [plan.tensors[n].shape[d] // packing(s) for n, (s, d) in dims.items()]
             fits = [w for w in range(1, math.gcd(*sizes) + 1) if math.gcd(*sizes) % w == 0]
+            packed = f", in {blocks} packed blocks of {t.shape[dim] // blocks}" if blocks > 1 else ""
             raise UserError(
-                f"parallel.world_size={world} does not divide {name} dim {dim} ({t.shape[dim]}); "
+                f"parallel.world_size={world} does not divide {name} dim {dim} ({t.shape[dim]}{packed}); "
                 f"choose a world size that divides every sharded dim, e.g. {', '.join(map(str, fits[1:4] or [1]))}"
             )
 
 
-def _rank_tensors(plan: Plan, dims, rank: int, world: int, device: str, spec: QuantSpec) -> dict[str, TensorPlan]:
+def _rank_tensors(
+    plan: Plan, dims, rank: int, world: int, device: str, spec: QuantSpec, shapes
+) -> dict[str, TensorPlan]:
     slices: dict[str, TensorSlice] = {}
     out: dict[str, TensorPlan] = {}
     for name, t in plan.tensors.items():
         if name in dims and not t.tied_to:
             style, dim = dims[name]
-            sl = slices[name] = rank_slice(t.shape, dim, rank, world, style)
+            sl = slices[name] = rank_slice(t.shape, dim, rank, world, style, packing(style))
             nbytes = quantized_nbytes(sl.shape, spec) if t.quantized else math.prod(sl.shape) * itemsize(t.dtype)
-            out[name] = replace(t, shape=sl.shape, nbytes=nbytes, device=device, slice=sl)
+            conversion = t.conversion and replace(
+                t.conversion, shape=sl.shape, pieces=slice_pieces(t.conversion.pieces, sl, shapes)
+            )
+            out[name] = replace(t, shape=sl.shape, nbytes=nbytes, device=device, slice=sl, conversion=conversion)
         else:
             out[name] = replace(t, device=device)
     for name, t in out.items():  # tied members share their head's shard
@@ -122,13 +125,18 @@ def _rank_tensors(plan: Plan, dims, rank: int, world: int, device: str, spec: Qu
 
 
 def _read_bytes(tensors: dict[str, TensorPlan], checkpoint) -> int:
+    """The bytes a rank reads: its slices (of converted tensors: each piece's source range) and whole tensors."""
     total = 0
+    whole: set[str] = set()  # sources read whole, once (an unsharded converted tensor's sources)
     for t in tensors.values():
-        if not t.source:
-            continue
-        info = checkpoint.tensors[t.source]
-        total += t.slice.nbytes(itemsize(SAFETENSORS_DTYPES[info.dtype])) if t.slice is not None else info.nbytes
-    return total
+        if t.conversion is not None and t.slice is not None:
+            total += sum(piece_bytes(checkpoint.tensors[p.source], p) for p in t.conversion.pieces)
+        elif t.conversion is not None:
+            whole.update(t.conversion.sources)
+        elif t.source:
+            info = checkpoint.tensors[t.source]
+            total += t.slice.nbytes(itemsize(SAFETENSORS_DTYPES[info.dtype])) if t.slice is not None else info.nbytes
+    return total + sum(checkpoint.tensors[k].nbytes for k in whole)
 
 
 def rank_caps(max_memory, device: str) -> dict[str, int]:

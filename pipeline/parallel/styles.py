@@ -7,7 +7,11 @@ through transformers (`model.tp_plan`, expanded to concrete names by the model's
 `_expand_parallel_plan`) rather than keeping a table of our own per architecture. The
 dims below are the placements transformers' styles give (ColwiseParallel: Shard(ndim-2),
 bias Shard(0); RowwiseParallel: Shard(-1), bias replicated; EmbeddingParallel: its
-shard_dim); hooks.py checks them against the styles themselves when it wraps the shards.
+shard_dim; packed styles: the same dims with each of split_factor blocks cut alike).
+Styles whose `shard_param` is transformers' no-op (replicated_with_grad_allreduce on
+Qwen3's q_norm, moe_tp_experts on an experts module, all_reduce...) keep their
+parameters whole and only install their forward hooks. hooks.py checks every placement
+against the styles themselves when it wraps the shards.
 """
 
 from __future__ import annotations
@@ -17,7 +21,30 @@ from ..errors import UserError
 COLWISE = ("colwise", "colwise_gather_output", "colwise_rep")
 ROWWISE = ("rowwise", "rowwise_rep", "rowwise_split_input")
 EMBEDDING = {"embedding_rowwise": 0, "embedding_colwise": 1}
-SUPPORTED = (*COLWISE, *ROWWISE, *EMBEDDING)
+PACKED = ("packed_colwise", "packed_rowwise")
+SHARDING = (*COLWISE, *ROWWISE, *EMBEDDING, *PACKED)
+
+
+def _style(name: str):
+    from transformers.distributed.tensor_parallel import ALL_PARALLEL_STYLES
+
+    try:
+        return ALL_PARALLEL_STYLES[name]
+    except KeyError:
+        return None
+
+
+def keeps_whole(style: str) -> bool:
+    """A style that shards nothing (transformers' base no-op shard_param): parameters stay whole, hooks only."""
+    from transformers.distributed.tensor_parallel import TensorParallelLayer
+
+    found = _style(style)
+    return found is not None and style not in SHARDING and type(found).shard_param is TensorParallelLayer.shard_param
+
+
+def packing(style: str) -> int:
+    """How many blocks of the sharded dim a style cuts alike (packed styles' split_factor; 1 otherwise)."""
+    return int(getattr(_style(style), "split_factor", 1)) if style in PACKED else 1
 
 
 def model_plan(model) -> dict[str, str]:
@@ -29,23 +56,24 @@ def model_plan(model) -> dict[str, str]:
             "or _tp_plan in transformers); load it with parallel=none"
         )
     expanded = model._expand_parallel_plan(plan)
-    unsupported = {name: style for name, style in expanded.items() if style not in SUPPORTED}
+    unsupported = {name: style for name, style in expanded.items() if style not in SHARDING and not keeps_whole(style)}
     if unsupported:
         name, style = next(iter(unsupported.items()))
         raise UserError(
             f"parallel=tensor: {type(model).__name__} shards {name} with style {style!r}, which we do not load "
-            f"yet (supported: {', '.join(SUPPORTED)}); load it with parallel=none"
+            f"yet (supported: {', '.join(SHARDING)} and the styles that keep parameters whole); "
+            "load it with parallel=none"
         )
     return expanded
 
 
 def shard_dim(style: str, leaf: str, ndim: int) -> int | None:
     """The dim of parameter `leaf` (weight, bias) that `style` shards; None when it stays whole on every rank."""
-    if style in COLWISE:
+    if style in COLWISE or style == "packed_colwise":
         return max(ndim - 2, 0)
-    if style in ROWWISE:
-        return None if leaf == "bias" else ndim - 1
-    return EMBEDDING[style]
+    if style in ROWWISE or style == "packed_rowwise":
+        return None if leaf == "bias" or ndim == 1 and style == "packed_rowwise" else ndim - 1
+    return EMBEDDING.get(style)  # None: a style that keeps the parameter whole
 
 
 def check_heads(model, plan: dict[str, str], world: int) -> None:
