@@ -49,6 +49,7 @@ def packing(style: str) -> int:
 
 def model_plan(model) -> dict[str, str]:
     """Concrete module and parameter names -> style, from the model's own plan; exit 2 when it has none."""
+    _check_transformers(model)
     plan = dict(getattr(model, "tp_plan", None) or {})
     if not plan or not hasattr(model, "_expand_parallel_plan"):
         raise UserError(
@@ -65,6 +66,22 @@ def model_plan(model) -> dict[str, str]:
             "load it with parallel=none"
         )
     return expanded
+
+
+def _check_transformers(model) -> None:
+    """The tensor-parallel API we build on (transformers 5.24); older releases lay it out otherwise."""
+    import importlib.util
+
+    import transformers
+    from transformers import PreTrainedModel
+
+    has_module = importlib.util.find_spec("transformers.distributed.tensor_parallel") is not None
+    if not has_module or isinstance(model, PreTrainedModel) and not hasattr(model, "_expand_parallel_plan"):
+        raise UserError(
+            f"parallel=tensor: transformers {transformers.__version__} lacks the tensor-parallel API this "
+            "loader uses (transformers.distributed.tensor_parallel, PreTrainedModel._expand_parallel_plan, "
+            "as in 5.24); install transformers>=5.24 or load with parallel=none"
+        )
 
 
 def shard_dim(style: str, leaf: str, ndim: int) -> int | None:
