@@ -98,7 +98,7 @@ def _shared_run_dir(args: list[str]) -> list[str]:
 
 # A CLI run imports torch, transformers and a model class (~400k tracked objects) and then
 # exits: with Python's default thresholds that is seven full collections during the run and
-# another pass at exit, 1.1 s of a 4.6 s fp32 load on the 2-core machine (docs/benchmarks.md).
+# another pass at exit, 1.2 s of a 4.6 s fp32 load on the 2-core machine (docs/benchmarks.md).
 # Rarer young collections keep cyclic garbage bounded; freezing at exit skips the last scan.
 _GC_THRESHOLDS = (50_000, 20, 100)
 
@@ -122,7 +122,7 @@ def main() -> None:
         from .parallel.group import shutdown
 
         if not shutdown(finished):  # after a process group the collector must tear gloo down (frozen: aborts)
-            gc.freeze()  # the process ends here: no collector pass over what is still alive  # the process ends here: no collector pass over what is still alive
+            gc.freeze()  # the process ends here: no collector pass over what is still alive
 
 
 if __name__ == "__main__":

@@ -52,8 +52,7 @@ def _rank_shard(virtual, sources, sl) -> tuple[torch.Tensor, int]:
 
     local = torch.full(sl.shape, float("nan"))
     read = 0
-    shapes = {k: tuple(v.shape) for k, v in sources.items()}
-    for piece in slice_pieces(virtual.pieces, sl, shapes):
+    for piece in slice_pieces(virtual.pieces, sl, sources):  # the tensors stand in for header entries (.shape)
         src = sources[piece.source]
         for dim, start, stop in piece.read or ():
             src = src.narrow(dim, start, stop - start)

@@ -56,12 +56,11 @@ def shard_plans(model, plan: Plan, checkpoint, parallel: ParallelSpec, spec: Qua
     dims = _sharded_dims(plan, styles)
     _check_divisible(plan, dims, world)
     check_heads(model, styles, world)
-    shapes = {k: tuple(info.shape) for k, info in checkpoint.tensors.items()}
     out = []
     for rank in range(world):
         device = parallel.device_of(rank)
         caps = rank_caps(max_memory, device)
-        tensors = _rank_tensors(plan, dims, rank, world, device, spec, shapes)
+        tensors = _rank_tensors(plan, dims, rank, world, device, spec, checkpoint.tensors)
         rank_plan = replace(plan, tensors=tensors, device_map={"": device}, max_memory=caps)
         check_caps(rank_plan.predicted_bytes, caps)
         out.append(RankPlan(rank, device, rank_plan, _read_bytes(tensors, checkpoint)))
@@ -102,7 +101,7 @@ def _check_divisible(plan: Plan, dims, world: int) -> None:
 
 
 def _rank_tensors(
-    plan: Plan, dims, rank: int, world: int, device: str, spec: QuantSpec, shapes
+    plan: Plan, dims, rank: int, world: int, device: str, spec: QuantSpec, infos
 ) -> dict[str, TensorPlan]:
     slices: dict[str, TensorSlice] = {}
     out: dict[str, TensorPlan] = {}
@@ -112,7 +111,7 @@ def _rank_tensors(
             sl = slices[name] = rank_slice(t.shape, dim, rank, world, style, packing(style))
             nbytes = quantized_nbytes(sl.shape, spec) if t.quantized else math.prod(sl.shape) * itemsize(t.dtype)
             conversion = t.conversion and replace(
-                t.conversion, shape=sl.shape, pieces=slice_pieces(t.conversion.pieces, sl, shapes)
+                t.conversion, shape=sl.shape, pieces=slice_pieces(t.conversion.pieces, sl, infos)
             )
             out[name] = replace(t, shape=sl.shape, nbytes=nbytes, device=device, slice=sl, conversion=conversion)
         else:
@@ -129,6 +128,8 @@ def _read_bytes(tensors: dict[str, TensorPlan], checkpoint) -> int:
     total = 0
     whole: set[str] = set()  # sources read whole, once (an unsharded converted tensor's sources)
     for t in tensors.values():
+        if t.conversion is not None and t.tied_to:
+            continue  # assembled once, for the head (loading/assemble.py skips the members too)
         if t.conversion is not None and t.slice is not None:
             total += sum(piece_bytes(checkpoint.tensors[p.source], p) for p in t.conversion.pieces)
         elif t.conversion is not None:

@@ -8,7 +8,7 @@ tensor is read. Packed styles (transformers' packed_colwise: fused gate/up, one
 _StridedShard with split_factor 2) cut each of the `packed` equal blocks of the dim
 the same way and lay the rank's parts side by side. A converted tensor (fused from
 several checkpoint tensors, checkpoint/pieces.py) is sliced per source: each source
-piece that the rank's ranges meet is read as one range of one of its own dims.
+piece that the rank's ranges meet is read as one box of that source (a range per dim).
 """
 
 from __future__ import annotations
@@ -111,20 +111,21 @@ def piece_bytes(info, piece: Piece) -> int:
     return source_slice(piece, info).nbytes(itemsize(SAFETENSORS_DTYPES[info.dtype]))
 
 
-def slice_pieces(pieces: tuple[Piece, ...], sl: TensorSlice, shapes: dict[str, tuple[int, ...]]) -> tuple[Piece, ...]:
+def slice_pieces(pieces: tuple[Piece, ...], sl: TensorSlice, infos) -> tuple[Piece, ...]:
     """A converted target's pieces for this rank's shard: regions in the shard, and the source range to read.
 
     Each piece fills `view(target, into)` from `view(source, take)`. Walking `into` follows the
     sharded dim into the piece's region and keeps only the rank's indices there (a piece the
     rank's ranges miss is dropped; one they meet twice becomes two); walking `take` backwards
     finds the same indices in the source; with the narrows of `take` (Chunk, Split) they become the
-    piece's `read`, one (dim, start, stop) per dim the rank does not read whole (`shapes`: the sources').
+    piece's `read`, one (dim, start, stop) per dim the rank does not read whole (`infos`: checkpoint
+    key -> header entry, for the sources' shapes).
     The returned pieces address the rank's local shard and the part that was read.
     """
     out: list[Piece] = []
     for piece in pieces:
         for into, dim, lo, hi in _into_shard(piece.into, sl):
-            out.append(_read_part(piece, into, dim, lo, hi, tuple(shapes[piece.source])))
+            out.append(_read_part(piece, into, dim, lo, hi, tuple(infos[piece.source].shape)))
     return tuple(out)
 
 
