@@ -108,21 +108,36 @@ def main() -> None:
     gc.set_threshold(*_GC_THRESHOLDS)
     _preflight(sys.argv[1:])
     sys.argv[1:] = _shared_run_dir(sys.argv[1:])
-    finished = False
+    finished, code = False, None
     try:
         _app()
-        finished = True
+        finished, code = True, 0
     except SystemExit as exc:
         finished = exc.code in (0, None)
+        code = exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 1
         # Hydra exits 1 on its own config errors (before our task ran): those are bad input.
         if not finished and not _task_started:
+            code = 2
             raise SystemExit(2) from None
         raise
     finally:
         from .parallel.group import shutdown
 
-        if not shutdown(finished):  # after a process group the collector must tear gloo down (frozen: aborts)
-            gc.freeze()  # the process ends here: no collector pass over what is still alive
+        if shutdown(finished) and code is not None:
+            _exit_after_group(code)
+        gc.freeze()  # the process ends here: no collector pass over what is still alive
+
+
+def _exit_after_group(code: int) -> None:
+    """End a torchrun rank without C++ teardown: gloo's threads, still owned by the model's DTensors,
+    aborted the process at exit ("terminate called without an active exception", about 1 run in 10
+    even after a barrier). Everything the run writes is written and flushed by now."""
+    import logging
+
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":
