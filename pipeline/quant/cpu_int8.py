@@ -1,21 +1,29 @@
 """LLM.int8's int8 x int8 -> int32 matmul on the CPU, exact on every CPU.
 
-bitsandbytes 0.50 picks its CPU kernel by torch's CPU capability: `torch._int_mm` (exact
-int32) on AVX-512, else one fp32 matmul of the int8 codes cast to float. fp32 holds integers
-exactly only up to 2**24, so once a dot product's partial sums pass that (K > 1024 with large
-codes), the fallback rounds and AVX2 machines get other int32 results than AVX-512 ones
-(tests/test_cpu_paths.py shows one). We register our own CPU kernel where bitsandbytes would
-fall back: the same fp32 matmul in slices of K short enough that every partial sum is an
-integer below 2**24, so the result is exact whatever order the BLAS sums in, and equal to
-`torch._int_mm`'s. Everything else in the layer stays bitsandbytes' own (modules, Int8Params,
-CB/SCB, quantization of the activations, outlier columns, dequantization).
+bitsandbytes 0.50 picks its CPU kernel by torch's CPU capability: `torch._int_mm` on AVX-512,
+else one fp32 matmul of the int8 codes cast to float. Neither is exact everywhere:
+
+- fp32 holds integers exactly only up to 2**24, so once a dot product's partial sums pass that
+  (K > 1024 with large codes) the fallback rounds, and AVX2 machines get other int32 results
+  than AVX-512 ones (tests/test_cpu_paths.py shows one);
+- `torch._int_mm` goes to oneDNN, whose int8 GEMM without AVX-512 VNNI multiplies through
+  16-bit pair sums that saturate: with oneDNN capped below VNNI (`ONEDNN_MAX_CPU_ISA=
+  AVX512_CORE`, an AVX-512 CPU without VNNI) it is off by up to 143931 on random codes.
+
+So we register our own CPU kernel: `torch._int_mm` where a probe at first use shows it exact on
+this machine (worst-case codes, checked against int64), otherwise the fp32 matmul in slices of
+K short enough that every partial sum is an integer below 2**24, exact whatever order the BLAS
+sums in. Everything else in the layer stays bitsandbytes' own (modules, Int8Params, CB/SCB,
+quantization of the activations, outlier columns, dequantization).
 
 `quantization.cpu_matmul=bitsandbytes` restores bitsandbytes' own choice (for comparing with
-another library's int8 model on an AVX2 machine bit for bit). The kernel is registered once per
-process and the choice is process-wide: the last int8 model built sets it.
+another library's int8 model bit for bit). The kernel is registered once per process and the
+choice is process-wide: the last int8 model built sets it.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -46,16 +54,41 @@ def bitsandbytes_fallback(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def bitsandbytes_uses_int_mm() -> bool:
-    """Whether bitsandbytes registered torch._int_mm for the CPU (exact already; we leave it alone)."""
+    """Whether bitsandbytes registers torch._int_mm for the CPU (backends/cpu/ops.py: AVX-512 and torch >= 2.6)."""
     return torch.__version__ >= (2, 6) and torch.backends.cpu.get_cpu_capability() == "AVX512"
 
 
+def int_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """torch._int_mm as bitsandbytes calls it: a [..., K] @ b [N, K]."""
+    return torch._int_mm(a.reshape(-1, a.shape[-1]), b.t()).reshape(*a.shape[:-1], b.shape[0])
+
+
+@functools.cache
+def int_mm_is_exact() -> bool:
+    """Whether torch._int_mm gives exact int32 on this CPU: worst-case and random codes against int64."""
+    if not bitsandbytes_uses_int_mm():
+        return False  # without AVX-512 torch._int_mm is a slow scalar loop (bitsandbytes' own reason)
+    g = torch.Generator().manual_seed(0)
+    worst = torch.full((32, 256), 127, dtype=torch.int8), torch.full((32, 256), -128, dtype=torch.int8)
+    cases = [(worst[0], worst[0]), (worst[1], worst[1]), (worst[0], worst[1])]
+    cases.append(tuple(torch.randint(-128, 128, (32, 2048), generator=g, dtype=torch.int8) for _ in range(2)))
+    try:
+        return all(torch.equal(int_mm(a, b).long(), a.long() @ b.long().t()) for a, b in cases)
+    except RuntimeError:  # no CPU kernel for it in this build
+        return False
+
+
+def int8_matmul_exact_fast(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Exact int32 product: torch._int_mm where this CPU computes it exactly, else fp32 K-slices."""
+    return int_mm(a, b) if int_mm_is_exact() else int8_matmul_exact(a, b)
+
+
 def use_cpu_matmul(mode: str) -> None:
-    """Choose the CPU int8 matmul for this process: exact (ours where bitsandbytes falls back) or bitsandbytes."""
+    """Choose the CPU int8 matmul for this process: exact (ours) or bitsandbytes' own choice."""
     if mode not in CPU_MATMULS:
         raise ValueError(f"cpu_matmul {mode!r}: one of {CPU_MATMULS}")
     _mode["matmul"] = mode
-    if _mode["registered"] or bitsandbytes_uses_int_mm():
+    if _mode["registered"]:
         return
     torch.library.register_kernel("bitsandbytes::int8_linear_matmul", "cpu", _cpu_kernel)
     _mode["registered"] = True
@@ -63,5 +96,5 @@ def use_cpu_matmul(mode: str) -> None:
 
 def _cpu_kernel(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if _mode["matmul"] == "bitsandbytes":
-        return bitsandbytes_fallback(a, b)
-    return int8_matmul_exact(a, b)
+        return int_mm(a, b) if bitsandbytes_uses_int_mm() else bitsandbytes_fallback(a, b)
+    return int8_matmul_exact_fast(a, b)

@@ -51,6 +51,7 @@ def prequantized_selection(
         unquantized_dtype=requested.unquantized_dtype if same else None,
         prequantized=True,
         cpu_matmul=requested.cpu_matmul,  # how int8 multiplies on a CPU is the run's choice, not the checkpoint's
+        cpu_numerics=requested.cpu_numerics,
     )
     names = dict(model.named_parameters(remove_duplicate=False))
     to_model = map_keys(model, {k: checkpoint.tensors[k] for k in saved.weights}, names).renamed

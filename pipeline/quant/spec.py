@@ -18,6 +18,7 @@ FOUR_BIT = ("nf4", "fp4")
 BLOCKSIZES = (64, 128, 256, 512, 1024, 2048, 4096)
 SKIP = "skip"
 CPU_MATMULS = ("exact", "bitsandbytes")  # see quant/cpu_int8.py
+CPU_NUMERICS = ("portable", "native")  # see quant/cpu_numerics.py
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,7 @@ class QuantSpec:
     blocksize: int = 64
     prequantized: bool = False  # the checkpoint holds quantized weights: loaded as saved, never re-quantized
     cpu_matmul: str = "exact"  # int8 on the CPU: exact int32 on every CPU, or bitsandbytes' own kernel choice
+    cpu_numerics: str = "portable"  # int8 on the CPU: the same logits on every CPU, or torch's own kernels
 
     @property
     def enabled(self) -> bool:
@@ -56,7 +58,7 @@ class QuantSpec:
             return {"method": "none"}
         out: dict = {"method": self.method}
         if self.is_int8:
-            out["threshold"] = self.threshold
+            out.update(threshold=self.threshold, cpu_matmul=self.cpu_matmul, cpu_numerics=self.cpu_numerics)
         else:
             out.update(compute_dtype=self.compute_dtype, double_quant=self.double_quant, blocksize=self.blocksize)
         out.update(
@@ -81,7 +83,8 @@ class QuantSpec:
         kwargs: dict = {"method": method}
         if method == "int8":
             kwargs["threshold"] = _threshold(node.get("threshold", 6.0), "quantization.threshold")
-            kwargs["cpu_matmul"] = _cpu_matmul(node.get("cpu_matmul", "exact"))
+            kwargs["cpu_matmul"] = _choice(node.get("cpu_matmul", "exact"), "quantization.cpu_matmul", CPU_MATMULS)
+            kwargs["cpu_numerics"] = _cpu_numerics(node.get("cpu_numerics", "portable"), kwargs["cpu_matmul"])
         else:
             kwargs["compute_dtype"] = _dtype(
                 node.get("compute_dtype", "bf16"), "quantization.compute_dtype", allow_null=False
@@ -114,10 +117,20 @@ def _threshold(raw, key: str) -> float:
     return value
 
 
-def _cpu_matmul(raw) -> str:
+def _choice(raw, key: str, choices: tuple[str, ...]) -> str:
     value = str(raw).lower()
-    if value not in CPU_MATMULS:
-        raise UserError(f"quantization.cpu_matmul: {raw!r}; choose one of {', '.join(CPU_MATMULS)}")
+    if value not in choices:
+        raise UserError(f"{key}: {raw!r}; choose one of {', '.join(choices)}")
+    return value
+
+
+def _cpu_numerics(raw, cpu_matmul: str) -> str:
+    value = _choice(raw, "quantization.cpu_numerics", CPU_NUMERICS)
+    if value == "portable" and cpu_matmul == "bitsandbytes":
+        raise UserError(
+            "quantization.cpu_numerics=portable needs exact int8 products, and quantization.cpu_matmul=bitsandbytes "
+            "rounds them on CPUs without AVX-512; add quantization.cpu_numerics=native or drop cpu_matmul=bitsandbytes"
+        )
     return value
 
 

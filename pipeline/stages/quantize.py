@@ -12,6 +12,7 @@ import logging
 from accelerate import init_empty_weights
 
 from ..quant.bnb import empty_module
+from ..quant.cpu_numerics import make_portable
 from .context import LoadContext
 
 log = logging.getLogger(__name__)
@@ -44,7 +45,16 @@ def quantize(ctx: LoadContext) -> None:
     if spec.prequantized:
         report["prequantized"] = True  # loaded as saved (docs/quantization.md, pre-quantized checkpoints)
     if spec.is_int8:
-        report.update(threshold=spec.threshold, thresholds=dict(plan.int8_thresholds), cpu_matmul=spec.cpu_matmul)
+        on_cpu = any(t.quantized == "int8" and t.device == "cpu" for t in plan.tensors.values())
+        portable = on_cpu and spec.cpu_numerics == "portable"
+        if portable:
+            make_portable(ctx.model)  # the same int8 logits on every CPU (quant/cpu_numerics.py)
+        report.update(
+            threshold=spec.threshold,
+            thresholds=dict(plan.int8_thresholds),
+            cpu_matmul=spec.cpu_matmul,
+            cpu_numerics=spec.cpu_numerics if on_cpu else None,  # None: no int8 layer runs on the CPU
+        )
     else:
         report.update(compute_dtype=spec.compute_dtype, double_quant=spec.double_quant, blocksize=spec.blocksize)
     ctx.report["quantization"] = report

@@ -1,0 +1,222 @@
+"""Portable CPU numerics for int8 models: the same logits on every CPU.
+
+LLM.int8 rounds every activation to int8 codes, so a 1-ulp difference in the float work
+around its layers moves some value across a rounding boundary, the next layers' inputs
+then differ by far more than an ulp, and by the last layer the int8 noise is another draw
+(issue 15: 4.9% relative logits difference between AVX-512 and AVX2, perplexity +1.9% on
+one machine, +2.7% on another). torch's CPU kernels for reductions and transcendental
+functions sum and approximate in an order that depends on the vector width (AVX-512, AVX2,
+none), and MKL picks its GEMM code path by CPU; the plain arithmetic (add, mul, div, round,
+casts) is correctly rounded, hence the same everywhere.
+
+So while an int8 model runs, every order-dependent op on CPU float tensors (`FP64_OPS`) is
+computed in fp64 and rounded once to the dtype the op would have returned: the fp64 results
+differ between CPUs by a few fp64 ulps, which moves an fp32 rounding with a probability of
+about 1e-8 per value. LLM.int8's outlier columns (an fp32 GEMM inside bitsandbytes'
+`int8_mixed_scaled_mm`) get the same treatment; the int8 products themselves are exact
+integers (quant/cpu_int8.py). Tensors on other devices pass through untouched.
+
+It is a TorchDispatchMode entered around the model's forward, so it follows the model
+(not the process) and covers any architecture: whatever attention, norm or activation a
+modeling file uses reaches torch as these aten ops. `quantization.cpu_numerics=native`
+leaves torch's own kernels (about 15% faster on the CPU, CPU-dependent int8 logits).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten, tree_map
+
+aten = torch.ops.aten
+
+# Ops whose CPU result depends on the vector width, MKL's code path or the thread count:
+# reductions, GEMMs and convolutions, transcendental functions (torch hands some to MKL's
+# VML). Named at the level the mode sees them (a composite op such as `linear` or `softmax`
+# reaches it before its decomposition, and its decomposition then runs as one call). Found by
+# hashing every op's inputs and outputs over 17 architectures under ATEN_CPU_CAPABILITY=
+# avx512/avx2/default and MKL's AVX2 path (docs/quantization.md); the rest of the list are the
+# same kinds of op (every reduction, every such function), since a new model may call them.
+_OPS = {
+    "scaled_dot_product_attention": ("default",),
+    "_scaled_dot_product_flash_attention_for_cpu": ("default",),
+    "softmax": ("int",),
+    "_softmax": ("default",),
+    "log_softmax": ("int",),
+    "_log_softmax": ("default",),
+    "layer_norm": ("default",),
+    "native_layer_norm": ("default",),
+    "group_norm": ("default",),
+    "native_group_norm": ("default",),
+    "rms_norm": ("default",),
+    "sum": ("default", "dim_IntList"),
+    "mean": ("default", "dim"),
+    "var": ("default", "dim", "correction"),
+    "std": ("default", "dim", "correction"),
+    "norm": ("Scalar", "ScalarOpt_dim"),
+    "logsumexp": ("default",),
+    "cross_entropy_loss": ("default",),
+    "nll_loss": ("default",),
+    "silu": ("default",),
+    "gelu": ("default",),
+    "sigmoid": ("default",),
+    "tanh": ("default",),
+    "erf": ("default",),
+    "exp": ("default",),
+    "expm1": ("default",),
+    "log": ("default",),
+    "log1p": ("default",),
+    "sin": ("default",),
+    "cos": ("default",),
+    "pow": ("Tensor_Scalar", "Tensor_Tensor", "Scalar"),
+    "softplus": ("default",),
+    "mish": ("default",),
+    "elu": ("default",),
+    "conv1d": ("default",),
+    "conv2d": ("default",),
+    "convolution": ("default",),
+    "bmm": ("default",),
+    "baddbmm": ("default",),
+    "einsum": ("default",),
+}
+FP64_OPS = frozenset(getattr(getattr(aten, name), o) for name, overloads in _OPS.items() for o in overloads)
+# GEMMs whose second operand may be a weight: in fp64 by column blocks, so a large head never
+# needs a whole fp64 copy of its weight at once.
+GEMMS = frozenset({aten.linear.default, aten.matmul.default, aten.mm.default, aten.addmm.default})
+BLOCK_BYTES = 64 << 20  # fp64 bytes of one weight block
+LOW_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _is_cpu_float(x) -> bool:
+    return isinstance(x, torch.Tensor) and x.dtype in LOW_FLOATS and x.device.type == "cpu"
+
+
+def _to_fp64(x):
+    """CPU float tensors to fp64, and a low-float dtype argument (softmax's `dtype=`) with them."""
+    if isinstance(x, torch.dtype):
+        return torch.float64 if x in LOW_FLOATS else x
+    return x.double() if _is_cpu_float(x) else x
+
+
+def _to_meta(x):
+    return x.to("meta") if isinstance(x, torch.Tensor) else x
+
+
+def in_fp64(func, args, kwargs):
+    """func computed in fp64, each floating output cast to the dtype func gives on the original inputs."""
+    like = func(*tree_map(_to_meta, args), **tree_map(_to_meta, kwargs))  # output dtypes, no compute
+    out = func(*tree_map(_to_fp64, args), **tree_map(_to_fp64, kwargs))
+
+    def back(o, m):
+        return o.to(m.dtype) if isinstance(o, torch.Tensor) and o.dtype.is_floating_point else o
+
+    if isinstance(out, (tuple, list)):
+        return type(out)(back(o, m) for o, m in zip(out, like, strict=True))
+    return back(out, like)
+
+
+def gemm_in_fp64(func, args, kwargs):
+    """linear/matmul/mm/addmm in fp64 over blocks of the output's last dim, each block rounded once."""
+    like = func(*tree_map(_to_meta, args), **tree_map(_to_meta, kwargs))
+    if func is aten.linear.default:  # (x, weight [N, K], bias [N]): the output's columns are weight rows
+        x, w, bias = (list(args) + [None])[:3]
+        cols = w.shape[0]
+
+        def block(j, k):
+            return aten.linear.default(x.double(), w[j:k].double(), None if bias is None else bias[j:k].double())
+
+    elif func is aten.addmm.default:  # (bias, a, b [K, N])
+        bias, a, w = args[:3]
+        cols = w.shape[-1]
+        bias = bias.expand(a.shape[0], cols)
+
+        def block(j, k):
+            return aten.addmm.default(_to_fp64(bias[:, j:k]), _to_fp64(a), _to_fp64(w[:, j:k]), **kwargs)
+
+    else:  # matmul, mm: (a, b [..., K, N])
+        a, w = args[:2]
+        if w.dim() < 2:
+            return in_fp64(func, args, kwargs)
+        cols = w.shape[-1]
+
+        def block(j, k):
+            return func(_to_fp64(a), _to_fp64(w[..., j:k]))
+
+    step = max(1, BLOCK_BYTES // max(1, w.numel() // max(cols, 1) * 8))
+    parts = [block(j, min(j + step, cols)).to(like.dtype) for j in range(0, cols, step)]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+
+
+def grouped_mm_in_fp64(func, args, kwargs):
+    """torch._grouped_mm (fused MoE experts: rows of `a` by group @ each group's weight) in fp64.
+
+    torch has no fp64 kernel for it; each group is a GEMM, done as the other GEMMs are. Layouts
+    other than 2D activations x 3D expert weights, and a bias, run torch's own kernel."""
+    a, w = args[:2]
+    offs = kwargs.get("offs", args[2] if len(args) > 2 else None)
+    extra = dict(kwargs, offs=None)
+    if a.dim() != 2 or w.dim() != 3 or offs is None or extra.get("bias") is not None or len(args) > 3:
+        return func(*args, **kwargs)
+    out = torch.empty(a.shape[0], w.shape[-1], dtype=kwargs.get("out_dtype") or a.dtype)
+    start = 0
+    for g, end in enumerate(offs.tolist()):
+        if end > start:
+            out[start:end] = gemm_in_fp64(aten.mm.default, (a[start:end], w[g]), {})
+        start = end
+    return out
+
+
+def mixed_scaled_mm(A, CA, CB, SCA, SCB, outlier_cols=None, bias=None):
+    """bitsandbytes' int8_mixed_scaled_mm with the outlier columns' product in fp64, rounded once."""
+    out = torch.ops.bitsandbytes.int8_scaled_mm.default(CA, CB, SCA, SCB, bias=bias, dtype=A.dtype)
+    if outlier_cols is None or not outlier_cols.numel():
+        return out, torch.empty(0, device=A.device, dtype=A.dtype)
+    sub_a = A[:, outlier_cols].contiguous()
+    sub_b = torch.ops.bitsandbytes.int8_vectorwise_dequant.default(CB[:, outlier_cols].contiguous(), SCB)
+    return out + (sub_a.double() @ sub_b.to(A.dtype).double().t()).to(out.dtype), sub_a
+
+
+def portable_call(func, args, kwargs):
+    """func(*args, **kwargs), in fp64 and rounded once where its CPU result would depend on the CPU."""
+    if func is _mixed_mm_op() and _is_cpu_float(args[0]):
+        return mixed_scaled_mm(*args, **kwargs)
+    if func in GEMMS and any(_is_cpu_float(a) for a in args):
+        return gemm_in_fp64(func, args, kwargs)
+    if func is aten._grouped_mm.default and _is_cpu_float(args[0]):
+        return grouped_mm_in_fp64(func, args, kwargs)
+    if func in FP64_OPS and any(_is_cpu_float(a) for a in tree_flatten((args, kwargs))[0]):
+        return in_fp64(func, args, kwargs)
+    return func(*args, **kwargs)
+
+
+class PortableNumerics(TorchDispatchMode):
+    """Runs the ops whose CPU result depends on the CPU in fp64, rounded once (portable_call)."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        return portable_call(func, args, kwargs or {})
+
+
+@functools.cache
+def _mixed_mm_op():
+    from .bnb import import_bitsandbytes
+
+    import_bitsandbytes()
+    return torch.ops.bitsandbytes.int8_mixed_scaled_mm.default
+
+
+def make_portable(model: torch.nn.Module) -> torch.nn.Module:
+    """Run `model`'s forward (and so generate) under PortableNumerics. Idempotent; returns the model."""
+    if getattr(model, "portable_cpu_numerics", False):
+        return model
+    inner = model.forward
+
+    @functools.wraps(inner)
+    def forward(*args, **kwargs):
+        with PortableNumerics():
+            return inner(*args, **kwargs)
+
+    model.forward = forward
+    model.portable_cpu_numerics = True
+    return model
