@@ -20,7 +20,11 @@ from pipeline import load
 from pipeline.errors import UserError
 from pipeline.quant.cpu_int8 import EXACT_SLICE
 
-PATHS = ("native", "avx2", "default")
+PATHS = ("native", "avx2", "default", "blas_avx2")
+# MKL's and oneDNN's own code paths capped at AVX2: on an AVX-512 machine torch still reports AVX512,
+# so bitsandbytes would call torch._int_mm, whose oneDNN GEMM then lacks VNNI (as on an AVX-512 CPU
+# without VNNI) and saturates; quant/cpu_int8.py finds that at first use and multiplies exactly.
+BLAS_AVX2 = {"MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
 
 CHILD = r"""
 import sys, torch
@@ -64,9 +68,11 @@ def _operands(tmp_path):
 
 
 def _run(path: str, mode: str, src, dst):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    env.pop("ATEN_CPU_CAPABILITY", None)
-    if path != "native":
+    env = {k: v for k, v in os.environ.items() if k not in ("ATEN_CPU_CAPABILITY", *BLAS_AVX2)}
+    env["HF_HUB_OFFLINE"] = "1"
+    if path == "blas_avx2":
+        env.update(BLAS_AVX2)
+    elif path != "native":
         env["ATEN_CPU_CAPABILITY"] = path
     p = subprocess.run(
         [sys.executable, "-c", CHILD, mode, str(src), str(dst)], env=env, capture_output=True, text=True, timeout=300
@@ -103,7 +109,7 @@ def test_int8_matmul_is_exact_on_every_path(exact_runs):
 
 
 @pytest.mark.quality
-@pytest.mark.parametrize("path", ["avx2", "default"])
+@pytest.mark.parametrize("path", ["avx2", "default", "blas_avx2"])
 def test_int8_layer_output_and_weights_equal_across_paths(exact_runs, path):
     """One real Linear8bitLt (threshold 6.0, outlier columns, sums past 2**24): the same CB/SCB and the
     same output bits under every capability."""
@@ -142,7 +148,12 @@ def test_report_says_which_cpu_matmul(tiny, tmp_path):
     r = load([f"checkpoint.path={tiny('llama')}", "quantization=int8"], run_dir=tmp_path / "a")
     assert r.report["quantization"]["cpu_matmul"] == "exact"
     r = load(
-        [f"checkpoint.path={tiny('llama')}", "quantization=int8", "quantization.cpu_matmul=bitsandbytes"],
+        [
+            f"checkpoint.path={tiny('llama')}",
+            "quantization=int8",
+            "quantization.cpu_matmul=bitsandbytes",
+            "quantization.cpu_numerics=native",
+        ],
         run_dir=tmp_path / "b",
     )
     assert r.report["quantization"]["cpu_matmul"] == "bitsandbytes"

@@ -24,6 +24,7 @@ choice is process-wide: the last int8 model built sets it.
 from __future__ import annotations
 
 import functools
+import warnings
 
 import torch
 
@@ -90,7 +91,9 @@ def use_cpu_matmul(mode: str) -> None:
     _mode["matmul"] = mode
     if _mode["registered"]:
         return
-    torch.library.register_kernel("bitsandbytes::int8_linear_matmul", "cpu", _cpu_kernel)
+    with warnings.catch_warnings():  # "overriding a previously registered kernel": bitsandbytes' own, on purpose
+        warnings.simplefilter("ignore", UserWarning)
+        torch.library.register_kernel("bitsandbytes::int8_linear_matmul", "cpu", _cpu_kernel)
     _mode["registered"] = True
 
 
