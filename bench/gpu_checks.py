@@ -71,7 +71,9 @@ def main():
         exact = True
         for name, m in r8.model.named_modules():
             if isinstance(m, bnb.nn.Linear8bitLt):
-                cb, scb, _ = bnb.functional.int8_vectorwise_quant(ref[f"{name}.weight"].cuda().to(torch.float16))
+                w = ref[f"{name}.weight"]
+                w = w.t() if m.source_cls.__name__ == "Conv1D" else w  # GPT-2 stores (in, out): quantized transposed
+                cb, scb, _ = bnb.functional.int8_vectorwise_quant(w.cuda().contiguous().to(torch.float16))
                 scb_ours = m.weight.SCB if m.weight.SCB is not None else m.state.SCB
                 exact &= torch.equal(m.weight.data, cb) and torch.equal(scb_ours, scb)
         all_ok &= report(

@@ -33,11 +33,12 @@ def test_default_cli_run(tmp_path):
 @pytest.mark.quality
 @pytest.mark.parametrize("text", ["eval.txt", "heldout.txt"])
 def test_int8_threshold_6_within_3_percent_of_unquantized(text, tmp_path):
-    """int8 at threshold 6.0 within 3% of the unquantized model's perplexity, lm_head not quantized, on
-    every CPU path. Not 2% (issue 5's first bar): LLM.int8's rounding turns 1-ulp differences between
-    CPUs' float kernels into other int8 codes, so the cost is a spread, measured on 20 paths and
-    perturbations at +1.1% to +2.7%, mean about +2% (docs/quantization.md, "The same int8 on every CPU").
-    heldout.txt played no part in choosing the defaults."""
+    """int8 at threshold 6.0 within 3% of the unquantized model's perplexity, lm_head not quantized.
+    Measured +2.41% (eval.txt) and +2.02% (heldout.txt), the same on every CPU (portable numerics,
+    test below). Not 2% (issue 5's first bar): which int8 codes LLM.int8 draws depends on the last bits
+    of the float work around it, and over the draws we measured the cost spreads from +1.1% to +3.3%
+    (docs/quantization.md, "The same int8 on every CPU"); the bar leaves room for another library
+    version's draw. heldout.txt played no part in choosing the defaults."""
     from importlib import resources
 
     path = resources.files("pipeline.data").joinpath(text)
@@ -89,3 +90,40 @@ def test_recipe_prepares_the_default_checkpoint_on_a_fresh_machine(tmp_path):
         f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)
     ]
     assert "tokenizer.json" in files and "config.json" in files
+
+
+CROSS_PATH = r"""
+import json, sys
+from pipeline import load
+r = load(["quantization=int8"], run_dir=sys.argv[1])
+m = r.report["validation"]["metrics"]
+print(json.dumps({k: m[k] for k in ("perplexity", "reference_perplexity", "logits_rel_error", "continuation")}))
+"""
+
+
+def test_int8_metrics_are_the_same_on_every_cpu_path(tmp_path):
+    """The default job's numbers (int8 perplexity, the reference's, the logits error, the greedy text)
+    are the same under torch's AVX2 and plain code paths and MKL/oneDNN's AVX2 paths as on this CPU:
+    what the README prints is what any machine prints (quant/cpu_numerics.py)."""
+    import os
+    import subprocess
+    import sys
+
+    paths = {
+        "native": {},
+        "avx2": {"ATEN_CPU_CAPABILITY": "avx2"},
+        "default": {"ATEN_CPU_CAPABILITY": "default"},
+        "blas_avx2": {"MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"},
+    }
+    got = {}
+    for name, extra in paths.items():
+        env = {k: v for k, v in os.environ.items() if k not in ("ATEN_CPU_CAPABILITY", *paths["blas_avx2"])}
+        env.update(extra, MODEL_LOADER_METRICS_CACHE="off", HF_HUB_OFFLINE="1")
+        p = subprocess.run(
+            [sys.executable, "-c", CROSS_PATH, str(tmp_path / name)], env=env, capture_output=True, text=True
+        )
+        assert p.returncode == 0, p.stderr[-3000:]
+        got[name] = json.loads(p.stdout.strip().splitlines()[-1])
+    assert 0 < got["native"]["perplexity"] / got["native"]["reference_perplexity"] - 1 < 0.03, got["native"]
+    for name, metrics in got.items():
+        assert metrics == got["native"], name

@@ -89,12 +89,24 @@ def use_cpu_matmul(mode: str) -> None:
     if mode not in CPU_MATMULS:
         raise ValueError(f"cpu_matmul {mode!r}: one of {CPU_MATMULS}")
     _mode["matmul"] = mode
-    if _mode["registered"]:
-        return
+    if _mode["registered"] or (bitsandbytes_uses_int_mm() and int_mm_is_exact()):
+        return  # bitsandbytes' own torch._int_mm is exact on this CPU: nothing to replace
+    _register_cpu_kernel(_cpu_kernel)
+    _mode["registered"] = True
+
+
+def _register_cpu_kernel(kernel) -> None:
+    """Our kernel for bitsandbytes::int8_linear_matmul on the CPU, also over bitsandbytes' own one
+    (torch 2.13 overrides with a warning; older torch refuses register_kernel, but not a Library impl
+    that asks to override)."""
     with warnings.catch_warnings():  # "overriding a previously registered kernel": bitsandbytes' own, on purpose
         warnings.simplefilter("ignore", UserWarning)
-        torch.library.register_kernel("bitsandbytes::int8_linear_matmul", "cpu", _cpu_kernel)
-    _mode["registered"] = True
+        try:
+            torch.library.register_kernel("bitsandbytes::int8_linear_matmul", "cpu", kernel)
+        except RuntimeError:
+            lib = torch.library.Library("bitsandbytes", "IMPL")
+            lib.impl("int8_linear_matmul", kernel, "CPU", allow_override=True)
+            _mode["library"] = lib  # the registration lives as long as its Library
 
 
 def _cpu_kernel(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
