@@ -211,3 +211,13 @@ def test_portable_numerics_need_exact_products(tiny, tmp_path):
             [f"checkpoint.path={tiny('llama')}", "quantization=int8", "quantization.cpu_matmul=bitsandbytes"],
             run_dir=tmp_path,
         )
+
+
+def test_no_int8_layer_on_the_cpu_keeps_torchs_kernels(tiny, tmp_path):
+    """The mode is entered only where an int8 layer runs on the CPU (here: every Linear skipped)."""
+    r = load(
+        [f"checkpoint.path={tiny('llama')}", "quantization=int8", "quantization.skip_modules=[*]", *NO_METRICS],
+        run_dir=tmp_path,
+    )
+    assert r.report["quantization"]["quantized"] == 0 and r.report["quantization"]["cpu_numerics"] is None
+    assert not getattr(r.model, "portable_cpu_numerics", False)
