@@ -21,12 +21,16 @@ g = torch.Generator().manual_seed(0)
 a = torch.randint(-128, 128, (64, 2 * cpu_int8.EXACT_SLICE + 512), generator=g, dtype=torch.int8)
 b = torch.randint(-128, 128, (96, a.shape[1]), generator=g, dtype=torch.int8)
 got = torch.ops.bitsandbytes.int8_linear_matmul.default(a, b)
-print(json.dumps({
-    "torch": torch.__version__,
-    "capability": torch.backends.cpu.get_cpu_capability(),
-    "bitsandbytes_uses_int_mm": cpu_int8.bitsandbytes_uses_int_mm(),
-    "int_mm_exact": cpu_int8.int_mm_is_exact(),
-    "ours_registered": cpu_int8._mode["registered"],
-    "via_library": "library" in cpu_int8._mode,
-    "exact": torch.equal(got.long(), a.long() @ b.long().t()),
-}))
+print(
+    json.dumps(
+        {
+            "torch": torch.__version__,
+            "capability": torch.backends.cpu.get_cpu_capability(),
+            "bitsandbytes_uses_int_mm": cpu_int8.bitsandbytes_uses_int_mm(),
+            "int_mm_exact": cpu_int8.int_mm_is_exact(),
+            "ours_registered": cpu_int8._mode["registered"],
+            "via_library": "library" in cpu_int8._mode,
+            "exact": torch.equal(got.long(), a.long() @ b.long().t()),
+        }
+    )
+)
