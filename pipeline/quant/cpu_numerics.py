@@ -166,8 +166,7 @@ def grouped_mm_in_fp64(func, args, kwargs):
     other than 2D activations x 3D expert weights, and a bias, run torch's own kernel."""
     a, w = args[:2]
     offs = kwargs.get("offs", args[2] if len(args) > 2 else None)
-    extra = dict(kwargs, offs=None)
-    if a.dim() != 2 or w.dim() != 3 or offs is None or extra.get("bias") is not None or len(args) > 3:
+    if a.dim() != 2 or w.dim() != 3 or offs is None or kwargs.get("bias") is not None or len(args) > 3:
         return func(*args, **kwargs)
     out = torch.empty(a.shape[0], w.shape[-1], dtype=kwargs.get("out_dtype") or a.dtype)
     start = 0
