@@ -135,14 +135,28 @@ class _Popen(subprocess.Popen):
         return (pid, sts)
 
 
-def drop_caches() -> bool:
+def drop_caches(paths=()) -> bool:
+    """Empty the page cache: all of it where we may (root), else the checkpoint's shards only
+    (posix_fadvise DONTNEED evicts a file's clean pages without privileges), checked with mincore."""
+    os.sync()
     try:
-        os.sync()
         with open("/proc/sys/vm/drop_caches", "w") as fh:
             fh.write("3\n")
         return True
     except OSError:
-        return False
+        pass
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    from pipeline.loading.streamer import resident_fraction
+
+    files = [f for p in paths for f in Path(p).glob("*.safetensors")]
+    for f in files:
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+    return bool(files) and all(resident_fraction(str(f)) < 0.05 for f in files)
 
 
 def warm(paths) -> None:
@@ -230,6 +244,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--cold", action="store_true", help="also rounds with the page cache dropped before each run")
     ap.add_argument("--cold-pyc", action="store_true", help="also rounds with an empty bytecode cache")
+    ap.add_argument("--no-warm", action="store_true", help="skip the warm rounds (with --cold or --cold-pyc)")
     ap.add_argument("--budget", type=float, default=1e9, help="start no new run after this many seconds")
     ap.add_argument("--timeout", type=float, default=600)
     ap.add_argument("--ours-overrides", default="")
@@ -256,7 +271,7 @@ def drive(a) -> None:
     base_env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": path}
     if a.suite == "gpu":  # the wheels there are installed without bytecode: keep it in one warm place
         base_env["PYTHONPYCACHEPREFIX"] = str(scratch / "pyc_warm")
-    modes = [("warm", "warm_pyc")]
+    modes = [] if a.no_warm else [("warm", "warm_pyc")]
     if a.cold:
         modes.append(("cold", "warm_pyc"))
     if a.cold_pyc:
@@ -278,7 +293,7 @@ def drive(a) -> None:
                 env = {**base_env, **m.get("env", {})}
                 if pyc == "cold_pyc":
                     env["PYTHONPYCACHEPREFIX"] = tempfile.mkdtemp(prefix="pyc_cold_", dir=scratch)
-                if page == "cold" and not drop_caches():
+                if page == "cold" and not drop_caches(paths):
                     print("cannot drop the page cache here: cold rounds skipped", flush=True)
                     break
                 if page == "warm":
