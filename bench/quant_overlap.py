@@ -13,7 +13,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pipeline import load  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from fresh_load import load_to_gpu  # noqa: E402
+
 from pipeline.loading import streamer as st  # noqa: E402
 
 ck = sys.argv[1]
@@ -45,18 +47,7 @@ for method, extra in settings:
     for rnd in range(2):
         acc.update(wait=0.0, finish=0.0, n=0)
         t = time.perf_counter()
-        r = load(
-            [
-                f"checkpoint.path={ck}",
-                f"quantization={method}",
-                "dtype=bf16",
-                "memory.max_memory={0: 100GiB}",
-                "stages=[instantiate_empty,plan,quantize,load_shards]",
-                *(["quantization.unquantized_dtype=null"] if method != "none" else []),
-                *extra,
-            ],
-            run_dir=f"/tmp/qo/{method}_{rnd}_{len(extra)}",
-        )
+        r = load_to_gpu(ck, method, f"/tmp/qo/{method}_{rnd}_{len(extra)}", extra)
         total = time.perf_counter() - t
         print(
             json.dumps(

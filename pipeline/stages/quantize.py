@@ -46,8 +46,7 @@ def quantize(ctx: LoadContext) -> None:
         report["prequantized"] = True  # loaded as saved (docs/quantization.md, pre-quantized checkpoints)
     if spec.is_int8:
         on_cpu = any(t.quantized == "int8" and t.device == "cpu" for t in plan.tensors.values())
-        portable = on_cpu and spec.cpu_numerics == "portable"
-        if portable:
+        if on_cpu and spec.cpu_numerics == "portable":
             make_portable(ctx.model)  # the same int8 logits on every CPU (quant/cpu_numerics.py)
         report.update(
             threshold=spec.threshold,
