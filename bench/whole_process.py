@@ -113,6 +113,7 @@ def run_child(name: str, argv: list[str], env: dict, timeout: float, run_dir: Pa
         sample["status"] = r["status"]
         sample["stages"] = {s["name"]: s["seconds"] for s in r["stages"]}
         sample["load_s"] = (r.get("load") or {}).get("seconds")
+        sample["read_ahead"] = (r.get("load") or {}).get("page_cache")
         v = r.get("validation") or {}
         sample["checks_ok"] = all((v.get("checks") or {}).values()) if v else None
         sample["metric_costs"] = v.get("metric_costs")
@@ -147,7 +148,7 @@ def drop_caches(paths=()) -> bool:
         pass
     if str(REPO) not in sys.path:
         sys.path.insert(0, str(REPO))
-    from pipeline.loading.streamer import resident_fraction
+    from pipeline.loading.page_cache import resident_fraction
 
     files = [f for p in paths for f in Path(p).glob("*.safetensors")]
     for f in files:

@@ -16,6 +16,9 @@ _task_started = False
 def _app(cfg: DictConfig) -> str:
     global _task_started
     _task_started = True
+    from .engine.prefetch import start_early
+
+    start_early(cfg)  # before torch and the model code are imported: the disk works while Python does
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
@@ -62,23 +65,26 @@ def _preflight(args: list[str]) -> None:
     """Compose once before Hydra does, so a bad override ends in one clear line and exit 2."""
     if not args or any(a.startswith("-") for a in args) or os.environ.get("PIPELINE_DEBUG"):
         return  # no overrides: nothing of the user's to check; multirun, --cfg, --help...: Hydra's own
-    from .api import compose_config
+    from .engine.compose import compose_config
     from .errors import UserError
 
     try:
-        compose_config(args)
+        cfg = compose_config(args)
     except UserError as exc:
         if "--multirun" in str(exc):
             return  # sweep values under a config that sets hydra.mode=MULTIRUN: Hydra expands them
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
+    from .engine.prefetch import start_early
+
+    start_early(cfg)  # the shards' bytes move while Hydra composes again and Python imports
 
 
 def _shared_run_dir(args: list[str]) -> list[str]:
     """Under torchrun with parallel=tensor: every rank's Hydra job in rank 0's run directory (parallel/launch.py)."""
     if "RANK" not in os.environ or any(a.startswith("-") for a in args):
         return args
-    from .api import compose_config
+    from .engine.compose import compose_config
     from .errors import UserError
     from .parallel.launch import agree_run_dir, cli_overrides, parallel_spec
 

@@ -23,6 +23,7 @@ from ..quant.spec import QuantSpec
 from ..stages.context import LoadContext
 from .artifacts import write_json
 from .binding import bind_stage
+from .prefetch import start_early
 from .report import new_report
 from .result import LoadResult
 from .reuse import remember, reuse_key
@@ -51,7 +52,7 @@ def run(cfg: DictConfig, run_dir: Path | str, *, reuse: bool = False) -> LoadRes
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    _prefetch(cfg)
+    start_early(cfg)  # the CLI started it already, before torch was imported: once per process
     ctx = LoadContext(cfg=cfg, run_dir=run_dir, report=new_report())
     report = ctx.report
     error: BaseException | None = None
@@ -85,34 +86,6 @@ def run(cfg: DictConfig, run_dir: Path | str, *, reuse: bool = False) -> LoadRes
         error.result = result
         raise error
     return result
-
-
-def _prefetch(cfg: DictConfig) -> None:
-    """While instantiate_empty imports the model code (seconds), let the kernel read cold shards and
-    CUDA make its context (loading/streamer.prefetch). Best effort: any doubt, and nothing starts."""
-    try:
-        stages = cfg.get("stages") or {}
-        node = cfg.get("checkpoint") or {}
-        if "load_shards" not in stages:
-            return  # a dry run reads no tensor byte
-        import os
-
-        from ..checkpoint.builtin import cache_dir
-
-        path = node.get("path") or (os.path.join(cache_dir(), node["builtin"]) if node.get("builtin") else None)
-        if not path or not os.path.isdir(str(path)):
-            return
-        files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".safetensors"))
-        import torch
-
-        from ..loading.streamer import prefetch
-
-        strategy = (cfg.get("device_map") or {}).get("strategy")
-        caps = (cfg.get("memory") or {}).get("max_memory")
-        gpu_caps = caps is None or any(str(k) not in ("cpu", "disk") for k in caps)
-        prefetch(files, use_cuda=strategy != "cpu" and gpu_caps and torch.cuda.is_available())
-    except Exception:  # noqa: BLE001 - an optimisation never fails a run
-        log.debug("prefetch skipped", exc_info=True)
 
 
 def start_context(cfg: DictConfig, run_dir: Path | str) -> LoadContext:

@@ -32,6 +32,7 @@ import torch
 from ..checkpoint.header import TensorInfo
 from ..dtypes import SAFETENSORS_DTYPES
 from ..errors import UserError
+from .page_cache import warm
 
 
 @dataclass
@@ -117,15 +118,17 @@ class ShardStreamer:
             self._slots = _Slots(max(2, self.staging // self.chunk), self.chunk)
         pending: deque[Item] = deque()
         temp_in_flight = 0
-        # Decided before any worker starts, from a few sampled pages per shard: a check running
-        # beside the workers slowed warm loads by a third on the H100 host (0.85 s -> 1.13 s).
-        cold = [f for f in dict.fromkeys(it.info.file for it in items) if self.readahead and resident_fraction(f) < 0.9]
-        readahead = threading.Thread(target=self._readahead, args=(cold,), daemon=True)
+        # The workers' parallel chunk reads arrive out of order; on a cold page cache that defeats
+        # the disk's sequential read-ahead (measured: 18.4 s against 8.0 s for one sequential
+        # reader), so one more thread reads each cold shard front to back ahead of them (none
+        # for a shard the run's early read-ahead already took). Decided before any worker
+        # starts, from a few sampled pages per shard: a check running beside the workers slowed
+        # warm loads by a third on the H100 host (0.85 s -> 1.13 s).
+        if self.readahead:
+            warm(list(dict.fromkeys(it.info.file for it in items)))
         collecting = gc.isenabled()
         gc.disable()  # a full collection over a 7B skeleton's objects would stall every reader on the GIL
         try:
-            if cold:
-                readahead.start()
             with ThreadPoolExecutor(self.threads, thread_name_prefix="load_shards") as pool:
                 for item in items:
                     size = 0 if item.final_in_place else item.info.nbytes
@@ -143,30 +146,6 @@ class ShardStreamer:
                 os.close(fd)
             self._fds.clear()
             self._slots = None
-
-    @staticmethod
-    def _readahead(paths: list[str]) -> None:
-        """Ask the kernel to read each cold shard front to back, one shard at a time.
-
-        The workers' parallel chunk reads arrive out of order; on a cold page cache
-        that defeats the disk's sequential read-ahead (measured: 18.4 s against 8.0 s
-        for one sequential reader). This thread turns the disk traffic back into one
-        sequential stream per shard. Shards already cached are not advised at all.
-        """
-        for path in paths:
-            try:
-                fd = os.open(path, os.O_RDONLY)
-            except OSError:
-                return
-            try:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-                size = os.fstat(fd).st_size
-                for off in range(0, size, 64 * 2**20):
-                    os.posix_fadvise(fd, off, min(64 * 2**20, size - off), os.POSIX_FADV_WILLNEED)
-            except OSError:
-                pass
-            finally:
-                os.close(fd)
 
     def _submit(self, pool, item: Item, on_bytes) -> None:
         info = item.info
@@ -219,79 +198,6 @@ class ShardStreamer:
             streams[device] = torch.cuda.Stream(device)
             torch.cuda.set_stream(streams[device])
         return streams[device]
-
-
-def prefetch(paths: list[str], use_cuda: bool) -> threading.Thread:
-    """Start, in a daemon thread, what can overlap Python's imports of the model code: the kernel
-    reading the shards that are not in the page cache (one sequential stream per shard, as
-    `_readahead`), and the CUDA context when the load will use a GPU. Changes nothing that
-    is loaded; a warm page cache costs a few sampled mincore calls."""
-
-    def work():
-        if use_cuda:
-            with contextlib.suppress(Exception):
-                torch.cuda.init()
-        try:
-            budget = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES") // 2
-        except (ValueError, OSError):
-            budget = 0
-        cold = []
-        for p in paths:
-            with contextlib.suppress(OSError):
-                size = os.path.getsize(p)
-                if size <= budget and resident_fraction(p) < 0.9:
-                    cold.append(p)
-                    budget -= size
-        ShardStreamer._readahead(cold)
-
-    thread = threading.Thread(target=work, name="prefetch", daemon=True)
-    thread.start()
-    return thread
-
-
-def resident_fraction(path: str, samples: int = 16, window: int = 2**20) -> float:
-    """Share of sampled pages of the file that are in the page cache (mincore on `samples`
-    small windows spread over the file); 0.0 where it cannot be told."""
-    import ctypes
-    import mmap
-
-    if not hasattr(os, "posix_fadvise"):
-        return 0.0
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.mmap.restype = ctypes.c_void_p
-        libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
-        libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-        libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
-        fd = os.open(path, os.O_RDONLY)
-    except (OSError, AttributeError):
-        return 0.0
-    page = mmap.PAGESIZE
-    try:
-        size = os.fstat(fd).st_size
-        if size == 0:
-            return 1.0
-        resident = total = 0
-        for i in range(samples):
-            start = (size * i // samples) // page * page
-            length = min(window, size - start)
-            if length <= 0:
-                continue
-            addr = libc.mmap(None, length, mmap.PROT_READ, mmap.MAP_SHARED, fd, start)
-            if addr in (None, ctypes.c_void_p(-1).value):
-                return 0.0
-            try:
-                pages = (length + page - 1) // page
-                vec = ctypes.create_string_buffer(pages)
-                if libc.mincore(addr, length, vec) != 0:
-                    return 0.0
-                resident += pages - vec.raw.count(0)  # bit 0 set = resident
-                total += pages
-            finally:
-                libc.munmap(addr, length)
-        return resident / total if total else 0.0
-    finally:
-        os.close(fd)
 
 
 def _pread_into(fd: int, buf: torch.Tensor, offset: int, info: TensorInfo) -> None:

@@ -13,6 +13,7 @@ import torch
 
 from ..loading.hf_attributes import set_hf_attributes
 from ..loading.offload import dispatch
+from ..loading.page_cache import summary as page_cache_summary
 from ..loading.shards import ReaderOptions, load_tensors, target_devices
 from ..loading.streamer import machine_defaults
 from ..measure.memory import PeakAnonSampler
@@ -64,6 +65,7 @@ def load_shards(
         "peak_gpu_bytes": {
             str(d.index): torch.cuda.max_memory_allocated(d) for d in devices.values() if d.type == "cuda"
         },
+        "page_cache": page_cache_summary(),  # what was read ahead of the load (loading/page_cache.py)
         "missing_keys": plan.missing,
         "unexpected_keys": plan.unexpected,
     }

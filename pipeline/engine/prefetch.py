@@ -1,0 +1,74 @@
+"""What a run can start before its stages need it: the shards' bytes and the CUDA context.
+
+The CLI calls `start_early` as soon as Hydra has composed the config, before torch, the model
+code or bitsandbytes are imported (seconds; 20+ on some GPU hosts): a cold page cache fills
+(loading/page_cache.py) and the driver makes the GPU's context (loading/cuda_context.py) while
+Python imports. The Python API gets the same from the runner. Both are best effort and change
+nothing that is planned or loaded: any doubt, and nothing starts.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+log = logging.getLogger("pipeline")
+_contexts: set[int] = set()  # GPUs whose context this process has asked for
+
+
+def start_early(cfg) -> None:
+    """Start the page-cache read of the cold shards and the CUDA contexts (each file and GPU once
+    per process: the CLI calls this twice, a sweep once per job)."""
+    try:
+        from ..loading.page_cache import warm
+
+        files = shard_files(cfg)
+        warm(files)
+        devices = [d for d in (gpu_devices(cfg) if files else []) if d not in _contexts]
+        if devices and not _torch_cuda_ready():
+            from ..loading.cuda_context import retain_primary_contexts
+
+            retain_primary_contexts(devices)
+            _contexts.update(devices)
+    except Exception:  # noqa: BLE001 - an optimisation never fails a run
+        log.debug("early start skipped", exc_info=True)
+
+
+def _torch_cuda_ready() -> bool:
+    torch = sys.modules.get("torch")  # never imported here: only asked when the caller has it
+    return torch is not None and hasattr(torch, "cuda") and torch.cuda.is_initialized()
+
+
+def shard_files(cfg) -> list[str]:
+    """The safetensors files the run will stream, or [] when it reads none (dry run, tensor parallel)."""
+    stages = cfg.get("stages") or {}
+    node = cfg.get("checkpoint") or {}
+    if "load_shards" not in stages:
+        return []  # a dry run reads no tensor byte
+    if str((cfg.get("parallel") or {}).get("mode", "none")) == "tensor":
+        return []  # each rank reads only its own byte ranges
+    path = node.get("path")
+    if not path and node.get("builtin"):
+        from ..checkpoint.builtin import cache_dir
+
+        path = os.path.join(cache_dir(), str(node["builtin"]))
+    if not path or not os.path.isdir(str(path)):
+        return []
+    return sorted(os.path.join(str(path), f) for f in os.listdir(str(path)) if f.endswith(".safetensors"))
+
+
+def gpu_devices(cfg) -> list[int]:
+    """GPU indices the load will certainly use: those named in memory.max_memory, else GPU 0
+    (every GPU plan fills it first); none for a CPU-only strategy or CPU/disk-only caps."""
+    if (cfg.get("device_map") or {}).get("strategy") == "cpu":
+        return []
+    caps = (cfg.get("memory") or {}).get("max_memory")
+    if caps is None:
+        return [0]
+    out = []
+    for key in caps:
+        text = str(key).removeprefix("cuda:")
+        if text.isdigit():
+            out.append(int(text))
+    return out

@@ -1,0 +1,49 @@
+"""Create the CUDA context through the driver, off the GIL, while Python imports.
+
+torch creates its context in `torch.cuda.init()` with the GIL held (the driver's cuInit and
+the device's primary context: about a second on the GPU hosts), so a thread doing that
+stops every import meanwhile. Called through ctypes, the same driver calls release the GIL.
+torch's runtime later takes the device's primary context that already exists instead of
+making one (one context per device and process, which is what torch would have made).
+No torch here: this starts before torch is imported. Best effort; a machine without
+libcuda does nothing.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import threading
+
+
+def retain_primary_contexts(devices: list[int]) -> threading.Thread | None:
+    """Start a daemon thread that initialises the driver and retains the primary context of
+    each device index in `devices` (indices as torch sees them, CUDA_VISIBLE_DEVICES applied)."""
+    try:
+        libcuda = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return None
+    thread = threading.Thread(target=_retain, args=(libcuda, list(devices)), name="cuda_context", daemon=True)
+    thread.start()
+    return thread
+
+
+_retained: list = []  # kept for the process's life, as torch keeps its own reference
+
+
+def _retain(libcuda, devices: list[int]) -> None:
+    try:
+        if libcuda.cuInit(0) != 0:
+            return
+        count = ctypes.c_int(0)
+        if libcuda.cuDeviceGetCount(ctypes.byref(count)) != 0:
+            return
+        for index in devices:
+            if not 0 <= index < count.value:
+                continue
+            dev, ctx = ctypes.c_int(0), ctypes.c_void_p()
+            if libcuda.cuDeviceGet(ctypes.byref(dev), index) == 0 and (
+                libcuda.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), dev) == 0
+            ):
+                _retained.append(ctx)
+    except (AttributeError, OSError):
+        pass

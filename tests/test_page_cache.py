@@ -1,0 +1,134 @@
+"""Cold shards are read into the page cache while the process imports (loading/page_cache.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from helpers import REPO, make_checkpoint, run_cli
+
+from pipeline.loading import page_cache
+
+
+def _evict(path: Path) -> None:
+    """Drop a file's pages from the page cache (clean pages only: written and synced first)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def _resident(path: Path) -> float:
+    """Every MiB of the file checked, not a sample."""
+    return page_cache.resident_fraction(str(path), samples=max(1, path.stat().st_size // 2**20), window=2**20)
+
+
+def _cold_file(tmp_path: Path, mib: int) -> Path:
+    path = tmp_path / "cold.bin"
+    with open(path, "wb") as fh:
+        fh.write(os.urandom(mib * 2**20))
+        fh.flush()
+        os.fsync(fh.fileno())
+    _evict(path)
+    if _resident(path) > 0.05:
+        pytest.skip(f"{tmp_path}: this filesystem keeps evicted pages (tmpfs?); the page cache cannot be emptied")
+    return path
+
+
+def test_warm_reads_the_whole_file_into_the_page_cache(tmp_path):
+    # Larger than one 64 MiB posix_fadvise(WILLNEED) window: Linux serves such a call only up to
+    # the device's read-ahead limit, which left most of every window unread (the bug this replaces).
+    path = _cold_file(tmp_path, 96)
+    thread = page_cache.warm([str(path)])
+    assert thread is not None
+    thread.join(timeout=120)
+    assert _resident(path) > 0.99
+
+
+def test_warm_leaves_cached_and_claimed_files_alone(tmp_path):
+    cached = tmp_path / "cached.bin"
+    cached.write_bytes(b"x" * (8 * 2**20))
+    cached.read_bytes()
+    assert page_cache.warm([str(cached)]) is None  # already in the page cache: nothing to read
+    cold = _cold_file(tmp_path, 8)
+    first = page_cache.warm([str(cold)])
+    assert first is not None
+    first.join(timeout=60)
+    _evict(cold)
+    assert page_cache.warm([str(cold)]) is None  # this process took it once: never read twice
+
+
+def test_page_cache_module_imports_no_torch():
+    code = "import sys, pipeline.engine.prefetch, pipeline.loading.page_cache; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_cli_reads_cold_shards_before_importing_torch(tmp_path):
+    import torch
+
+    ckpt = make_checkpoint("llama", tmp_path / "ckpt", torch.float32)
+    shards = sorted(ckpt.glob("*.safetensors"))
+    assert len(shards) >= 2
+    for shard in shards:
+        _evict(shard)
+    if max(_resident(s) for s in shards) > 0.05:
+        pytest.skip(f"{tmp_path}: this filesystem keeps evicted pages; the page cache cannot be emptied")
+    run = tmp_path / "run"
+    proc = run_cli(f"checkpoint.path={ckpt}", "quantization=none", f"hydra.run.dir={run}")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((run / "report.json").read_text())
+    read_ahead = report["load"]["page_cache"]
+    assert read_ahead["files"] == len(shards)
+    assert read_ahead["bytes"] == sum(s.stat().st_size for s in shards)
+    assert read_ahead["started_before_torch"] is True
+    assert read_ahead["started_s_before"] > 0
+    assert report["validation"]["checks"] and all(report["validation"]["checks"].values())
+
+
+def test_a_warm_checkpoint_is_not_read_ahead(tmp_path):
+    import torch
+
+    ckpt = make_checkpoint("llama", tmp_path / "ckpt", torch.float32)
+    for shard in ckpt.glob("*.safetensors"):
+        shard.read_bytes()
+    run = tmp_path / "run"
+    proc = run_cli(f"checkpoint.path={ckpt}", "quantization=none", f"hydra.run.dir={run}")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((run / "report.json").read_text())["load"]["page_cache"] is None
+
+
+def test_early_start_reads_only_what_load_shards_streams(tmp_path):
+    from omegaconf import OmegaConf
+
+    from pipeline.engine.prefetch import gpu_devices, shard_files
+
+    for name in ("a.safetensors", "b.safetensors", "config.json"):
+        (tmp_path / name).write_bytes(b"x")
+    cfg = OmegaConf.create({"stages": {"instantiate_empty": {}, "load_shards": {}}, "checkpoint": {"path": str(tmp_path)}})
+    assert [Path(f).name for f in shard_files(cfg)] == ["a.safetensors", "b.safetensors"]
+    dry = OmegaConf.merge(cfg, {"stages": {"load_shards": None}})
+    del dry.stages["load_shards"]
+    assert shard_files(dry) == []  # a dry run reads no tensor byte
+    assert shard_files(OmegaConf.merge(cfg, {"parallel": {"mode": "tensor"}})) == []  # ranks read their slices
+    assert shard_files(OmegaConf.merge(cfg, {"checkpoint": {"path": str(tmp_path / "missing")}})) == []
+    # The GPUs whose CUDA context is made early: those the caps name, else GPU 0; none for CPU-only.
+    assert gpu_devices(OmegaConf.create({"memory": {"max_memory": None}})) == [0]
+    assert gpu_devices(OmegaConf.create({"memory": {"max_memory": {1: "20GiB", "cpu": "8GiB"}}})) == [1]
+    assert gpu_devices(OmegaConf.create({"memory": {"max_memory": {"cpu": "8GiB", "disk": "1TiB"}}})) == []
+    assert gpu_devices(OmegaConf.create({"device_map": {"strategy": "cpu"}, "memory": {"max_memory": None}})) == []
+
+
+def test_cuda_context_module_is_harmless_without_a_gpu():
+    code = (
+        "import sys; from pipeline.loading.cuda_context import retain_primary_contexts as r\n"
+        "t = r([0]); t and t.join(30); print('torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
