@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Issue 16 on the GPU host, one command per part (PART=cold or PART=warm), results under $OUT.
+# Issue 16 on the GPU host, one command per part (PART=cold, ab or warm), results under $OUT.
 #   cold: machine and versions; the 7B-shaped bf16 checkpoint; one sequential read of its shards
 #         from a cold cache; the pread->pinned->H2D limit against our streamer, alternating
 #         (bench/h2d_limit.py, PAIRS pairs, medians); whole processes (floor, ours, transformers;
 #         bf16/int8/nf4) each after the page cache is emptied.
+#   ab:   cold, bf16: floor, ours, ours under ALT_ENV (an A/B of one setting), ROUNDS rounds.
 #   warm: the same checkpoint; whole processes warm (ROUNDS rounds, alternating), and the CUDA
 #         context micro-benchmark (bench/cuda_context_overlap.py).
 set -u
@@ -15,7 +16,12 @@ python3 -c "import torch, transformers, accelerate, safetensors, bitsandbytes; p
 for d in /sys/block/*/queue; do echo "$d read_ahead_kb=$(cat $d/read_ahead_kb) max_sectors_kb=$(cat $d/max_sectors_kb)"; done >> $OUT/machine.txt 2>/dev/null
 df -h /tmp | tail -1 >> $OUT/machine.txt
 python3 -c "import sys; sys.path.insert(0, '.'); from pipeline.checkpoint.synthetic import write_checkpoint; import time; t=time.time(); write_checkpoint('$ck', 'llama-7b'); print('checkpoint written in', round(time.time()-t,1), 's')" 2>&1 | tail -1 | tee -a $OUT/machine.txt
-if [ "${PART:-cold}" = cold ]; then
+cat /sys/block/*/queue/scheduler >> $OUT/machine.txt 2>/dev/null
+if [ "${PART:-cold}" = ab ]; then  # cold page cache: ours against ours under ALT_ENV (VAR=value ...), bf16
+python3 bench/whole_process.py --suite gpu --dir $ck --quant none --rounds ${ROUNDS:-2} --cold --no-warm --only floor_none,ours_none,ours_none_alt \
+  --alt-env "${ALT_ENV:-}" --budget $(( budget - ($(date +%s) - start) )) --timeout 150 --out $OUT/cold_ab.json > $OUT/cold_ab.log 2>&1
+grep -v '^{' $OUT/cold_ab.log | tail -12
+elif [ "${PART:-cold}" = cold ]; then
 python3 - <<PY | tee $OUT/seq_read.json
 import json, sys, time
 sys.path.insert(0, "bench")

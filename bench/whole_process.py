@@ -233,6 +233,10 @@ def methods_for(a, scratch: Path) -> list[dict]:
         over += a.ours_overrides.split()
         first = q == a.quant.split(",")[-1]  # ours with the last method primes the bytecode cache
         out.append(dict(name=f"ours_{q}", argv=ours(*over), run_dir=scratch / f"ours_{q}", prime=first))
+        if a.alt_env:  # the same run of ours under another environment (an A/B of one setting)
+            env = dict(kv.split("=", 1) for kv in a.alt_env.split())
+            alt = [o.replace(f"ours_{q}", f"ours_{q}_alt") for o in over]
+            out.append(dict(name=f"ours_{q}_alt", argv=ours(*alt), env=env, run_dir=scratch / f"ours_{q}_alt"))
         out.append(dict(name=f"hf_{q}", argv=me("--peer", a.dir, "--device", "cuda", "--quant", q)))
     return out
 
@@ -249,6 +253,7 @@ def main() -> None:
     ap.add_argument("--budget", type=float, default=1e9, help="start no new run after this many seconds")
     ap.add_argument("--timeout", type=float, default=600)
     ap.add_argument("--ours-overrides", default="")
+    ap.add_argument("--alt-env", default="", help="gpu: also ours_<q>_alt, run with these VAR=value settings")
     ap.add_argument("--only", help="comma-separated method names to run (default: all of the suite)")
     ap.add_argument("--out")
     ap.add_argument("--floor", metavar="DEVICE", help=argparse.SUPPRESS)
@@ -359,7 +364,7 @@ def summarize(samples: list[dict], names: list[str]) -> str:
 def _floor_for(name: str, med: dict) -> str | None:
     if name.startswith("floor"):
         return None
-    q = name.rsplit("_", 1)[-1]
+    q = name.removesuffix("_alt").rsplit("_", 1)[-1]
     for cand in (f"floor_{q}", "floor_int8" if "default" in name else "", "floor", "floor_no_bnb"):
         if cand in med:
             return cand

@@ -16,9 +16,9 @@ _task_started = False
 def _app(cfg: DictConfig) -> str:
     global _task_started
     _task_started = True
-    from .engine.prefetch import start_early
+    from .engine.prefetch import start_cuda
 
-    start_early(cfg)  # before torch and the model code are imported: the disk works while Python does
+    start_cuda(cfg)  # the driver makes the GPU's context, off the GIL, while torch is imported
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
@@ -75,9 +75,9 @@ def _preflight(args: list[str]) -> None:
             return  # sweep values under a config that sets hydra.mode=MULTIRUN: Hydra expands them
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
-    from .engine.prefetch import start_early
+    from .engine.prefetch import start_cuda
 
-    start_early(cfg)  # the shards' bytes move while Hydra composes again and Python imports
+    start_cuda(cfg)  # the GPU's context is made while Hydra composes again and torch is imported
 
 
 def _shared_run_dir(args: list[str]) -> list[str]:

@@ -23,7 +23,7 @@ from ..quant.spec import QuantSpec
 from ..stages.context import LoadContext
 from .artifacts import write_json
 from .binding import bind_stage
-from .prefetch import start_early
+from .prefetch import start_cuda, start_reading
 from .report import new_report
 from .result import LoadResult
 from .reuse import remember, reuse_key
@@ -52,7 +52,8 @@ def run(cfg: DictConfig, run_dir: Path | str, *, reuse: bool = False) -> LoadRes
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    start_early(cfg)  # the CLI started it already, before torch was imported: once per process
+    start_cuda(cfg)  # the CLI asked already, before torch was imported: once per GPU and process
+    start_reading(cfg)  # before the model code is imported: the disk works while Python does
     ctx = LoadContext(cfg=cfg, run_dir=run_dir, report=new_report())
     report = ctx.report
     error: BaseException | None = None
