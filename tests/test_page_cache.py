@@ -134,6 +134,7 @@ def test_early_start_reads_only_what_load_shards_streams(tmp_path):
     assert gpu_devices(OmegaConf.create({"memory": {"max_memory": None}})) == [0]
     assert gpu_devices(OmegaConf.create({"memory": {"max_memory": {1: "20GiB", "cpu": "8GiB"}}})) == [1]
     assert gpu_devices(OmegaConf.create({"memory": {"max_memory": {"cpu": "8GiB", "disk": "1TiB"}}})) == []
+    assert gpu_devices(OmegaConf.create({"memory": {"max_memory": {0: "0GiB", 1: "4GiB"}}})) == [1]
     assert gpu_devices(OmegaConf.create({"device_map": {"strategy": "cpu"}, "memory": {"max_memory": None}})) == []
 
 

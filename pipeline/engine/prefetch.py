@@ -74,16 +74,19 @@ def shard_files(cfg) -> list[str]:
 
 
 def gpu_devices(cfg) -> list[int]:
-    """GPU indices the load will certainly use: those named in memory.max_memory, else GPU 0
-    (every GPU plan fills it first); none for a CPU-only strategy or CPU/disk-only caps."""
+    """GPU indices the load will certainly use: those memory.max_memory gives room on, else GPU 0
+    (every GPU plan fills it first); none for a CPU-only strategy or CPU/disk-only caps. A bad
+    cap raises here and is skipped by the caller: the plan stage reports it."""
     if (cfg.get("device_map") or {}).get("strategy") == "cpu":
         return []
     caps = (cfg.get("memory") or {}).get("max_memory")
     if caps is None:
         return [0]
+    from ..sizes import parse_size
+
     out = []
-    for key in caps:
+    for key, cap in caps.items():
         text = str(key).removeprefix("cuda:")
-        if text.isdigit():
+        if text.isdigit() and parse_size(cap, f"memory.max_memory.{key}") > 0:
             out.append(int(text))
     return out

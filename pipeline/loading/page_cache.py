@@ -29,12 +29,9 @@ _record: dict = {}
 def warm(paths: list[str], budget_fraction: float = 0.5) -> threading.Thread | None:
     """Start one daemon thread reading, front to back, each of `paths` that is not yet in the page
     cache; files another warmer of this process already took, and files beyond `budget_fraction`
-    of the free memory (they would push out what was read before them) are left alone. None when
-    there is nothing to read."""
-    try:
-        budget = int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES") * budget_fraction)
-    except (ValueError, OSError):
-        return None
+    of the available memory (they would push out what was read before them) are left alone. None
+    when there is nothing to read."""
+    budget = int(available_memory() * budget_fraction)
     cold: list[tuple[str, int]] = []
     with _lock:
         for path in paths:
@@ -57,6 +54,23 @@ def warm(paths: list[str], budget_fraction: float = 0.5) -> threading.Thread | N
     thread = threading.Thread(target=_read_all, args=([p for p, _ in cold],), name="page_cache", daemon=True)
     thread.start()
     return thread
+
+
+def available_memory() -> int:
+    """Bytes the kernel could give without swapping (MemAvailable: free memory plus the page
+    cache it can drop), so a machine whose cache is full of other files still reads ahead;
+    free pages where /proc/meminfo is not there; 0 if neither can be told."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    except (ValueError, OSError):
+        return 0
 
 
 def _read_all(paths: list[str]) -> None:
