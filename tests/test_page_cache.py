@@ -49,6 +49,9 @@ def test_warm_reads_the_whole_file_into_the_page_cache(tmp_path):
     assert thread is not None
     thread.join(timeout=120)
     assert _resident(path) > 0.99
+    done = page_cache.summary([str(path)])
+    assert done["files"] == 1 and done["bytes"] == 96 * 2**20 and done["finished_before"] and done["read_s"] > 0
+    assert page_cache.summary([str(tmp_path / "other.safetensors")]) is None  # another run's files: not its own
 
 
 def test_warm_leaves_cached_and_claimed_files_alone(tmp_path):

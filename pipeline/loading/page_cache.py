@@ -22,8 +22,7 @@ import time
 
 _BUFFER = 64 * 2**20
 _lock = threading.Lock()
-_claimed: set[str] = set()  # files a warmer is reading (or has read) in this process
-_record: dict = {}
+_claimed: dict[str, dict] = {}  # file -> {bytes, started, finished}: what this process read ahead
 
 
 def warm(paths: list[str], budget_fraction: float = 0.5) -> threading.Thread | None:
@@ -43,14 +42,11 @@ def warm(paths: list[str], budget_fraction: float = 0.5) -> threading.Thread | N
                 if size <= budget and resident_fraction(path) < 0.9:
                     cold.append((path, size))
                     budget -= size
-                    _claimed.add(path)
         if not cold:
             return None
-        _record.update(
-            files=_record.get("files", 0) + len(cold),
-            bytes=_record.get("bytes", 0) + sum(s for _, s in cold),
-            started=_record.get("started", time.perf_counter()),
-        )
+        started = time.perf_counter()
+        for path, size in cold:
+            _claimed[path] = {"bytes": size, "started": started}
     thread = threading.Thread(target=_read_all, args=([p for p, _ in cold],), name="page_cache", daemon=True)
     thread.start()
     return thread
@@ -76,41 +72,40 @@ def available_memory() -> int:
 def _read_all(paths: list[str]) -> None:
     buf = bytearray(_BUFFER)
     view = memoryview(buf)
-    done = 0
     for path in paths:
         try:
             fd = os.open(path, os.O_RDONLY)
+            try:
+                offset = 0
+                while (got := os.preadv(fd, [view], offset)) > 0:
+                    offset += got
+            finally:
+                os.close(fd)
         except OSError:
-            continue
-        try:
-            offset = 0
-            while (got := os.preadv(fd, [view], offset)) > 0:
-                offset += got
-            done += offset
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
-    with _lock:
-        _record["read_bytes"] = _record.get("read_bytes", 0) + done
-        _record["finished"] = time.perf_counter()
+            pass  # gone or unreadable: load_shards says so with the file's name
+        with _lock:
+            _claimed[path]["finished"] = time.perf_counter()
 
 
-def summary(now: float | None = None) -> dict | None:
-    """What this process read ahead so far, for the report: files, bytes, how long before `now`
-    it started, whether it had finished (and in how long)."""
+def summary(paths: list[str], now: float | None = None) -> dict | None:
+    """What was read ahead of `now` (the load's start) for these files, for the report: files,
+    bytes, how long before `now` the first read started, whether all were read by then (and
+    how long reading them took); None when none of them was read ahead."""
+    now = time.perf_counter() if now is None else now
     with _lock:
-        if not _record:
+        rows = [_claimed[p] for p in dict.fromkeys(os.path.abspath(p) for p in paths) if p in _claimed]
+        if not rows:
             return None
-        now = time.perf_counter() if now is None else now
+        started = min(r["started"] for r in rows)
+        done = all("finished" in r for r in rows)
         out = {
-            "files": _record["files"],
-            "bytes": _record["bytes"],
-            "started_s_before": round(now - _record["started"], 3),
-            "finished_before": "finished" in _record and _record["finished"] <= now,
+            "files": len(rows),
+            "bytes": sum(r["bytes"] for r in rows),
+            "started_s_before": round(now - started, 3),
+            "finished_before": done and max(r["finished"] for r in rows) <= now,
         }
-        if "finished" in _record:
-            out["read_s"] = round(_record["finished"] - _record["started"], 3)
+        if done:
+            out["read_s"] = round(max(r["finished"] for r in rows) - started, 3)
         return out
 
 

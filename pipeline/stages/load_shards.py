@@ -8,6 +8,7 @@ sets on its model (loading/hf_attributes.py).
 from __future__ import annotations
 
 import logging
+import time
 
 import torch
 
@@ -39,6 +40,7 @@ def load_shards(
     options = ReaderOptions(reader, threads, chunk_mib, staging_mib, temp_mib, readahead, progress)
     options.check()
     devices = target_devices(plan)
+    started = time.perf_counter()
     with PeakAnonSampler() as sampler:
         stats = load_tensors(ctx.model, plan, ctx.checkpoint, ctx.quant, devices, options)
     model = ctx.model
@@ -65,7 +67,8 @@ def load_shards(
         "peak_gpu_bytes": {
             str(d.index): torch.cuda.max_memory_allocated(d) for d in devices.values() if d.type == "cuda"
         },
-        "page_cache": page_cache_summary(),  # what was read ahead of the load (loading/page_cache.py)
+        # What was read into the page cache ahead of the load (loading/page_cache.py).
+        "page_cache": page_cache_summary(ctx.checkpoint.files, started),
         "missing_keys": plan.missing,
         "unexpected_keys": plan.unexpected,
     }
