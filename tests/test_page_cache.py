@@ -97,6 +97,7 @@ def test_cli_reads_cold_shards_while_the_model_code_is_imported(tmp_path):
     # Started before instantiate_empty (the model-class import and the skeleton) began.
     assert read_ahead["started_s_before"] >= stages["instantiate_empty"] + stages["plan"]
     assert report["validation"]["checks"] and all(report["validation"]["checks"].values())
+    assert f"page cache: {len(shards)} cold shard(s)" in (run / "run.log").read_text()
 
 
 @pytest.mark.parametrize("how", ["warm", "readahead_off"])

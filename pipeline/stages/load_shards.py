@@ -74,6 +74,15 @@ def load_shards(
     }
     if ctx.parallel.enabled:
         _gather_ranks(ctx)
+    ahead = ctx.report["load"]["page_cache"]
+    if ahead:
+        log.info(
+            "page cache: %d cold shard(s), %.2f GB, read ahead from %.1f s before the load (%s)",
+            ahead["files"],
+            ahead["bytes"] / 1e9,
+            ahead["started_s_before"],
+            f"done in {ahead['read_s']:.1f} s" if ahead["finished_before"] else "still reading when it began",
+        )
     log.info(
         "loaded %d bytes in %.2f s (%.2f GB/s)", stats.bytes_read, seconds, stats.bytes_read / max(seconds, 1e-9) / 1e9
     )
