@@ -74,7 +74,13 @@ def load_shards(
     }
     if ctx.parallel.enabled:
         _gather_ranks(ctx)
-    ahead = ctx.report["load"]["page_cache"]
+    _log_read_ahead(ctx.report["load"]["page_cache"])
+    log.info(
+        "loaded %d bytes in %.2f s (%.2f GB/s)", stats.bytes_read, seconds, stats.bytes_read / max(seconds, 1e-9) / 1e9
+    )
+
+
+def _log_read_ahead(ahead: dict | None) -> None:
     if ahead:
         log.info(
             "page cache: %d cold shard(s), %.2f GB, read ahead from %.1f s before the load (%s)",
@@ -83,9 +89,6 @@ def load_shards(
             ahead["started_s_before"],
             f"done in {ahead['read_s']:.1f} s" if ahead["finished_before"] else "still reading when it began",
         )
-    log.info(
-        "loaded %d bytes in %.2f s (%.2f GB/s)", stats.bytes_read, seconds, stats.bytes_read / max(seconds, 1e-9) / 1e9
-    )
 
 
 def _gather_ranks(ctx: LoadContext) -> None:
