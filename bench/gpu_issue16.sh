@@ -2,7 +2,7 @@
 # Issue 16 on the GPU host, one command per part (PART=cold, ab or warm), results under $OUT.
 #   cold: machine and versions; the 7B-shaped bf16 checkpoint; one sequential read of its shards
 #         from a cold cache; the pread->pinned->H2D limit against our streamer, alternating
-#         (bench/h2d_limit.py, PAIRS pairs, medians); whole processes (floor, ours, transformers;
+#         (bench/h2d_limit.py, QUICK=0 for the full grid, PAIRS pairs, medians); whole processes (floor, ours, transformers;
 #         bf16/int8/nf4) each after the page cache is emptied.
 #   ab:   cold, bf16: floor, ours, ours under ALT_ENV (an A/B of one setting), ROUNDS rounds.
 #   warm: the same checkpoint; whole processes warm (ROUNDS rounds, alternating), and the CUDA
@@ -36,7 +36,7 @@ for f in sorted(Path("$ck").glob("*.safetensors")):
 s = time.perf_counter() - t
 print(json.dumps({"evicted": ok, "sequential_read_s": round(s, 3), "bytes": n, "gb_per_s": round(n / s / 1e9, 2)}))
 PY
-QUICK=1 PAIRS=${PAIRS:-5} python3 bench/h2d_limit.py $ck $OUT/limit.json > $OUT/limit.log 2>&1
+QUICK=${QUICK:-1} PAIRS=${PAIRS:-5} python3 bench/h2d_limit.py $ck $OUT/limit.json > $OUT/limit.log 2>&1
 tail -1 $OUT/limit.log
 left=$(( budget - ($(date +%s) - start) ))
 echo "cold whole-process budget ${left}s"

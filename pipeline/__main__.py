@@ -69,15 +69,12 @@ def _preflight(args: list[str]) -> None:
     from .errors import UserError
 
     try:
-        cfg = compose_config(args)
+        compose_config(args)
     except UserError as exc:
         if "--multirun" in str(exc):
             return  # sweep values under a config that sets hydra.mode=MULTIRUN: Hydra expands them
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
-    from .engine.prefetch import start_cuda
-
-    start_cuda(cfg)  # the GPU's context is made while Hydra composes again and torch is imported
 
 
 def _shared_run_dir(args: list[str]) -> list[str]:

@@ -67,13 +67,17 @@ def test_warm_leaves_cached_and_claimed_files_alone(tmp_path):
     assert page_cache.warm([str(cold)]) is None  # this process took it once: never read twice
 
 
+def _torch_imported_after(code: str) -> bool:
+    """Whether a fresh interpreter has torch imported after running `code`."""
+    script = f"import sys\n{code}\nprint('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, check=True)
+    return out.stdout.strip() == "True"
+
+
 def test_page_cache_module_imports_no_torch():
-    code = (
-        "import sys, pipeline.engine.prefetch, pipeline.loading.page_cache, pipeline.engine.compose\n"
-        "print('torch' in sys.modules)"
+    assert not _torch_imported_after(
+        "import pipeline.engine.prefetch, pipeline.loading.page_cache, pipeline.engine.compose"
     )
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "False"
 
 
 def test_cli_reads_cold_shards_while_the_model_code_is_imported(tmp_path):
@@ -143,9 +147,5 @@ def test_early_start_reads_only_what_load_shards_streams(tmp_path):
 
 
 def test_cuda_context_module_is_harmless_without_a_gpu():
-    code = (
-        "import sys; from pipeline.loading.cuda_context import retain_primary_contexts as r\n"
-        "t = r([0]); t and t.join(30); print('torch' in sys.modules)"
-    )
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "False"
+    code = "from pipeline.loading.cuda_context import retain_primary_contexts as r\nt = r([0]); t and t.join(30)"
+    assert not _torch_imported_after(code)
