@@ -4,7 +4,7 @@
 #         from a cold cache; the pread->pinned->H2D limit against our streamer, alternating
 #         (bench/h2d_limit.py, QUICK=0 for the full grid, PAIRS pairs, medians); whole processes (floor, ours, transformers;
 #         bf16/int8/nf4) each after the page cache is emptied.
-#   ab:   cold, bf16: floor, ours, ours under ALT_ENV (an A/B of one setting), ROUNDS rounds.
+#   ab:   cold, bf16: floor, ours, ours under ALT_ENV and/or ALT_OVERRIDES (an A/B of one setting), ROUNDS rounds.
 #   warm: the same checkpoint; whole processes warm (ROUNDS rounds, alternating), and the CUDA
 #         context micro-benchmark (bench/cuda_context_overlap.py).
 set -u
@@ -19,7 +19,7 @@ python3 -c "import sys; sys.path.insert(0, '.'); from pipeline.checkpoint.synthe
 cat /sys/block/*/queue/scheduler >> $OUT/machine.txt 2>/dev/null
 if [ "${PART:-cold}" = ab ]; then  # cold page cache: ours against ours under ALT_ENV (VAR=value ...), bf16
 python3 bench/whole_process.py --suite gpu --dir $ck --quant none --rounds ${ROUNDS:-2} --cold --no-warm --only floor_none,ours_none,ours_none_alt \
-  --alt-env "${ALT_ENV:-}" --budget $(( budget - ($(date +%s) - start) )) --timeout 150 --out $OUT/cold_ab.json > $OUT/cold_ab.log 2>&1
+  --alt-env "${ALT_ENV:-}" --alt-overrides "${ALT_OVERRIDES:-}" --budget $(( budget - ($(date +%s) - start) )) --timeout 150 --out $OUT/cold_ab.json > $OUT/cold_ab.log 2>&1
 grep -v '^{' $OUT/cold_ab.log | tail -12
 elif [ "${PART:-cold}" = cold ]; then
 python3 - <<PY | tee $OUT/seq_read.json

@@ -233,9 +233,9 @@ def methods_for(a, scratch: Path) -> list[dict]:
         over += a.ours_overrides.split()
         first = q == a.quant.split(",")[-1]  # ours with the last method primes the bytecode cache
         out.append(dict(name=f"ours_{q}", argv=ours(*over), run_dir=scratch / f"ours_{q}", prime=first))
-        if a.alt_env:  # the same run of ours under another environment (an A/B of one setting)
+        if a.alt_env or a.alt_overrides:  # the same run of ours under another setting (an A/B of one)
             env = dict(kv.split("=", 1) for kv in a.alt_env.split())
-            alt = [o.replace(f"ours_{q}", f"ours_{q}_alt") for o in over]
+            alt = [o.replace(f"ours_{q}", f"ours_{q}_alt") for o in over] + a.alt_overrides.split()
             out.append(dict(name=f"ours_{q}_alt", argv=ours(*alt), env=env, run_dir=scratch / f"ours_{q}_alt"))
         out.append(dict(name=f"hf_{q}", argv=me("--peer", a.dir, "--device", "cuda", "--quant", q)))
     return out
@@ -254,6 +254,7 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=600)
     ap.add_argument("--ours-overrides", default="")
     ap.add_argument("--alt-env", default="", help="gpu: also ours_<q>_alt, run with these VAR=value settings")
+    ap.add_argument("--alt-overrides", default="", help="gpu: also ours_<q>_alt, run with these extra overrides")
     ap.add_argument("--only", help="comma-separated method names to run (default: all of the suite)")
     ap.add_argument("--out")
     ap.add_argument("--floor", metavar="DEVICE", help=argparse.SUPPRESS)

@@ -149,3 +149,83 @@ def test_early_start_reads_only_what_load_shards_streams(tmp_path):
 def test_cuda_context_module_is_harmless_without_a_gpu():
     code = "from pipeline.loading.cuda_context import retain_primary_contexts as r\nt = r([0]); t and t.join(30)"
     assert not _torch_imported_after(code)
+
+
+def _io_class(tid: int) -> int:
+    """The I/O scheduling class of one thread (ioprio_get(2)): 0 none, 2 best effort, 3 idle."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    value = libc.syscall(252, 1, tid)  # x86_64 ioprio_get, IOPRIO_WHO_PROCESS
+    assert value >= 0, os.strerror(ctypes.get_errno())
+    return value >> 13
+
+
+@pytest.mark.skipif(os.uname().machine != "x86_64", reason="ioprio_get's number is read back on x86_64 only")
+def test_read_ahead_runs_at_idle_io_priority_until_the_load_hurries_it(tmp_path):
+    import threading
+
+    # The read-ahead thread yields the disk to the imports' page faults (idle class)...
+    gate, seen = threading.Event(), {}
+
+    def reader():
+        seen["tid"] = threading.get_native_id()
+        seen["set"] = page_cache._set_io_class(seen["tid"], "idle")
+        with page_cache._lock:
+            page_cache._idle_readers.add(seen["tid"])
+        gate.wait(30)
+        seen["after"] = _io_class(seen["tid"])
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    while "set" not in seen:
+        pass
+    assert seen["set"] and _io_class(seen["tid"]) == 3
+    # ...until the load starts and waits on the bytes: back to the normal class.
+    page_cache.hurry()
+    gate.set()
+    thread.join(30)
+    assert seen["after"] == 0
+    # A real read-ahead reports the priority it ran at.
+    path = _cold_file(tmp_path, 8)
+    page_cache.warm([str(path)], priority="idle").join(60)
+    assert page_cache.summary([str(path)])["priority"] == "idle"
+
+
+def test_a_read_ahead_the_load_overtook_never_drops_to_idle(tmp_path):
+    import threading
+
+    path = _cold_file(tmp_path, 8)
+    # The load's hurry() came before the read-ahead thread's first step (a slow thread start).
+    page_cache._claimed[str(path)] = {"bytes": 1, "started": 0.0, "priority": "idle", "hurried": 1.0}
+    seen = {}
+
+    def read():
+        page_cache._read_all([str(path)], "idle")
+        seen["class"] = _io_class(threading.get_native_id())
+
+    thread = threading.Thread(target=read)
+    thread.start()
+    thread.join(60)
+    assert seen["class"] == 0 and page_cache._idle_readers == set()
+    assert page_cache.summary([str(path)])["raised_at_load"] is True
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("stages.load_shards.readahead_priority=fast", "stages.load_shards.readahead_priority"),
+        ("stages.load_shards.readahead=maybe", "stages.load_shards.readahead"),
+    ],
+)
+def test_bad_read_ahead_settings_stop_the_run_before_any_stage(tmp_path, override, key):
+    import torch
+
+    ckpt = make_checkpoint("llama", tmp_path / "ckpt", torch.float32)
+    run = tmp_path / "run"
+    proc = run_cli(f"checkpoint.path={ckpt}", "quantization=none", f"hydra.run.dir={run}", override)
+    assert proc.returncode == 2, proc.stderr
+    line = proc.stderr.strip().splitlines()[-1]
+    assert key in line and ("choose one of idle, normal" in line or "true or false" in line)
+    report = json.loads((run / "report.json").read_text())
+    assert report["status"] == "error" and report["stages"] == []

@@ -61,6 +61,7 @@ def run(cfg: DictConfig, run_dir: Path | str, *, reuse: bool = False) -> LoadRes
     with _log_to(run_dir / ("run.log" if rank == 0 else f"run.rank{rank}.log"), rank):
         try:
             stages = bind_stages(cfg)
+            _check_reader_options(cfg)
             ctx.quant = _quant_spec(cfg)
             ctx.parallel = parallel_spec(cfg)
             ensure_group(ctx.parallel)
@@ -87,6 +88,14 @@ def run(cfg: DictConfig, run_dir: Path | str, *, reuse: bool = False) -> LoadRes
         error.result = result
         raise error
     return result
+
+
+def _check_reader_options(cfg: DictConfig) -> None:
+    """load_shards' reader keys, checked before any stage runs (imported here: after start_reading)."""
+    if "load_shards" in cfg.stages:
+        from ..loading.shards import check_reader_options
+
+        check_reader_options(cfg.stages.load_shards)
 
 
 def start_context(cfg: DictConfig, run_dir: Path | str) -> LoadContext:

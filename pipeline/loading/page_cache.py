@@ -11,25 +11,40 @@ left the earlier prefetch reading almost nothing. One thread reads each shard fr
 2-core machine's disk (1.9-2.0 GB/s cold; 4-16 MiB reads 0.5-1.9 GB/s, FADV_SEQUENTIAL
 0.55-0.88 GB/s) and the setting of the H200 host's "one sequential read" reference. The bytes
 land in one reused buffer; nothing is kept but the cache.
+
+Why at idle I/O priority (`priority="idle"`, Linux): while it reads, the process is importing
+torch, transformers and the model code, whose page faults on cold libraries wait on the same
+disk; a reader at the same priority makes every one of them queue behind 64 MiB reads. At idle
+class the kernel's I/O scheduler (mq-deadline, BFQ) serves the imports first and gives the
+reader the disk's idle time; `hurry()` puts it back to normal priority once the load itself
+waits on the bytes. Schedulers without priorities (none, kyber) ignore it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import platform
+import sys
 import threading
 import time
 
 _BUFFER = 64 * 2**20
 _lock = threading.Lock()
-_claimed: dict[str, dict] = {}  # file -> {bytes, started, finished}: what this process read ahead
+_claimed: dict[str, dict] = {}  # file -> {bytes, started, finished, priority}: what this process read ahead
+_idle_readers: set[int] = set()  # native thread ids of readers still at idle I/O priority
+PRIORITIES = ("idle", "normal")
+_IOPRIO_CLASS = {"idle": 3, "normal": 0}  # IOPRIO_CLASS_IDLE; NONE = from the CPU nice level (best effort)
+_SYS_IOPRIO_SET = {"x86_64": 251, "aarch64": 30, "riscv64": 30, "ppc64le": 273, "ppc64": 273, "s390x": 282}
 
 
-def warm(paths: list[str], budget_fraction: float = 0.5) -> threading.Thread | None:
+def warm(paths: list[str], budget_fraction: float = 0.5, priority: str = "normal") -> threading.Thread | None:
     """Start one daemon thread reading, front to back, each of `paths` that is not yet in the page
-    cache; files another warmer of this process already took, and files beyond `budget_fraction`
-    of the available memory (they would push out what was read before them) are left alone. None
-    when there is nothing to read."""
+    cache, at `priority` ("idle" or "normal" I/O class); files another warmer of this process
+    already took, and files beyond `budget_fraction` of the available memory (they would push out
+    what was read before them) are left alone. None when there is nothing to read."""
+    if priority not in PRIORITIES:
+        raise ValueError(f"priority {priority!r}: one of {PRIORITIES}")
     budget = int(available_memory() * budget_fraction)
     cold: list[tuple[str, int]] = []
     with _lock:
@@ -46,10 +61,37 @@ def warm(paths: list[str], budget_fraction: float = 0.5) -> threading.Thread | N
             return None
         started = time.perf_counter()
         for path, size in cold:
-            _claimed[path] = {"bytes": size, "started": started}
-    thread = threading.Thread(target=_read_all, args=([p for p, _ in cold],), name="page_cache", daemon=True)
+            _claimed[path] = {"bytes": size, "started": started, "priority": priority}
+    files = [p for p, _ in cold]
+    thread = threading.Thread(target=_read_all, args=(files, priority), name="page_cache", daemon=True)
     thread.start()
     return thread
+
+
+def hurry() -> None:
+    """Back to normal I/O priority for every reader of this process still at idle: called when
+    the load starts and waits on the bytes itself."""
+    with _lock:
+        for tid in list(_idle_readers):
+            _set_io_class(tid, "normal")
+            _idle_readers.discard(tid)
+        for row in _claimed.values():
+            if row.get("priority") == "idle" and "finished" not in row:
+                row["hurried"] = time.perf_counter()
+
+
+def _set_io_class(tid: int, priority: str) -> bool:
+    """ioprio_set(2) for one thread of this process; False where the platform has no such call."""
+    number = _SYS_IOPRIO_SET.get(platform.machine())
+    if number is None or not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.syscall(number, 1, tid, _IOPRIO_CLASS[priority] << 13) == 0  # 1: IOPRIO_WHO_PROCESS
+    except (OSError, AttributeError):
+        return False
 
 
 def available_memory() -> int:
@@ -69,7 +111,12 @@ def available_memory() -> int:
         return 0
 
 
-def _read_all(paths: list[str]) -> None:
+def _read_all(paths: list[str], priority: str) -> None:
+    tid = threading.get_native_id()
+    if priority == "idle":
+        with _lock:  # not when the load already started (hurry) before this thread did
+            if not any("hurried" in _claimed[p] for p in paths) and _set_io_class(tid, "idle"):
+                _idle_readers.add(tid)
     buf = bytearray(_BUFFER)
     view = memoryview(buf)
     for path in paths:
@@ -85,12 +132,15 @@ def _read_all(paths: list[str]) -> None:
             pass  # gone or unreadable: load_shards says so with the file's name
         with _lock:
             _claimed[path]["finished"] = time.perf_counter()
+    with _lock:
+        _idle_readers.discard(tid)
 
 
 def summary(paths: list[str], now: float | None = None) -> dict | None:
     """What was read ahead of `now` (the load's start) for these files, for the report: files,
     bytes, how long before `now` the first read started, whether all were read by then (and
-    how long reading them took); None when none of them was read ahead."""
+    how long reading them took), the I/O priority it started at and whether the load found it
+    still at idle and raised it (`hurry`); None when none of them was read ahead."""
     now = time.perf_counter() if now is None else now
     with _lock:
         rows = [_claimed[p] for p in dict.fromkeys(os.path.abspath(p) for p in paths) if p in _claimed]
@@ -106,6 +156,8 @@ def summary(paths: list[str], now: float | None = None) -> dict | None:
         }
         if done:
             out["read_s"] = round(max(r["finished"] for r in rows) - started, 3)
+        out["priority"] = rows[0].get("priority", "normal")
+        out["raised_at_load"] = any("hurried" in r for r in rows)
         return out
 
 

@@ -13,7 +13,7 @@ Tensors planned on disk are not read (accelerate reads them at forward time).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 from safetensors import safe_open
@@ -25,6 +25,7 @@ from ..planning.slices import piece_bytes
 from ..quant.spec import QuantSpec
 from .assemble import Assembler, assemble_slices
 from .assign import finish_skeleton_tensors, place, tie
+from .page_cache import PRIORITIES
 from .progress import progress_bar, tick
 from .slices import SliceReader
 from .streamer import Item, ShardStreamer
@@ -41,12 +42,25 @@ class ReaderOptions:
     temp_mib: float = 1024
     readahead: bool = True
     progress: bool | None = None
+    readahead_priority: str = "idle"
 
     def check(self) -> None:
+        key = "stages.load_shards"
         if self.reader not in READERS:
+            raise UserError(f"{key}.reader: unknown reader {self.reader!r}; choose one of {', '.join(READERS)}")
+        if not isinstance(self.readahead, bool):
+            raise UserError(f"{key}.readahead: {self.readahead!r} is not true or false; set readahead=true or false")
+        if self.readahead_priority not in PRIORITIES:
             raise UserError(
-                f"stages.load_shards.reader: unknown reader {self.reader!r}; choose one of {', '.join(READERS)}"
+                f"{key}.readahead_priority: unknown priority {self.readahead_priority!r}; "
+                f"choose one of {', '.join(PRIORITIES)}"
             )
+
+
+def check_reader_options(node) -> None:
+    """The stage's reader keys checked when the stages are bound, before any stage runs."""
+    names = {f.name for f in fields(ReaderOptions)}
+    ReaderOptions(**{k: v for k, v in dict(node or {}).items() if k in names}).check()
 
 
 @dataclass(frozen=True)

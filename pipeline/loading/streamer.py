@@ -115,6 +115,7 @@ class ShardStreamer:
         """Read every item (in file order), calling `finish(item)` once its bytes have landed."""
         items = sorted(items, key=lambda it: (it.info.file, it.info.start))
         if any(it.device.type == "cuda" for it in items):
+            reserve_device_memory(landing_bytes(items, self.temp_bytes))
             self._slots = _Slots(max(2, self.staging // self.chunk), self.chunk)
         pending: deque[Item] = deque()
         temp_in_flight = 0
@@ -198,6 +199,37 @@ class ShardStreamer:
             streams[device] = torch.cuda.Stream(device)
             torch.cuda.set_stream(streams[device])
         return streams[device]
+
+
+def landing_bytes(items: list[Item], temp_bytes: int) -> dict[torch.device, int]:
+    """Device bytes the landing buffers will take per GPU: every final tensor, and of the
+    temporaries (cast or quantized later) at most `temp_bytes` at a time."""
+    final: dict[torch.device, int] = {}
+    temp: dict[torch.device, int] = {}
+    for it in items:
+        if it.device.type == "cuda":
+            into = final if it.final_in_place else temp
+            into[it.device] = into.get(it.device, 0) + it.info.nbytes
+    return {d: final.get(d, 0) + min(temp.get(d, 0), temp_bytes) for d in {*final, *temp}}
+
+
+def reserve_device_memory(needs: dict[torch.device, int], headroom: int = 2**30) -> None:
+    """One allocation per GPU for what the landing buffers will take, freed at once: torch's
+    caching allocator keeps the segment and serves every later tensor from it, instead of one
+    cudaMalloc per tensor while the readers copy (transformers' `caching_allocator_warmup` does
+    the same for from_pretrained). Memory the cache already holds unused counts against it;
+    skipped where it would not leave `headroom` free. Changes no tensor and no placement."""
+    for device, nbytes in needs.items():
+        unused = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        want = nbytes - unused
+        if want <= max(unused, 64 * 2**20):
+            continue  # the cache can serve much of it already, or too little to matter
+        free, _ = torch.cuda.mem_get_info(device)
+        if want > free - headroom:
+            continue
+        with contextlib.suppress(torch.OutOfMemoryError):
+            block = torch.empty(want, dtype=torch.uint8, device=device)
+            del block
 
 
 def _pread_into(fd: int, buf: torch.Tensor, offset: int, info: TensorInfo) -> None:

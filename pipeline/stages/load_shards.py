@@ -14,6 +14,7 @@ import torch
 
 from ..loading.hf_attributes import set_hf_attributes
 from ..loading.offload import dispatch
+from ..loading.page_cache import hurry
 from ..loading.page_cache import summary as page_cache_summary
 from ..loading.shards import ReaderOptions, load_tensors, target_devices
 from ..loading.streamer import machine_defaults
@@ -35,12 +36,14 @@ def load_shards(
     staging_mib: float | None = None,
     temp_mib: float = 1024,
     readahead: bool = True,
+    readahead_priority: str = "idle",
 ) -> None:
     plan = ctx.require("plan", "load_shards", "plan")
-    options = ReaderOptions(reader, threads, chunk_mib, staging_mib, temp_mib, readahead, progress)
+    options = ReaderOptions(reader, threads, chunk_mib, staging_mib, temp_mib, readahead, progress, readahead_priority)
     options.check()
     devices = target_devices(plan)
     started = time.perf_counter()
+    hurry()  # a read-ahead still at idle I/O priority: the load waits on its bytes now
     with PeakAnonSampler() as sampler:
         stats = load_tensors(ctx.model, plan, ctx.checkpoint, ctx.quant, devices, options)
     model = ctx.model
