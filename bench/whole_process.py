@@ -202,18 +202,22 @@ def methods_for(a, scratch: Path) -> list[dict]:
             ),
         ]
     if a.suite == "cpu-fp32":
-        return [
+        over = [f"checkpoint.path={a.dir}", "quantization=none", *NO_METRICS]
+        out = [
             dict(name="floor", argv=me("--floor", "cpu", "--quant", "none")),
             dict(
                 name="ours_fp32",
-                argv=ours(
-                    f"checkpoint.path={a.dir}", "quantization=none", f"hydra.run.dir={scratch}/ours", *NO_METRICS
-                ),
+                argv=ours(*over, f"hydra.run.dir={scratch}/ours"),
                 run_dir=scratch / "ours",
                 prime=True,
             ),
             dict(name="hf_fp32", argv=me("--peer", a.dir, "--device", "cpu", "--quant", "none"), prime=True),
         ]
+        if a.alt_env or a.alt_overrides:  # the same run of ours under another setting (an A/B of one)
+            alt = [*over, f"hydra.run.dir={scratch}/ours_alt", *a.alt_overrides.split()]
+            env = dict(kv.split("=", 1) for kv in a.alt_env.split())
+            out.insert(2, dict(name="ours_fp32_alt", argv=ours(*alt), env=env, run_dir=scratch / "ours_alt"))
+        return out
     if a.suite == "cpu-dry70b":
         caps = "memory.max_memory={0:40GiB,1:40GiB,cpu:200GiB}"
         return [

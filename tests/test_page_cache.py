@@ -229,3 +229,31 @@ def test_bad_read_ahead_settings_stop_the_run_before_any_stage(tmp_path, overrid
     assert key in line and ("choose one of idle, normal" in line or "true or false" in line)
     report = json.loads((run / "report.json").read_text())
     assert report["status"] == "error" and report["stages"] == []
+
+
+def test_an_idle_read_ahead_keeps_one_small_request_in_flight_until_hurried(tmp_path, monkeypatch):
+    import threading
+
+    # At idle the reader asks for 4 MiB at a time with the kernel's read-ahead off, so an import's
+    # page fault never waits behind a queue of 64 MiB reads (the H200 host: 5 s of imports)...
+    path = _cold_file(tmp_path, 96)
+    sizes, real_preadv = [], os.preadv
+
+    def recording_preadv(fd, buffers, offset):
+        sizes.append(sum(len(b) for b in buffers) >> 20)
+        if len(sizes) == 3:
+            page_cache.hurry()  # the load starts and waits on the bytes
+        return real_preadv(fd, buffers, offset)
+
+    monkeypatch.setattr(page_cache.os, "preadv", recording_preadv)
+    tid = threading.get_native_id()
+    with page_cache._lock:
+        page_cache._idle_readers.add(tid)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        page_cache._read_file(fd, memoryview(bytearray(page_cache._BUFFER)), tid)
+    finally:
+        os.close(fd)
+    # ...and, once hurried, reads the rest 64 MiB at a time; every byte ends in the cache either way.
+    assert sizes[:3] == [4, 4, 4] and set(sizes[3:]) == {64}
+    assert tid not in page_cache._idle_readers and _resident(path) > 0.95

@@ -101,3 +101,23 @@ def test_resident_fraction_tells_cached_from_never_read(tmp_path):
         fh.truncate(64 * 2**20)  # a sparse file never read: nothing of it is in the page cache
     assert resident_fraction(str(cached)) > 0.9
     assert resident_fraction(str(hole)) < 0.1
+
+
+def test_the_allocator_warm_up_reserves_what_lands_on_each_gpu_and_temporaries_up_to_their_cap():
+    from pipeline.checkpoint.header import TensorInfo
+    from pipeline.loading.streamer import Item, landing_bytes
+
+    def item(name, nbytes, device, final):
+        info = TensorInfo(name, "/ckpt/model.safetensors", "BF16", (nbytes // 2,), 0, nbytes)
+        return Item(info, torch.device(device), final)
+
+    items = [
+        item("a", 1000, "cuda:0", True),
+        item("b", 3000, "cuda:0", False),  # cast or quantized later: a temporary buffer
+        item("c", 4000, "cuda:0", False),
+        item("d", 500, "cuda:1", True),
+        item("e", 9999, "cpu", True),  # CPU tensors are memory-mapped views: no device memory
+    ]
+    # The final tensors whole; the temporaries only up to temp_bytes, since they are freed as they go.
+    assert landing_bytes(items, temp_bytes=5000) == {torch.device("cuda:0"): 6000, torch.device("cuda:1"): 500}
+    assert landing_bytes(items, temp_bytes=10**9) == {torch.device("cuda:0"): 8000, torch.device("cuda:1"): 500}

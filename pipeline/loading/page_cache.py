@@ -12,12 +12,15 @@ left the earlier prefetch reading almost nothing. One thread reads each shard fr
 0.55-0.88 GB/s) and the setting of the H200 host's "one sequential read" reference. The bytes
 land in one reused buffer; nothing is kept but the cache.
 
-Why at idle I/O priority (`priority="idle"`, Linux): while it reads, the process is importing
-torch, transformers and the model code, whose page faults on cold libraries wait on the same
-disk; a reader at the same priority makes every one of them queue behind 64 MiB reads. At idle
-class the kernel's I/O scheduler (mq-deadline, BFQ) serves the imports first and gives the
-reader the disk's idle time; `hurry()` puts it back to normal priority once the load itself
-waits on the bytes. Schedulers without priorities (none, kyber) ignore it.
+Why at idle priority (`priority="idle"`, the default): while it reads, the process imports
+transformers and the model code, whose thousands of small cold reads wait on the same disk; each
+queued behind 64 MiB of read-ahead requests. So at idle the reader keeps one small request in
+flight (4 MiB reads, the kernel's read-ahead off for that file) and asks for the idle I/O class
+(Linux ioprio; honoured by mq-deadline and BFQ where they hold the queue); `hurry()` puts it back
+to 64 MiB reads at normal priority once the load itself waits on the bytes. On the H200 host
+(virtio disk, mq-deadline) the I/O class alone changed nothing (35.1 vs 34.9 s cold); the small
+reads cut instantiate_empty from 19.6-21.3 s to 13.6-16.4 s and the cold bf16 7B run from
+30.3 s to 26.3 s (docs/benchmarks.md), though the slower read then finished during the load.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import threading
 import time
 
 _BUFFER = 64 * 2**20
+_GENTLE = 4 * 2**20  # the read size at idle priority: one disk request (max_sectors_kb is 1-4 MiB)
 _lock = threading.Lock()
 _claimed: dict[str, dict] = {}  # file -> {bytes, started, finished, priority}: what this process read ahead
 _idle_readers: set[int] = set()  # native thread ids of readers still at idle I/O priority
@@ -117,15 +121,12 @@ def _read_all(paths: list[str], priority: str) -> None:
         with _lock:  # not when the load already started (hurry) before this thread did
             if not any("hurried" in _claimed[p] for p in paths) and _set_io_class(tid, "idle"):
                 _idle_readers.add(tid)
-    buf = bytearray(_BUFFER)
-    view = memoryview(buf)
+    view = memoryview(bytearray(_BUFFER))
     for path in paths:
         try:
             fd = os.open(path, os.O_RDONLY)
             try:
-                offset = 0
-                while (got := os.preadv(fd, [view], offset)) > 0:
-                    offset += got
+                _read_file(fd, view, tid)
             finally:
                 os.close(fd)
         except OSError:
@@ -134,6 +135,22 @@ def _read_all(paths: list[str], priority: str) -> None:
             _claimed[path]["finished"] = time.perf_counter()
     with _lock:
         _idle_readers.discard(tid)
+
+
+def _read_file(fd: int, view: memoryview, tid: int) -> None:
+    """Read one file front to back: while this reader is idle, 4 MiB at a time with the kernel's
+    read-ahead off (one request in flight, so an import's page fault waits for one 4 MiB read at
+    most, not for a queue of them); once hurried, 64 MiB reads with the normal read-ahead."""
+    offset, gentle = 0, None
+    while True:
+        if gentle != (tid in _idle_readers):
+            gentle = tid in _idle_readers
+            with contextlib.suppress(OSError, AttributeError):
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM if gentle else os.POSIX_FADV_NORMAL)
+        got = os.preadv(fd, [view[:_GENTLE] if gentle else view], offset)
+        if got <= 0:
+            return
+        offset += got
 
 
 def summary(paths: list[str], now: float | None = None) -> dict | None:
