@@ -6,11 +6,11 @@ built, so the disk works while Python does (docs/design.md, "Reads overlapped wi
 Why real reads and not `posix_fadvise(WILLNEED)` over large ranges: Linux serves one WILLNEED
 call only up to max(read_ahead_kb, max_sectors_kb) of the device (a 64 MiB call read 8 MiB on
 both our machines' disks, 1.25 MiB on a typical NVMe queue) and drops the rest silently, which
-left the earlier prefetch reading almost nothing. One thread reads each shard front to back in
-64 MiB reads with the kernel's normal read-ahead: the fastest of the settings measured on the
-2-core machine's disk (1.9-2.0 GB/s cold; 4-16 MiB reads 0.5-1.9 GB/s, FADV_SEQUENTIAL
-0.55-0.88 GB/s) and the setting of the H200 host's "one sequential read" reference. The bytes
-land in one reused buffer; nothing is kept but the cache.
+left the earlier prefetch reading almost nothing. One thread reads each shard front to back;
+at normal priority in 64 MiB reads with the kernel's normal read-ahead: the fastest of the
+settings measured on the 2-core machine's disk (1.9-2.0 GB/s cold; 4-16 MiB reads 0.5-1.9 GB/s,
+FADV_SEQUENTIAL 0.55-0.88 GB/s) and the setting of the H200 host's "one sequential read"
+reference. The bytes land in one reused buffer; nothing is kept but the cache.
 
 Why at idle priority (`priority="idle"`, the default): while it reads, the process imports
 transformers and the model code, whose thousands of small cold reads wait on the same disk; each
