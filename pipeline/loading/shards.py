@@ -49,7 +49,9 @@ class ReaderOptions:
         if self.reader not in READERS:
             raise UserError(f"{key}.reader: unknown reader {self.reader!r}; choose one of {', '.join(READERS)}")
         if not isinstance(self.readahead, bool):
-            raise UserError(f"{key}.readahead: {self.readahead!r} is not true or false; set readahead=true or false")
+            raise UserError(
+                f"{key}.readahead: {self.readahead!r} is not true or false; set {key}.readahead=true or false"
+            )
         if self.readahead_priority not in PRIORITIES:
             raise UserError(
                 f"{key}.readahead_priority: unknown priority {self.readahead_priority!r}; "
