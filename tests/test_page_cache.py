@@ -257,3 +257,19 @@ def test_an_idle_read_ahead_keeps_one_small_request_in_flight_until_hurried(tmp_
     # ...and, once hurried, reads the rest 64 MiB at a time; every byte ends in the cache either way.
     assert sizes[:3] == [4, 4, 4] and set(sizes[3:]) == {64}
     assert tid not in page_cache._idle_readers and _resident(path) > 0.95
+
+
+def test_the_log_says_whether_the_read_ahead_was_done_or_raised_when_the_load_began(caplog):
+    import logging
+
+    from pipeline.stages.load_shards import _log_read_ahead
+
+    row = {"files": 3, "bytes": 13_476_865_040, "started_s_before": 14.0, "priority": "idle"}
+    with caplog.at_level(logging.INFO, logger="pipeline"):
+        _log_read_ahead({**row, "finished_before": True, "read_s": 7.3, "raised_at_load": False})
+        _log_read_ahead({**row, "finished_before": False, "raised_at_load": True})
+        _log_read_ahead(None)  # nothing was cold: nothing to say
+    lines = [r.getMessage() for r in caplog.records if "page cache" in r.getMessage()]
+    assert len(lines) == 2
+    assert lines[0].endswith("(done in 7.3 s)") and "13.48 GB" in lines[0]
+    assert lines[1].endswith("(still reading when it began, then at full speed)")

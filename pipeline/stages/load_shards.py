@@ -84,14 +84,21 @@ def load_shards(
 
 
 def _log_read_ahead(ahead: dict | None) -> None:
-    if ahead:
-        log.info(
-            "page cache: %d cold shard(s), %.2f GB, read ahead from %.1f s before the load (%s)",
-            ahead["files"],
-            ahead["bytes"] / 1e9,
-            ahead["started_s_before"],
-            f"done in {ahead['read_s']:.1f} s" if ahead["finished_before"] else "still reading when it began",
-        )
+    if not ahead:
+        return
+    if ahead["finished_before"]:
+        state = f"done in {ahead['read_s']:.1f} s"
+    elif ahead.get("raised_at_load"):
+        state = "still reading when it began, then at full speed"
+    else:
+        state = "still reading when it began"
+    log.info(
+        "page cache: %d cold shard(s), %.2f GB, read ahead from %.1f s before the load (%s)",
+        ahead["files"],
+        ahead["bytes"] / 1e9,
+        ahead["started_s_before"],
+        state,
+    )
 
 
 def _gather_ranks(ctx: LoadContext) -> None:
