@@ -3,15 +3,7 @@
 # cProfile (the main thread's 40 costliest functions), and transformers' import_utils self time
 # cold in the floor, ours, and ours without read-ahead (python -X importtime). Results under $OUT.
 #   CK=/tmp/llama7b bash bench/cold_profile.sh
-set -u
-ck=${CK:-/tmp/llama7b}
-pyc=$(mktemp -d)
-export PYTHONPYCACHEPREFIX=$pyc HF_HUB_OFFLINE=1
-ours=(-m pipeline "checkpoint.path=$ck" quantization=none "memory.max_memory={0: 120GiB}"
-  quantization.unquantized_dtype=null stages.validate.metrics.perplexity=false
-  stages.validate.metrics.reference=false stages.validate.max_new_tokens=0 stages.load_shards.progress=false)
-floor=(bench/whole_process.py --floor cuda --quant none)
-drop() { python3 -c "import sys; sys.path.insert(0, 'bench'); import whole_process as w; assert w.drop_caches(['$ck'])"; }
+source "$(dirname "$0")/cold_common.sh"
 utils() {  # name, argv...: one cold run under -X importtime; its wall and import_utils' self seconds
   local name=$1; shift
   drop

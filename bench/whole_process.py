@@ -176,6 +176,11 @@ def ours(*overrides: str) -> list[str]:
     return [PY, "-m", "pipeline", *overrides]
 
 
+def _alt_env(a) -> dict:
+    """--alt-env's VAR=value settings as a dict (the environment of ours_*_alt)."""
+    return dict(kv.split("=", 1) for kv in a.alt_env.split())
+
+
 def methods_for(a, scratch: Path) -> list[dict]:
     """Each method: name, argv, extra env, optional run dir (report.json read back), setup(callable)."""
     if a.suite == "cpu-default":
@@ -215,8 +220,7 @@ def methods_for(a, scratch: Path) -> list[dict]:
         ]
         if a.alt_env or a.alt_overrides:  # the same run of ours under another setting (an A/B of one)
             alt = [*over, f"hydra.run.dir={scratch}/ours_alt", *a.alt_overrides.split()]
-            env = dict(kv.split("=", 1) for kv in a.alt_env.split())
-            out.insert(2, dict(name="ours_fp32_alt", argv=ours(*alt), env=env, run_dir=scratch / "ours_alt"))
+            out.insert(2, dict(name="ours_fp32_alt", argv=ours(*alt), env=_alt_env(a), run_dir=scratch / "ours_alt"))
         return out
     if a.suite == "cpu-dry70b":
         caps = "memory.max_memory={0:40GiB,1:40GiB,cpu:200GiB}"
@@ -238,9 +242,8 @@ def methods_for(a, scratch: Path) -> list[dict]:
         first = q == a.quant.split(",")[-1]  # ours with the last method primes the bytecode cache
         out.append(dict(name=f"ours_{q}", argv=ours(*over), run_dir=scratch / f"ours_{q}", prime=first))
         if a.alt_env or a.alt_overrides:  # the same run of ours under another setting (an A/B of one)
-            env = dict(kv.split("=", 1) for kv in a.alt_env.split())
             alt = [o.replace(f"ours_{q}", f"ours_{q}_alt") for o in over] + a.alt_overrides.split()
-            out.append(dict(name=f"ours_{q}_alt", argv=ours(*alt), env=env, run_dir=scratch / f"ours_{q}_alt"))
+            out.append(dict(name=f"ours_{q}_alt", argv=ours(*alt), env=_alt_env(a), run_dir=scratch / f"ours_{q}_alt"))
         out.append(dict(name=f"hf_{q}", argv=me("--peer", a.dir, "--device", "cuda", "--quant", q)))
     return out
 
@@ -257,8 +260,10 @@ def main() -> None:
     ap.add_argument("--budget", type=float, default=1e9, help="start no new run after this many seconds")
     ap.add_argument("--timeout", type=float, default=600)
     ap.add_argument("--ours-overrides", default="")
-    ap.add_argument("--alt-env", default="", help="gpu: also ours_<q>_alt, run with these VAR=value settings")
-    ap.add_argument("--alt-overrides", default="", help="gpu: also ours_<q>_alt, run with these extra overrides")
+    ap.add_argument("--alt-env", default="", help="gpu, cpu-fp32: also ours_*_alt, run with these VAR=value settings")
+    ap.add_argument(
+        "--alt-overrides", default="", help="gpu, cpu-fp32: also ours_*_alt, run with these extra overrides"
+    )
     ap.add_argument("--only", help="comma-separated method names to run (default: all of the suite)")
     ap.add_argument("--out")
     ap.add_argument("--floor", metavar="DEVICE", help=argparse.SUPPRESS)
