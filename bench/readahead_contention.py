@@ -2,10 +2,11 @@
 
     python bench/readahead_contention.py /tmp/llama7b out.json
 
-Each round empties the page cache, starts one thread reading the checkpoint's shards (as
-loading/page_cache.py does: 64 MiB reads with the kernel's read-ahead, or N MiB reads with it
-off, one request in flight), and meanwhile reads every file of the transformers package one
-after another in the main thread, the way an import does. Recorded: how long the package took
+Each round empties the page cache, starts one thread reading the checkpoint's shards (in the
+read manners loading/readahead_process.py chooses between: 64 MiB reads with the kernel's
+read-ahead, or N MiB reads with it off, one request in flight; without its yielding, which
+would stop it here), and meanwhile reads every file of the transformers package one after
+another in the main thread, the way an import does. Recorded: how long the package took
 (against no reader at all) and how fast the reader went meanwhile. Modes alternate; medians.
 """
 

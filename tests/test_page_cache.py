@@ -100,6 +100,7 @@ def test_cli_reads_cold_shards_while_the_model_code_is_imported(tmp_path):
     read_ahead = report["load"]["page_cache"]
     assert read_ahead["files"] == len(shards)
     assert read_ahead["bytes"] == sum(s.stat().st_size for s in shards)
+    assert read_ahead["priority"] == "idle" and read_ahead["yielded_s"] >= 0.0
     stages = {s["name"]: s["seconds"] for s in report["stages"]}
     # Started before instantiate_empty (the model-class import and the skeleton) began.
     assert read_ahead["started_s_before"] >= stages["instantiate_empty"] + stages["plan"]

@@ -33,7 +33,7 @@ def start_cuda(cfg) -> None:
 
 
 def start_reading(cfg) -> None:
-    """Read the cold shards into the page cache in a background thread (loading/page_cache.py),
+    """Read the cold shards into the page cache in a reader process (loading/page_cache.py),
     each file once per process, at stages.load_shards.readahead_priority (idle by default: the
     imports' own page faults go first); none when stages.load_shards.readahead is false.
 

@@ -121,7 +121,7 @@ class ShardStreamer:
         temp_in_flight = 0
         # The workers' parallel chunk reads arrive out of order; on a cold page cache that defeats
         # the disk's sequential read-ahead (measured: 18.4 s against 8.0 s for one sequential
-        # reader), so one more thread reads each cold shard front to back ahead of them (none
+        # reader), so one more reader reads each cold shard front to back ahead of them (none
         # for a shard the run's early read-ahead already took). Decided before any worker
         # starts, from a few sampled pages per shard: a check running beside the workers slowed
         # warm loads by a third on the H100 host (0.85 s -> 1.13 s).
