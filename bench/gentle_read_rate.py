@@ -46,7 +46,7 @@ def main() -> None:
         for mode, (mib, random) in MODES.items():
             assert whole_process.drop_caches([ckpt]), "cannot empty the page cache here"
             rows.append({"mode": mode, "gb_per_s": round(rate(str(shard), mib, random, seconds), 3)})
-    summary = {m: statistics.median(r["gb_per_s"] for r in rows if r["mode"] == m) for m in MODES}
+    summary = {m: round(statistics.median(r["gb_per_s"] for r in rows if r["mode"] == m), 3) for m in MODES}
     Path(out).write_text(
         json.dumps({"shard": shard.name, "seconds": seconds, "rows": rows, "summary": summary}, indent=1)
     )
