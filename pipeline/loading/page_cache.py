@@ -9,8 +9,9 @@ both our machines' disks, 1.25 MiB on a typical NVMe queue) and drops the rest s
 left the earlier prefetch reading almost nothing. One reader reads each shard front to back,
 in its own process (loading/readahead_process.py: no GIL shared with the imports), into one
 reused buffer; nothing is kept but the cache. At normal priority it reads 64 MiB at a time with
-the kernel's normal read-ahead: the fastest setting measured on the 2-core machine's disk
-(1.9-2.0 GB/s cold) and the H200 host's "one sequential read" reference.
+the kernel's normal read-ahead: the H200 host's "one sequential read" reference and the fastest
+read there (1.65 GB/s against 1.32 for 4 MiB reads, bench/gentle_read_rate.py; the 2-core
+machine's disk gave 1.9-2.0 GB/s once and 0.84 against 1.44 GB/s in a later run).
 
 Why at idle priority (`priority="idle"`, the default): while it reads, this process imports
 transformers and the model code, whose thousands of small cold reads wait on the same disk,
