@@ -238,13 +238,19 @@ def test_a_read_ahead_the_load_overtook_reads_at_full_speed(tmp_path):
     assert _resident(path) > 0.99
 
 
+def _idle_reader_of_this_process(path: Path) -> subprocess.Popen:
+    """The reader process run by hand on one file, yielding to this process, past its first word."""
+    argv = [sys.executable, "-I", "-S", page_cache._CHILD, str(os.getpid()), "idle", str(path)]
+    reader = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    assert reader.stdout.readline().startswith(b"class")
+    return reader
+
+
 def test_the_reader_stops_when_this_process_closes_its_pipe(tmp_path):
     # A run that ends (or dies) before its read-ahead did leaves no reader behind on the disk.
     path = _cold_file(tmp_path, 256)
     with _busy_disk(tmp_path):
-        argv = [sys.executable, "-I", "-S", page_cache._CHILD, str(os.getpid()), "idle", str(path)]
-        reader = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-        assert reader.stdout.readline().startswith(b"class")
+        reader = _idle_reader_of_this_process(path)
         reader.stdin.close()
         assert reader.wait(10) == 0
     assert reader.stdout.read() == b""  # stopped before it finished the file
@@ -255,9 +261,7 @@ def test_the_reader_says_how_long_it_yielded_as_soon_as_it_is_hurried(tmp_path):
     # The report's yielded_s is known when the load starts, not only once the last file is read.
     path = _cold_file(tmp_path, 64)
     with _busy_disk(tmp_path):
-        argv = [sys.executable, "-I", "-S", page_cache._CHILD, str(os.getpid()), "idle", str(path)]
-        reader = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-        assert reader.stdout.readline().startswith(b"class")
+        reader = _idle_reader_of_this_process(path)
         time.sleep(0.3)
         reader.stdin.write(b"h")
         reader.stdin.flush()

@@ -82,8 +82,7 @@ def _spawn(files: list[str], priority: str):
 
     argv = [sys.executable, "-I", "-S", _CHILD, str(os.getpid()), priority, *files]
     try:
-        pipe, quiet = subprocess.PIPE, subprocess.DEVNULL
-        return subprocess.Popen(argv, stdin=pipe, stdout=pipe, stderr=quiet, close_fds=True)
+        return subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     except OSError:
         return None
 
@@ -94,15 +93,20 @@ def _follow(reader, files: list[str]) -> None:
         for line in reader.stdout:
             word, *rest = line.split()
             with _lock:
-                if word in (b"class", b"yielded"):
-                    key, value = ("io_class", int(rest[0])) if word == b"class" else ("yielded_s", float(rest[0]))
+                if word == b"class":
                     for path in files:
-                        _claimed[path][key] = value
+                        _claimed[path]["io_class"] = int(rest[0])
+                elif word == b"yielded":
+                    for path in files:
+                        _claimed[path]["yielded_s"] = float(rest[0])
                 elif word == b"file":
                     index, finished, gentle, fast, yielded = rest
-                    row = _claimed[files[int(index)]]
-                    row.update(finished=float(finished), gentle_reads=int(gentle), fast_reads=int(fast))
-                    row["yielded_s"] = float(yielded)
+                    _claimed[files[int(index)]].update(
+                        finished=float(finished),
+                        gentle_reads=int(gentle),
+                        fast_reads=int(fast),
+                        yielded_s=float(yielded),
+                    )
     reader.wait()
     with _lock:
         _readers.remove(reader)

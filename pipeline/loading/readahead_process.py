@@ -18,7 +18,7 @@ exited) stops it.
 
 Stdout, one line per event, for loading/page_cache.py: `class N` (the I/O class read back after
 setting it; -1 where it cannot be told), `yielded S` (seconds waited for the parent's reads, when
-switched to full speed) and `file INDEX FINISHED GENTLE_READS FAST_READS YIELDED_S` (FINISHED is
+hurried) and `file INDEX FINISHED GENTLE_READS FAST_READS YIELDED_S` (FINISHED is
 time.perf_counter(): CLOCK_MONOTONIC, the parent's clock too).
 """
 
@@ -53,21 +53,21 @@ class Pace:
         """Read stdin, waiting up to `timeout`: a byte means hurry, its end means stop."""
         if not self.stdin_open or not select.select([0], [], [], timeout)[0]:
             return
-        data = os.read(0, 64)
-        if data:
-            self.gentle = False
-        else:
+        if not os.read(0, 64):
             self.stdin_open = False
+        elif self.gentle:
+            self.gentle = False
+            _say(f"class {set_io_class('normal')}")
+            _say(f"yielded {self.yielded_s:.4f}")
 
     def wait_turn(self) -> None:
         """Before a gentle read: wait until the parent issued no storage read for QUIET_S."""
         start = time.perf_counter()
         while self.gentle and self.stdin_open and self._io is not None:
             now = self._activity()
-            if now == self._last or time.perf_counter() - start > MAX_YIELD_S:
-                self._last = now
+            quiet, self._last = now == self._last, now
+            if quiet or time.perf_counter() - start > MAX_YIELD_S:
                 break
-            self._last = now
             self.hurry_or_stop(QUIET_S)
         self.yielded_s += time.perf_counter() - start
 
@@ -118,9 +118,6 @@ def read_file(path: str, view: memoryview, pace: Pace) -> tuple[int, int]:
             if gentle != pace.gentle:
                 gentle = pace.gentle
                 _advise(fd, gentle)
-                if not gentle:
-                    _say(f"class {set_io_class('normal')}")
-                    _say(f"yielded {pace.yielded_s:.4f}")
             if gentle:
                 pace.wait_turn()
             got = os.preadv(fd, [view[:GENTLE] if gentle else view], offset)
