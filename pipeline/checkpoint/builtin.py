@@ -15,6 +15,7 @@ import os
 import shutil
 import tempfile
 
+from ..cache_home import cache_dir
 from ..errors import UserError
 
 log = logging.getLogger(__name__)
@@ -56,11 +57,6 @@ def prepare_smollm2(dest: str) -> None:
 
 
 RECIPES = {"smollm2": prepare_smollm2}
-
-
-def cache_dir() -> str:
-    """Where built-in checkpoints are prepared: $MODEL_LOADER_CACHE or ~/.cache/model-loader."""
-    return os.environ.get("MODEL_LOADER_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "model-loader")
 
 
 def ensure_builtin(name: str) -> str:

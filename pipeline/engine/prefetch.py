@@ -69,7 +69,7 @@ def shard_files(cfg) -> list[str]:
         return []  # each rank reads only its own byte ranges
     path = node.get("path")
     if not path and node.get("builtin"):
-        from ..checkpoint.builtin import cache_dir
+        from ..cache_home import cache_dir
 
         path = os.path.join(cache_dir(), str(node["builtin"]))
     if not path or not os.path.isdir(str(path)):

@@ -173,6 +173,19 @@ def summary(paths: list[str], now: float | None = None) -> dict | None:
 def resident_fraction(path: str, samples: int = 16, window: int = 2**20) -> float:
     """Share of sampled pages of the file that are in the page cache (mincore on `samples`
     small windows spread over the file); 0.0 where it cannot be told."""
+    try:
+        size = os.path.getsize(path)
+    except OSError:
+        return 0.0
+    if size == 0:
+        return 1.0
+    starts = sorted({size * i // samples for i in range(samples)})
+    return resident_share(path, [(start, min(window, size - start)) for start in starts])
+
+
+def resident_share(path: str, ranges: list[tuple[int, int]]) -> float:
+    """Share of the pages in these (offset, length) ranges of the file that are in the page
+    cache (mincore); 0.0 where it cannot be told."""
     import ctypes
     import mmap
 
@@ -189,13 +202,10 @@ def resident_fraction(path: str, samples: int = 16, window: int = 2**20) -> floa
         return 0.0
     page = mmap.PAGESIZE
     try:
-        size = os.fstat(fd).st_size
-        if size == 0:
-            return 1.0
         resident = total = 0
-        for i in range(samples):
-            start = (size * i // samples) // page * page
-            length = min(window, size - start)
+        for offset, length in ranges:
+            start = offset // page * page
+            length += offset - start
             if length <= 0:
                 continue
             addr = libc.mmap(None, length, mmap.PROT_READ, mmap.MAP_SHARED, fd, start)

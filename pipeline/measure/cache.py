@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from ..checkpoint.builtin import cache_dir
+from ..cache_home import cache_dir
 from . import quality
 
 ENV = "MODEL_LOADER_METRICS_CACHE"
