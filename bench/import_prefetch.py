@@ -170,7 +170,9 @@ def main() -> None:
     man = "/tmp/import_manifest.json"
     w.drop_caches()
     t = time.perf_counter()
-    subprocess.run([sys.executable, __file__, "--quant", a.quant, "--device", a.device, "--record", man], env=env, check=True)
+    subprocess.run(
+        [sys.executable, __file__, "--quant", a.quant, "--device", a.device, "--record", man], env=env, check=True
+    )
     rec = time.perf_counter() - t
     rows = json.loads(Path(man).read_text())
     size = {k: sum(n for _, ext in v for _, n in ext) for k, v in rows.items()}

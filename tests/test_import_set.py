@@ -74,7 +74,7 @@ def test_a_run_records_its_libraries_and_modules_once(cache):
     assert numpy_libs, "numpy's extension modules are mapped libraries"
     for path, size, mtime, extents in rows["libs"]:
         assert size == os.path.getsize(path) and mtime == os.stat(path).st_mtime_ns
-        assert all(0 <= off and length > 0 and off + length <= size for off, length in extents)
+        assert all(off >= 0 and length > 0 and off + length <= size for off, length in extents)
     names = [Path(m).name for m in rows["modules"]]
     assert any(n.startswith("decimal.") for n in names) and any("/numpy/" in m for m in rows["modules"])
     assert names.index(next(n for n in names if n.startswith("import_set."))) < names.index(

@@ -23,7 +23,7 @@ LAYERS = [
     ("pipeline.planning",),
     ("pipeline.quant",),
     ("pipeline.checkpoint",),
-    ("pipeline.dtypes", "pipeline.sizes", "pipeline.names", "pipeline.data"),
+    ("pipeline.dtypes", "pipeline.sizes", "pipeline.names", "pipeline.cache_home", "pipeline.data"),
     ("pipeline.errors",),
 ]
 MAX_FUNCTION_LINES = 60
