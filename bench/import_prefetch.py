@@ -31,11 +31,9 @@ def resident_extents(path: str, merge: int = 256 * 1024) -> list[tuple[int, int]
     import ctypes
     import mmap
 
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.mmap.restype = ctypes.c_void_p
-    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
-    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+    from pipeline.loading.page_cache import mincore_libc
+
+    libc = mincore_libc()
     fd = os.open(path, os.O_RDONLY)
     try:
         size = os.fstat(fd).st_size

@@ -183,6 +183,18 @@ def resident_fraction(path: str, samples: int = 16, window: int = 2**20) -> floa
     return resident_share(path, [(start, min(window, size - start)) for start in starts])
 
 
+def mincore_libc():
+    """libc with mmap, munmap and mincore typed for asking which pages of a file are cached."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+    return libc
+
+
 def resident_share(path: str, ranges: list[tuple[int, int]]) -> float:
     """Share of the pages in these (offset, length) ranges of the file that are in the page
     cache (mincore); 0.0 where it cannot be told."""
@@ -192,11 +204,7 @@ def resident_share(path: str, ranges: list[tuple[int, int]]) -> float:
     if not hasattr(os, "posix_fadvise"):
         return 0.0
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.mmap.restype = ctypes.c_void_p
-        libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
-        libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-        libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+        libc = mincore_libc()
         fd = os.open(path, os.O_RDONLY)
     except (OSError, AttributeError):
         return 0.0
