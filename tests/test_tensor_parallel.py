@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -293,15 +294,40 @@ def _read_once_over_ranks(path, ranks: list[dict]) -> int:
     return sum(i.nbytes for i in ck.tensors.values()) + (world - 1) * sum(whole.values())
 
 
+# transformers 5.24's Mixtral plan sharded the fused experts (packed_colwise gate_up, rowwise down);
+# 5.25 moved experts to expert parallel and no released class plans packed styles any more. A plan
+# in config.json (`base_model_tp_plan`) still selects them, so the packed slicing is tested that way.
+PACKED_EXPERTS_PLAN = {
+    "layers.*.self_attn.q_proj": "colwise",
+    "layers.*.self_attn.k_proj": "colwise",
+    "layers.*.self_attn.v_proj": "colwise",
+    "layers.*.self_attn.o_proj": "rowwise",
+    "layers.*.mlp.experts.gate_up_proj": "packed_colwise",
+    "layers.*.mlp.experts.down_proj": "rowwise",
+    "layers.*.mlp.experts": "moe_tp_experts",
+}
+
+
+def _with_packed_experts_plan(path: Path, dest: Path) -> Path:
+    """A copy of a Mixtral checkpoint whose config.json names the packed experts plan."""
+    shutil.copytree(path, dest)
+    config = json.loads((dest / "config.json").read_text())
+    (dest / "config.json").write_text(json.dumps({**config, "base_model_tp_plan": PACKED_EXPERTS_PLAN}))
+    return dest
+
+
 # every family of tests/architectures.py whose transformers class carries a tensor-parallel plan:
-# fused MoE experts (packed_colwise gate_up assembled from per-expert w1/w3, rowwise down from w2,
-# moe_tp_experts), Qwen3's per-head norms (replicated_with_grad_allreduce), Gemma 2, GPT-NeoX
-TP_FAMILIES = ["mixtral", "qwen2_moe", "olmoe", "qwen3", "gemma2", "gpt_neox"]
+# MoE models (since transformers 5.25 their experts are whole on every rank; "mixtral+packed" is
+# the plan 5.24 shipped: packed_colwise gate_up assembled from per-expert w1/w3, rowwise down from
+# w2, moe_tp_experts), Qwen3's per-head norms (replicated_with_grad_allreduce), Gemma 2, GPT-NeoX
+TP_FAMILIES = ["mixtral", "mixtral+packed", "qwen2_moe", "olmoe", "qwen3", "gemma2", "gpt_neox"]
 
 
 @pytest.mark.parametrize("family", TP_FAMILIES)
 def test_families_load_sharded_with_logits_of_the_single_process_load(family, saved, tmp_path):
-    path = saved(family)
+    path = saved(family.split("+")[0])
+    if family.endswith("+packed"):
+        path = _with_packed_experts_plan(path, tmp_path / "packed")
     before = tree_digest(path)
     out = tmp_path / "run"
     p = _torchrun(
@@ -328,7 +354,7 @@ def test_families_load_sharded_with_logits_of_the_single_process_load(family, sa
 
 def test_fused_experts_are_planned_packed_per_rank(saved, tmp_path):
     """Mixtral's gate_up_proj: each rank holds its half of gate and of up, read from every expert's w1 and w3."""
-    path = saved("mixtral")
+    path = _with_packed_experts_plan(saved("mixtral"), tmp_path / "mixtral")
     load([f"checkpoint.path={path}", "parallel=tensor", "parallel.world_size=2", DRY], run_dir=tmp_path / "run")
     ranks = json.loads((tmp_path / "run" / "plan.json").read_text())["parallel"]["ranks"]
     gu, down = "model.layers.0.mlp.experts.gate_up_proj", "model.layers.0.mlp.experts.down_proj"
@@ -352,7 +378,7 @@ def test_a_world_size_that_cuts_the_packed_blocks_is_refused(tmp_path):
 
     mixtral = BY_FAMILY["mixtral"]
     odd = Arch(mixtral.family, mixtral.config, mixtral.model, dict(mixtral.kwargs, intermediate_size=33))
-    path = build(odd, tmp_path / "mixtral")
+    path = _with_packed_experts_plan(build(odd, tmp_path / "mixtral"), tmp_path / "packed")
     with pytest.raises(UserError, match=r"does not divide .*in 2 packed blocks") as info:
         load([f"checkpoint.path={path}", "parallel=tensor", "parallel.world_size=2", DRY], run_dir=tmp_path / "run")
     assert info.value.result.report["load"] is None
