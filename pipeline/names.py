@@ -1,4 +1,4 @@
-"""Matching names: module patterns and deepest-prefix device lookup (checkpoint keys: checkpoint/conversions.py)."""
+"""Matching names: module patterns and deepest-prefix device lookup (checkpoint keys: hf/conversions.py)."""
 
 from __future__ import annotations
 

@@ -22,6 +22,7 @@ LAYERS = [
     ("pipeline.loading",),
     ("pipeline.planning",),
     ("pipeline.quant",),
+    ("pipeline.hf",),
     ("pipeline.checkpoint",),
     ("pipeline.dtypes", "pipeline.sizes", "pipeline.names", "pipeline.cache_home", "pipeline.data"),
     ("pipeline.errors",),

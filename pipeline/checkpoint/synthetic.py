@@ -54,7 +54,7 @@ def tensor_shapes(config) -> list[tuple[str, tuple[int, ...]]]:
     from transformers import LlamaForCausalLM
 
     with init_empty_weights(include_buffers=False):
-        model = LlamaForCausalLM._from_config(config)
+        model = LlamaForCausalLM(config)
     return [(n, tuple(t.shape)) for n, t in model.state_dict().items()]
 
 

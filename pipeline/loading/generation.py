@@ -3,7 +3,7 @@
 transformers builds a model's `generation_config` from config.json at construction;
 `from_pretrained` then replaces it with generation_config.json when the checkpoint has
 one (eos ids, max_new_tokens, sampling defaults, ...). We call the same transformers
-method `from_pretrained` calls (`adjust_generation_fn`), offline, on the checkpoint
+method `from_pretrained` calls (`adjust_generation_fn`, through hf/modeling.py), offline, on the checkpoint
 directory, so `generate()` defaults are the ones a transformers user gets.
 """
 
@@ -13,6 +13,7 @@ import json
 import os
 
 from ..errors import UserError
+from ..hf.modeling import adjust_generation
 
 FILE_NAME = "generation_config.json"
 
@@ -30,19 +31,6 @@ def apply_generation_config(model, directory: str, trust_remote_code: bool = Fal
         except json.JSONDecodeError as exc:  # transformers would fall back to config.json without a word
             raise UserError(f"{gen_file}: not valid JSON ({exc.msg}, line {exc.lineno}); fix or delete it") from None
     try:
-        model.adjust_generation_fn(
-            generation_config=None,  # none passed by a caller: read the directory
-            from_auto_class=False,
-            from_pipeline=None,
-            pretrained_model_name_or_path=directory,
-            cache_dir=None,
-            force_download=False,
-            proxies=None,
-            local_files_only=True,
-            token=None,
-            revision="main",
-            subfolder="",
-            trust_remote_code=trust_remote_code,
-        )
+        adjust_generation(model, directory, trust_remote_code)
     except ValueError as exc:  # a field transformers rejects
         raise UserError(f"{gen_file}: transformers rejects it ({str(exc).splitlines()[0][:160]}); fix it") from None

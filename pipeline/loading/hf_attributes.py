@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 
+from ..hf.quantizers import hf_quantizer
 from ..quant.formats.hf_config import bnb_quantization_config, unconverted_modules
 from ..quant.spec import QuantSpec
 
@@ -34,10 +35,9 @@ def set_hf_attributes(model, device_map: dict[str, str], spec: QuantSpec, quanti
     if not spec.enabled or not hasattr(model, "config"):
         return
     from transformers import BitsAndBytesConfig
-    from transformers.quantizers.auto import AutoHfQuantizer
 
     config = BitsAndBytesConfig.from_dict(bnb_quantization_config(spec, unconverted_modules(model, quantized_modules)))
-    quantizer = AutoHfQuantizer.from_config(config, pre_quantized=spec.prequantized)
+    quantizer = hf_quantizer(config, pre_quantized=spec.prequantized)
     quantizer.modules_to_not_convert = list(config.llm_int8_skip_modules or [])
     model.is_quantized = True
     model.quantization_method = config.quant_method

@@ -19,6 +19,7 @@ import os
 from ..checkpoint.header import read_header
 from ..checkpoint.layout import INDEX_NAME, SINGLE_NAME
 from ..errors import UserError
+from ..hf.modeling import auto_class_for, base_model_prefix, is_concrete_model_class, remote_class
 
 log = logging.getLogger(__name__)
 
@@ -86,21 +87,21 @@ def _without_architectures(config, path: str, auto_map: dict, trust_remote_code:
         if encoder_decoder
         else (transformers.AutoModelForCausalLM,)
     )
-    head = next((h for h in heads if type(config) in h._model_mapping), heads[0])
+    head = next((h for h in heads if auto_class_for(h, config) is not None), heads[0])
     base = transformers.AutoModel
     chosen, names = base, _tensor_names(path)
-    if type(config) in head._model_mapping:
-        head_cls = head._model_mapping[type(config)]
-        prefix = getattr(head_cls, "base_model_prefix", "") + "."
+    head_cls = auto_class_for(head, config)
+    if head_cls is not None:
+        prefix = base_model_prefix(head_cls) + "."
         if encoder_decoder or names is None or any(n.startswith(prefix) for n in names):
             chosen = head
-    if type(config) not in chosen._model_mapping:
+    cls = auto_class_for(chosen, config)
+    if cls is None:
         raise UserError(
             f"{_config_file(path)}: no architectures and model_type {config.model_type!r} has no model class; "
             "add architectures to config.json or set checkpoint.model={_target_: <a model class>}"
         )
-    cls = chosen._model_mapping[type(config)]
-    prefix = getattr(cls, "base_model_prefix", "")
+    prefix = base_model_prefix(cls)
     if chosen is base and prefix and names and any(n.startswith(prefix + ".") for n in names):
         raise UserError(
             f"{_config_file(path)}: no architectures, and the tensor names ({prefix}.*) come from a model with a "
@@ -129,13 +130,11 @@ def _transformers_class(name: str) -> type | None:
         cls = getattr(transformers, name, None)
     except (ImportError, RuntimeError):  # a class whose optional backend is missing
         return None
-    return cls if isinstance(cls, type) and hasattr(cls, "_from_config") else None
+    return cls if is_concrete_model_class(cls) else None
 
 
 def _remote_class(entry: tuple[str, str], path: str) -> type:
     """The checkpoint's own class, imported by transformers from the local directory (the user trusted it)."""
-    from transformers.dynamic_module_utils import get_class_from_dynamic_module
-
     key, ref = entry
     if "--" in ref:
         raise UserError(
@@ -143,7 +142,7 @@ def _remote_class(entry: tuple[str, str], path: str) -> type:
             "copy that code into the checkpoint directory and name it module.Class"
         )
     try:
-        return get_class_from_dynamic_module(ref, _directory(path), local_files_only=True)
+        return remote_class(ref, _directory(path))
     except (OSError, ImportError, AttributeError, SyntaxError) as exc:
         raise UserError(
             f"{_config_file(path)}: auto_map {key}: {ref} cannot be imported from the checkpoint directory "

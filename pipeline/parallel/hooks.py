@@ -1,7 +1,7 @@
 """The sharded forward: transformers' own tensor-parallel styles, installed on the loaded shards.
 
-We reuse transformers (`transformers.distributed.tensor_parallel`, the registry
-ALL_PARALLEL_STYLES): each style's `install_forward` wraps the module's forward with
+We reuse transformers (its registry of tensor-parallel styles, reached through
+hf/tensor_parallel.py): each style's `install_forward` wraps the module's forward with
 the collectives it needs (colwise: none, the output stays sharded; rowwise: all-reduce
 of the partial sums, bias added once; colwise_gather_output: all-gather of the logits;
 embedding_rowwise: masked lookups summed by DTensor). What we do ourselves is put the
@@ -17,16 +17,14 @@ from __future__ import annotations
 import torch
 
 from ..errors import PipelineError
+from ..hf.tensor_parallel import install_style, model_plan, style_placement
 from ..planning import Plan
 from .group import mesh as device_mesh
 from .spec import ParallelSpec
-from .styles import model_plan
 
 
 def distribute(model: torch.nn.Module, plan: Plan, parallel: ParallelSpec) -> None:
     """Wrap this rank's loaded shards as DTensors and install the model's tensor-parallel forward hooks."""
-    from transformers.distributed.tensor_parallel import ALL_PARALLEL_STYLES
-
     mesh = device_mesh(parallel)
     styles = model_plan(model)
     modules = dict(model.named_modules())
@@ -35,18 +33,14 @@ def distribute(model: torch.nn.Module, plan: Plan, parallel: ParallelSpec) -> No
             continue
         mod_name, _, leaf = t.name.rpartition(".")
         module = modules[mod_name]
-        placement = _placement(ALL_PARALLEL_STYLES[t.slice.style], module, leaf, t, mesh)
+        placement = _placement(t.slice.style, module, leaf, t, mesh)
         _wrap(module, leaf, placement, t, mesh)
     _retie(model, plan, modules)
     for name, style in styles.items():
         module = modules.get(name)
         if module is None:
             continue  # a parameter entry: its shard is in place already
-        if style == "mla_kv_a_proj":  # as transformers' apply_tensor_parallelism: it splits by the config's dims
-            module.config = model.config.get_text_config()
-        if type(module).__name__ in ("Linear8bitLt", "Linear4bit"):
-            module._hf_quantized_needs_local_tp = True  # transformers' local path for quantized layers
-        ALL_PARALLEL_STYLES[style].install_forward(module, mesh)
+        install_style(model, module, style, mesh)
 
 
 def _placement(style, module, leaf: str, t, mesh):
@@ -59,11 +53,9 @@ def _placement(style, module, leaf: str, t, mesh):
         torch.empty(t.slice.full_shape, dtype=loaded.dtype, device="meta"), requires_grad=False
     )
     try:
-        style.shard_param(module, leaf, mesh)
-        placements = getattr(module._parameters[leaf], "placements", None)
+        placement = style_placement(style, module, leaf, mesh)
     finally:
         module._parameters[leaf] = loaded
-    placement = placements[0] if placements else None
     ndim = len(t.slice.full_shape)
     packed = getattr(placement, "split_factor", 1)  # _StridedShard: packed blocks cut alike
     if (

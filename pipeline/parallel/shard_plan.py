@@ -15,6 +15,7 @@ from dataclasses import dataclass, replace
 
 from ..dtypes import SAFETENSORS_DTYPES, itemsize
 from ..errors import UserError
+from ..hf.tensor_parallel import check_heads, model_plan, packing, shard_dim
 from ..planning import Plan, TensorPlan
 from ..planning.device_map import check_caps
 from ..planning.slices import TensorSlice, piece_bytes, rank_slice, slice_pieces
@@ -22,7 +23,6 @@ from ..quant.sizes import quantized_nbytes
 from ..quant.spec import QuantSpec
 from ..sizes import format_bytes, normalize_max_memory
 from .spec import ParallelSpec
-from .styles import check_heads, model_plan, packing, shard_dim
 
 
 @dataclass(frozen=True)

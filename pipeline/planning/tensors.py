@@ -15,10 +15,10 @@ from typing import NamedTuple
 
 import torch
 
-from ..checkpoint.conversions import Conversion, map_keys
 from ..checkpoint.pieces import Piece
 from ..dtypes import SAFETENSORS_DTYPES, DtypePolicy, dtype_name, itemsize, policy_dtype
 from ..errors import UserError
+from ..hf.conversions import Conversion, map_keys
 from ..names import matches
 from ..quant.formats.bnb_keys import check_saved_shape
 from ..quant.sizes import quantized_nbytes, quantized_storage_dtype

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..checkpoint.conversions import map_keys
 from ..errors import UserError
+from ..hf.conversions import map_keys
 from .formats import SavedQuantization, read_saved_quantization
 from .spec import QuantSpec
 from .targets import QuantSelection

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..hf.quantizers import leaves_unconverted
 from ..names import matches
 from .spec import SKIP, QuantSpec
 
@@ -89,11 +90,8 @@ def candidate_kind(module: torch.nn.Module) -> str | None:
 
 def _declared(name: str, pattern: str) -> bool:
     """A `_keep_in_fp32_modules` entry matches as transformers' should_convert_module matches it."""
-    try:
-        from transformers.quantizers.quantizers_utils import should_convert_module
-    except ImportError:
-        return matches(name, pattern)
-    return not should_convert_module(name, [pattern])
+    kept = leaves_unconverted(name, pattern)
+    return matches(name, pattern) if kept is None else kept
 
 
 def _last_parameter_module(model: torch.nn.Module) -> str | None:

@@ -12,26 +12,52 @@ Styles whose `shard_param` is transformers' no-op (replicated_with_grad_allreduc
 Qwen3's q_norm, moe_tp_experts on an experts module, all_reduce...) keep their
 parameters whole and only install their forward hooks. hooks.py checks every placement
 against the styles themselves when it wraps the shards.
+
+Checked on transformers 5.24.0 and 5.25.0 (older releases lack this API: `_check_transformers`).
+5.25 took the MoE experts out of the tensor-parallel plans (they moved to its expert-parallel
+plan), so a Mixtral's experts are whole on every rank there; a `base_model_tp_plan` in config.json
+that names the packed styles still shards them.
 """
 
 from __future__ import annotations
 
 from ..errors import UserError
+from .version import unsupported
 
 COLWISE = ("colwise", "colwise_gather_output", "colwise_rep")
 ROWWISE = ("rowwise", "rowwise_rep", "rowwise_split_input")
 EMBEDDING = {"embedding_rowwise": 0, "embedding_colwise": 1}
 PACKED = ("packed_colwise", "packed_rowwise")
+OLDEST_WITH_API = "5.24.0"  # transformers.distributed.tensor_parallel and _expand_parallel_plan as we use them
 SHARDING = (*COLWISE, *ROWWISE, *EMBEDDING, *PACKED)
 
 
 def _style(name: str):
-    from transformers.distributed.tensor_parallel import ALL_PARALLEL_STYLES
-
+    """A style from transformers' registry (`distributed.tensor_parallel.ALL_PARALLEL_STYLES`, 5.24 and 5.25)."""
     try:
-        return ALL_PARALLEL_STYLES[name]
-    except KeyError:
-        return None
+        from transformers.distributed.tensor_parallel import ALL_PARALLEL_STYLES
+    except ImportError:
+        raise unsupported("transformers.distributed.tensor_parallel") from None
+    return ALL_PARALLEL_STYLES.get(name)
+
+
+def style_placement(style: str, module, leaf: str, mesh):
+    """The placement the style gives `module.<leaf>` (its `shard_param`, run on the parameter in place:
+    pass a meta one); None when it leaves the parameter a plain tensor. 5.24 and 5.25."""
+    _style(style).shard_param(module, leaf, mesh)
+    placements = getattr(module._parameters[leaf], "placements", None)
+    return placements[0] if placements else None
+
+
+def install_style(model, module, style: str, mesh) -> None:
+    """The style's forward hooks on `module`, with what transformers' apply_tensor_parallelism sets first
+    (5.24 and 5.25): the text config for mla_kv_a_proj (it splits by the config's dims) and, on bitsandbytes
+    layers, `_hf_quantized_needs_local_tp` (its local path for quantized weights)."""
+    if style == "mla_kv_a_proj":
+        module.config = model.config.get_text_config()
+    if type(module).__name__ in ("Linear8bitLt", "Linear4bit"):
+        module._hf_quantized_needs_local_tp = True
+    _style(style).install_forward(module, mesh)
 
 
 def keeps_whole(style: str) -> bool:
@@ -72,15 +98,16 @@ def _check_transformers(model) -> None:
     """The tensor-parallel API we build on (transformers 5.24); older releases lay it out otherwise."""
     import importlib.util
 
-    import transformers
     from transformers import PreTrainedModel
+
+    from .version import installed
 
     has_module = importlib.util.find_spec("transformers.distributed.tensor_parallel") is not None
     if not has_module or isinstance(model, PreTrainedModel) and not hasattr(model, "_expand_parallel_plan"):
         raise UserError(
-            f"parallel=tensor: transformers {transformers.__version__} lacks the tensor-parallel API this "
+            f"parallel=tensor: transformers {installed()} lacks the tensor-parallel API this "
             "loader uses (transformers.distributed.tensor_parallel, PreTrainedModel._expand_parallel_plan, "
-            "as in 5.24); install transformers>=5.24 or load with parallel=none"
+            f"as in {OLDEST_WITH_API}); install transformers>={OLDEST_WITH_API} or load with parallel=none"
         )
 
 

@@ -23,9 +23,9 @@ from functools import partial
 
 import torch
 
+from ..checkpoint import pieces as P
 from ..dtypes import SAFETENSORS_DTYPES
 from ..errors import UserError
-from . import pieces as P
 
 
 @dataclass(frozen=True)
