@@ -114,7 +114,6 @@ def run_child(name: str, argv: list[str], env: dict, timeout: float, run_dir: Pa
         sample["stages"] = {s["name"]: s["seconds"] for s in r["stages"]}
         sample["load_s"] = (r.get("load") or {}).get("seconds")
         sample["read_ahead"] = (r.get("load") or {}).get("page_cache")
-        sample["imports_read_ahead"] = (r.get("load") or {}).get("imports_read_ahead")
         v = r.get("validation") or {}
         sample["checks_ok"] = all((v.get("checks") or {}).values()) if v else None
         sample["metric_costs"] = v.get("metric_costs")

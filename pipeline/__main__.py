@@ -6,13 +6,8 @@ import gc
 import os
 import sys
 
-if __name__ == "__main__":  # before Hydra and torch: the disk reads what their imports will touch
-    from .loading import import_set
-
-    import_set.start(sys.argv[1:])
-
-import hydra  # noqa: E402
-from omegaconf import DictConfig  # noqa: E402
+import hydra
+from omegaconf import DictConfig
 
 _task_started = False
 
@@ -129,10 +124,6 @@ def main() -> None:
             raise SystemExit(2) from None
         raise
     finally:
-        if _task_started and code in (0, 1):  # a run that got through its stages: its imports are all in
-            from .loading.import_set import record
-
-            record()
         from .parallel.group import shutdown
 
         if shutdown(finished) and code is not None:

@@ -1,5 +1,5 @@
-"""Where the project keeps what it makes once and reuses: built-in checkpoints, metric results,
-the import sets of past runs. Stdlib only: the CLI asks before anything heavy is imported."""
+"""Where the project keeps what it makes once and reuses: built-in checkpoints, metric results.
+Stdlib only: the CLI asks before anything heavy is imported."""
 
 from __future__ import annotations
 

@@ -10,9 +10,6 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 # Every metric measured fresh unless a test asks for the cache (tests/test_metric_cache.py).
 os.environ.setdefault("MODEL_LOADER_METRICS_CACHE", "off")
-# No CLI run of the suite records or reads ahead an import set unless a test asks for it
-# (tests/test_import_set.py): the user's cache stays untouched by the tests.
-os.environ.setdefault("PIPELINE_IMPORT_READAHEAD", "0")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -46,9 +46,6 @@ class Assembler:
             if not self.left[t.name]:
                 place(self.model, t, self.building.pop(t.name), target.device, self.spec)
 
-    def unfinished(self) -> list[str]:
-        return [name for name, n in self.left.items() if n]
-
 
 def allocate(t: TensorPlan, device: torch.device) -> torch.Tensor:
     """The empty target; a quantized one is assembled in its checkpoint dtype and quantized from there."""

@@ -173,47 +173,29 @@ def summary(paths: list[str], now: float | None = None) -> dict | None:
 def resident_fraction(path: str, samples: int = 16, window: int = 2**20) -> float:
     """Share of sampled pages of the file that are in the page cache (mincore on `samples`
     small windows spread over the file); 0.0 where it cannot be told."""
-    try:
-        size = os.path.getsize(path)
-    except OSError:
-        return 0.0
-    if size == 0:
-        return 1.0
-    starts = sorted({size * i // samples for i in range(samples)})
-    return resident_share(path, [(start, min(window, size - start)) for start in starts])
-
-
-def mincore_libc():
-    """libc with mmap, munmap and mincore typed for asking which pages of a file are cached."""
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.mmap.restype = ctypes.c_void_p
-    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
-    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
-    return libc
-
-
-def resident_share(path: str, ranges: list[tuple[int, int]]) -> float:
-    """Share of the pages in these (offset, length) ranges of the file that are in the page
-    cache (mincore); 0.0 where it cannot be told."""
     import ctypes
     import mmap
 
     if not hasattr(os, "posix_fadvise"):
         return 0.0
     try:
-        libc = mincore_libc()
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.mmap.restype = ctypes.c_void_p
+        libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+        libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+        libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
         fd = os.open(path, os.O_RDONLY)
     except (OSError, AttributeError):
         return 0.0
     page = mmap.PAGESIZE
     try:
+        size = os.fstat(fd).st_size
+        if size == 0:
+            return 1.0
         resident = total = 0
-        for offset, length in ranges:
-            start = offset // page * page
-            length += offset - start
+        for i in range(samples):
+            start = (size * i // samples) // page * page
+            length = min(window, size - start)
             if length <= 0:
                 continue
             addr = libc.mmap(None, length, mmap.PROT_READ, mmap.MAP_SHARED, fd, start)

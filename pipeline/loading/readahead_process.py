@@ -1,7 +1,6 @@
 """The read-ahead's own process: reads shards into the page cache while its parent imports.
 
     python -I -S readahead_process.py PARENT_PID idle|normal FILE...
-    python -I -S readahead_process.py PARENT_PID ranges MANIFEST
 
 Stdlib only and run by path (no package import), so it starts in milliseconds. Why a process
 and not a thread of the run: a reader thread waits for the GIL after every read while the run's
@@ -21,22 +20,15 @@ Stdout, one line per event, for loading/page_cache.py: `class N` (the I/O class 
 setting it; -1 where it cannot be told), `yielded S` (seconds waited for the parent's reads, when
 hurried) and `file INDEX FINISHED GENTLE_READS FAST_READS YIELDED_S` (FINISHED is
 time.perf_counter(): CLOCK_MONOTONIC, the parent's clock too).
-
-`ranges` reads the byte ranges of an import set (engine/import_set.py: the files a past run of
-the same command touched) at the normal class without yielding: the parent is about to fault
-those very pages in. Libraries and bytecode go in two streams (large ranges, small files); it
-ends with `ranges BYTES FINISHED`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import platform
 import select
 import sys
-import threading
 import time
 
 BUFFER = 64 * 2**20
@@ -151,58 +143,8 @@ def _say(line: str) -> None:
         sys.exit(0)  # nobody listens any more
 
 
-def read_ranges(manifest: str) -> int:
-    """Read an import set's ranges until done or stdin ends; the bytes read."""
-    with open(manifest) as fh:
-        rows = json.load(fh)
-    stop = threading.Event()
-    done = [0, 0]
-    libs = [(path, extents) for path, _size, _mtime, extents in rows.get("libs", [])]
-    modules = [(path, [(0, None)]) for path in rows.get("modules", [])]
-    workers = [
-        threading.Thread(target=_read_stream, args=(entries, stop, done, i), daemon=True)
-        for i, entries in enumerate((libs, modules))
-    ]
-    for worker in workers:
-        worker.start()
-    while any(worker.is_alive() for worker in workers):
-        if select.select([0], [], [], 0.05)[0] and not os.read(0, 64):
-            stop.set()  # the parent closed the pipe or exited: nobody needs these pages now
-            break
-    return sum(done)
-
-
-def _read_stream(entries: list, stop: threading.Event, done: list, slot: int) -> None:
-    view = memoryview(bytearray(GENTLE))
-    for path, extents in entries:
-        if stop.is_set():
-            return
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except OSError:
-            continue  # gone since it was recorded: the import will say so itself if it matters
-        _advise(fd, gentle=True)  # exactly the ranges: no kernel read-ahead past their ends
-        try:
-            for offset, length in extents:
-                end = os.fstat(fd).st_size if length is None else offset + length
-                while offset < end and not stop.is_set():
-                    got = os.preadv(fd, [view[: min(GENTLE, end - offset)]], offset)
-                    if got <= 0:
-                        break
-                    offset += got
-                    done[slot] += got
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
-
-
 def main(argv: list[str]) -> int:
     parent, priority, paths = int(argv[0]), argv[1], argv[2:]
-    if priority == "ranges":
-        got = read_ranges(paths[0])
-        _say(f"ranges {got} {time.perf_counter()!r}")
-        return 0
     pace = Pace(parent, gentle=priority == "idle")
     if pace.gentle:
         _say(f"class {set_io_class('idle')}")

@@ -12,7 +12,6 @@ import time
 
 import torch
 
-from ..loading import import_set
 from ..loading.hf_attributes import set_hf_attributes
 from ..loading.offload import dispatch
 from ..loading.page_cache import hurry
@@ -73,8 +72,6 @@ def load_shards(
         },
         # What was read into the page cache ahead of the load (loading/page_cache.py).
         "page_cache": page_cache_summary(ctx.checkpoint.files, started),
-        # The CLI's read-ahead of the files its imports need (loading/import_set.py).
-        "imports_read_ahead": import_set.summary(),
         "missing_keys": plan.missing,
         "unexpected_keys": plan.unexpected,
     }
