@@ -111,18 +111,6 @@ class _Units:
         prefix = f"{name}." if name else ""
         return {g for n, g in self.tied_group.items() if n == name or n.startswith(prefix)}
 
-    def largest(self) -> int:
-        """Bytes of the biggest unit that cannot be split (a decoder layer, say)."""
-        best, stack = 0, [""]
-        while stack:
-            name = stack.pop()
-            kids = self.children(name)
-            if kids is None:
-                best = max(best, self.sizes.get(name, 0))
-            else:
-                stack += kids
-        return best
-
 
 def _balanced_targets(caps, gpus, total, low_zero) -> dict[str, int]:
     """An even share of the model per GPU (GPU 0 none with low_zero); the last GPU takes what is left.
