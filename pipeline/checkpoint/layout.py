@@ -123,16 +123,18 @@ def _open_sharded(root: str, index_path: str) -> Checkpoint:
 
 
 def _inside(root: str, rel, index_path: str, name: str) -> str:
-    """Resolve an index entry, refusing absolute paths and '..' that leave the checkpoint."""
+    """An index entry names a file inside the checkpoint directory (no absolute path, no '..'). That file may be
+    a symlink to anywhere the user can read (a hub cache's blobs, another disk), as for a single file and for
+    transformers: the index is the checkpoint's word, the symlinks are the filesystem's (docs/design.md)."""
     if not isinstance(rel, str) or not rel or "\x00" in rel:
         raise UserError(f"{index_path}: entry for {name!r} is not a file name ({rel!r})")
-    if os.path.isabs(rel):
+    if os.path.isabs(rel) or rel.startswith("\\"):
         raise UserError(
             f"{index_path}: entry for {name!r} is an absolute path ({rel!r}); shards must live inside the checkpoint directory"
         )
-    full = os.path.realpath(os.path.join(root, rel))
-    if os.path.commonpath([full, os.path.realpath(root)]) != os.path.realpath(root):
+    if ".." in rel.replace("\\", "/").split("/"):
         raise UserError(
-            f"{index_path}: entry for {name!r} ({rel!r}) leaves the checkpoint directory; refusing to read it"
+            f"{index_path}: entry for {name!r} ({rel!r}) leaves the checkpoint directory ('..'); refusing to read it; "
+            "name a file inside the directory (a symlink there may point elsewhere)"
         )
-    return full
+    return os.path.join(root, os.path.normpath(rel))

@@ -112,16 +112,24 @@ def _destination(ctx: LoadContext, path: str | None, overwrite: bool) -> str:
     if not path:
         raise UserError("stages.save.path: where to write the saved checkpoint; set stages.save.path=/some/new/dir")
     dest = os.path.abspath(os.path.expanduser(str(path)))
-    source = os.path.realpath(ctx.checkpoint.directory)
-    if os.path.commonpath([os.path.realpath(dest), source]) == source:
-        raise UserError(
-            f"stages.save.path: {dest} is inside the source checkpoint {source}; loading never writes there"
-        )
+    _check_outside_source(ctx, dest)
     if os.path.exists(dest) and os.listdir(dest) and not overwrite:
         raise UserError(
             f"stages.save.path: {dest} exists and is not empty; choose a new directory or set stages.save.overwrite=true"
         )
     return dest
+
+
+def _check_outside_source(ctx: LoadContext, dest: str) -> None:
+    """Never into the checkpoint, nor where its symlinks lead (a hub cache's blobs): a shard saved over its own target."""
+    real = os.path.realpath(dest)
+    homes = [ctx.checkpoint.directory] + [os.path.dirname(os.path.realpath(f)) for f in ctx.checkpoint.files]
+    for home in dict.fromkeys(os.path.realpath(h) for h in homes):
+        if os.path.commonpath([real, home]) == home:
+            raise UserError(
+                f"stages.save.path: {dest} is inside the source checkpoint {home} (where its files are); "
+                "loading never writes there; choose a directory outside it"
+            )
 
 
 def _tensors_to_save(ctx: LoadContext) -> dict[str, torch.Tensor]:
