@@ -54,7 +54,13 @@ def _private_names() -> set[str]:
 
     classes = (transformers.PreTrainedModel, transformers.PretrainedConfig, transformers.GenerationMixin)
     names = {n for c in (*classes, _BaseAutoModelClass, HfQuantizer) for n in dir(c)}
-    names |= {"_model_mapping", "_checkpoint_conversion_mapping", "_hf_quantized_needs_local_tp", "_tp_plan"}
+    names |= {
+        "_model_mapping",
+        "_checkpoint_conversion_mapping",
+        "_hf_quantized_needs_local_tp",
+        "_tp_plan",
+        "_is_hf_initialized",
+    }
     private = {n for n in names if n.startswith("_") and not n.startswith("__")}
     return private - set(dir(torch.nn.Module)) | INTERNAL
 

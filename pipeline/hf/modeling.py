@@ -90,3 +90,35 @@ def remote_class(ref: str, directory: str) -> type:
     except ImportError:
         raise unsupported("transformers.dynamic_module_utils.get_class_from_dynamic_module") from None
     return get_class_from_dynamic_module(ref, directory, local_files_only=True)
+
+
+def is_auto_class(obj) -> bool:
+    """An auto model class (AutoModelForCausalLM, ...): it maps config classes to model classes
+    (`_model_mapping`, 4.56 to 5.25) and builds through `from_config`."""
+    return isinstance(obj, type) and hasattr(obj, "_model_mapping") and hasattr(obj, "from_config")
+
+
+def initialised_when_missing(model) -> list[str]:
+    """Regexes of tensors from_pretrained initialises itself when a checkpoint lacks them
+    (`_keys_to_ignore_on_load_missing`, gathered from submodels in post_init since 5.0)."""
+    return [p for p in getattr(model, "_keys_to_ignore_on_load_missing", None) or () if p]
+
+
+def initialise_missing(model, module, leaves: list[str]) -> bool:
+    """The model's own `_init_weights` on `module`, touching only `leaves` (its other tensors are marked
+    `_is_hf_initialized`, as from_pretrained marks loaded ones; 5.x). False: no such scheme (not transformers)."""
+    init = getattr(model, "_init_weights", None)
+    if init is None:
+        return False
+    tensors = [(k, v) for k, v in list(module._parameters.items()) + list(module._buffers.items()) if v is not None]
+    for k, v in tensors:
+        if k not in leaves:
+            v._is_hf_initialized = True
+    try:
+        with torch.no_grad():
+            init(module)
+    finally:
+        for _, v in tensors:
+            if getattr(v, "_is_hf_initialized", False):
+                del v._is_hf_initialized
+    return True
