@@ -142,8 +142,8 @@ def save_bnb_quantized(src: Path, dest: Path, kind: str, shards: int = 3) -> Pat
 
 
 def bnb_reference(path: Path):
-    """transformers' from_pretrained of a pre-quantized directory, with bitsandbytes' CPU repacking off and,
-    for int8, portable CPU numerics on (as the pipeline's int8 models have them).
+    """transformers' from_pretrained of a pre-quantized directory, with bitsandbytes' CPU repacking off (int8
+    runs torch's and bitsandbytes' own kernels, as the pipeline's int8 models do).
 
     On CPUs with AVX512-BF16, Linear4bit repacks its weight at the first forward (absmax to bf16, double
     quantization undone) and multiplies through another kernel; the pipeline keeps the saved layout so its
@@ -153,15 +153,12 @@ def bnb_reference(path: Path):
     from transformers import AutoModelForCausalLM
 
     from pipeline.quant.bnb import import_bitsandbytes
-    from pipeline.quant.cpu_numerics import make_portable
 
     bnb = import_bitsandbytes()
     model = AutoModelForCausalLM.from_pretrained(path)
     for module in model.modules():
         if isinstance(module, bnb.nn.Linear4bit):
             module.support_avx512bf16_for_cpu = False
-    if any(isinstance(m, bnb.nn.Linear8bitLt) for m in model.modules()):
-        make_portable(model)  # int8 on the CPU computes as ours does by default (quantization.cpu_numerics)
     return model
 
 

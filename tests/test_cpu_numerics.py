@@ -1,4 +1,5 @@
-"""Portable CPU numerics (quant/cpu_numerics.py): an int8 model gives the same logits on every CPU.
+"""Portable CPU numerics (quant/cpu_numerics.py): an int8 model measured under them gives the same logits on
+every CPU, and the model handed back runs torch's and bitsandbytes' own kernels (issue 30).
 
 The cross-path tests run real int8 models of every family in tests/architectures.py in fresh
 processes under each CPU code path torch and its libraries can be made to take on one machine:
@@ -34,8 +35,9 @@ PATHS = {
 }
 
 CHILD = r"""
-import sys, torch
+import contextlib, sys, torch
 from pipeline import load
+from pipeline.quant.cpu_numerics import portable_numerics
 numerics, src, dst = sys.argv[1:4]
 cases = torch.load(src)
 out = {"capability": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads()}
@@ -45,7 +47,7 @@ for family, (path, inputs) in cases.items():
     head, seen = r.model.get_output_embeddings(), {}
     if head is not None:  # what reaches the output head, which runs torch's own kernel
         head.register_forward_pre_hook(lambda m, a: seen.update(head_input=a[0]))
-    with torch.inference_mode():
+    with torch.inference_mode(), portable_numerics(r.model) if numerics == "portable" else contextlib.nullcontext():
         o = r.model(**inputs)
     if r.report["quantization"]["quantized"]:  # Falcon has none (FalconLinear is not quantized)
         out[family] = dict(seen, out=o["logits"] if "logits" in o else o["last_hidden_state"])
@@ -179,20 +181,75 @@ def test_outlier_columns_in_fp64_as_bitsandbytes_computes_them():
     assert torch.allclose(ours, theirs, rtol=1e-5, atol=1e-5) and not torch.equal(ours, torch.zeros_like(ours))
 
 
-def test_report_and_model_say_which_numerics(tiny, tmp_path):
-    r = load([f"checkpoint.path={tiny('llama')}", "quantization=int8", *NO_METRICS], run_dir=tmp_path / "a")
-    assert r.report["quantization"]["cpu_numerics"] == "portable" and r.model.portable_cpu_numerics
+def _untouched(model) -> None:
+    """The model runs its class's forward, no dispatch mode is active and no hook of ours is left."""
+    from torch.utils._python_dispatch import _get_current_dispatch_mode, _get_current_dispatch_mode_stack
+
+    assert "forward" not in model.__dict__ and not hasattr(model, "portable_cpu_numerics")
+    assert _get_current_dispatch_mode() is None and _get_current_dispatch_mode_stack() == []
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+def test_returned_int8_model_runs_its_own_kernels(tiny, tmp_path):
+    """validate measured under portable numerics, yet the model handed back computes what the same model
+    loaded with cpu_numerics=native computes, bit for bit (the same kernels), generate included."""
+    args = [f"checkpoint.path={tiny('llama')}", "quantization=int8", "quantization.threshold=0.5"]
+    r = load([*args, "stages.validate.metrics.throughput=false"], run_dir=tmp_path / "a")
+    assert r.report["quantization"]["cpu_numerics"] == "portable"
+    assert "logits_rel_error" in r.report["validation"]["metrics"]  # validate measured under the mode
     plan = json.loads((tmp_path / "a" / "plan.json").read_text())
     assert plan["inputs"]["quantization"]["cpu_numerics"] == "portable"  # so also the metric cache's key
-    ids = torch.tensor([[5, 6, 7]])
-    first = r.model.generate(input_ids=ids, max_new_tokens=3, do_sample=False)
-    assert torch.equal(cn.make_portable(r.model).generate(input_ids=ids, max_new_tokens=3, do_sample=False), first)
-    r = load(
-        [f"checkpoint.path={tiny('llama')}", "quantization=int8", "quantization.cpu_numerics=native", *NO_METRICS],
-        run_dir=tmp_path / "b",
-    )
-    assert r.report["quantization"]["cpu_numerics"] == "native"
-    assert not getattr(r.model, "portable_cpu_numerics", False)
+    _untouched(r.model)
+    native = load([*args, "quantization.cpu_numerics=native", *NO_METRICS], run_dir=tmp_path / "b")
+    assert native.report["quantization"]["cpu_numerics"] == "native"
+    ids = torch.randint(3, 256, (1, 40), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        ours, theirs = r.model(input_ids=ids).logits, native.model(input_ids=ids).logits
+        with cn.portable_numerics(r.model):
+            portable = r.model(input_ids=ids).logits
+    assert torch.equal(ours, theirs) and not torch.equal(ours, portable)
+    _untouched(r.model)
+    settings = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False)
+    assert torch.equal(r.model.generate(input_ids=ids, **settings), native.model.generate(input_ids=ids, **settings))
+
+
+def _deterministic_llama(dest):
+    """The tiny Llama with weights from numpy's RandomState (the same bits on every CPU, unlike torch's
+    generators) and a byte-level tokenizer of its 256 ids: every metric runs, and is portable."""
+    import numpy as np
+    from helpers import _configs
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    cls, config = _configs()["llama"]
+    model, rng = cls(config).eval(), np.random.RandomState(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.from_numpy(rng.standard_normal(tuple(p.shape)) * 0.2))
+    model.save_pretrained(dest)
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=alphabet[0]).save_pretrained(dest)
+    return dest
+
+
+# Measured before issue 30 (portable numerics on the model's forward, 2026-12-06), on this checkpoint and settings.
+BEFORE = {"perplexity": 288.421, "reference_perplexity": 288.0782, "logits_rel_error": 0.014775,
+          "continuation": "\ufffd?\ufffd?\ufffd?\ufffd?\ufffd<<<"}  # fmt: skip
+
+
+def test_report_metrics_unchanged_with_numerics_in_the_measurement(tmp_path):
+    """Every metric validate reports (perplexity, the reference's, logits error, greedy text) is what it was when
+    the model itself ran portable; native measurement gives another figure (so this can fail)."""
+    ck = _deterministic_llama(tmp_path / "ck")
+    args = [f"checkpoint.path={ck}", "quantization=int8", "quantization.unquantized_dtype=fp32",
+            "quantization.threshold=0.5", "stages.validate.max_eval_tokens=64"]  # fmt: skip
+    r = load(args, run_dir=tmp_path / "a")
+    assert {k: r.report["validation"]["metrics"][k] for k in BEFORE} == BEFORE
+    _untouched(r.model)
+    native = load([*args, "quantization.cpu_numerics=native"], run_dir=tmp_path / "b")
+    assert native.report["validation"]["metrics"]["perplexity"] != BEFORE["perplexity"]
 
 
 def test_bad_cpu_numerics_is_a_user_error_before_loading(tiny, tmp_path):
@@ -220,4 +277,4 @@ def test_no_int8_layer_on_the_cpu_keeps_torchs_kernels(tiny, tmp_path):
         run_dir=tmp_path,
     )
     assert r.report["quantization"]["quantized"] == 0 and r.report["quantization"]["cpu_numerics"] is None
-    assert not getattr(r.model, "portable_cpu_numerics", False)
+    _untouched(r.model)

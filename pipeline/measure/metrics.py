@@ -31,6 +31,7 @@ class MetricSettings:
     max_eval_tokens: int = 512
     prompt: str = "The capital of France is"
     max_new_tokens: int = 12
+    portable: bool = False  # measure under portable CPU numerics (quality.measuring): int8 on the CPU, the default
 
 
 @dataclass
@@ -68,7 +69,7 @@ def measure_quality(
     costs = costs if costs is not None else Costs()
     wanted = settings.wanted
     inputs = quality.fixed_inputs(model)
-    with costs.timed("forward"):
+    with costs.timed("forward"), quality.measuring(model, settings.portable):
         out = _forward(model, inputs, check, found, wanted["throughput"])
     if out is None:
         for name in ("perplexity", "reference", "greedy"):
@@ -95,9 +96,7 @@ def measure_quality(
         if settings.max_new_tokens:
             with costs.timed("greedy", cached="continuation" in stored):
                 if "continuation" not in stored:
-                    fresh["continuation"] = quality.greedy(
-                        model, texts.tokenizer, settings.prompt, settings.max_new_tokens
-                    )
+                    fresh["continuation"] = texts.greedy(model)
             found["prompt"] = settings.prompt
             found["continuation"] = stored.get("continuation", fresh.get("continuation"))
         else:
@@ -159,7 +158,14 @@ class _Texts:
         return self._tokenizer
 
     def perplexity(self, model) -> float:
-        return quality.perplexity(model, self.tokenizer, self.text, self.settings.max_eval_tokens)
+        tokenizer = self.tokenizer  # loaded outside the measurement's numerics
+        with quality.measuring(model, self.settings.portable):
+            return quality.perplexity(model, tokenizer, self.text, self.settings.max_eval_tokens)
+
+    def greedy(self, model) -> str:
+        tokenizer = self.tokenizer
+        with quality.measuring(model, self.settings.portable):
+            return quality.greedy(model, tokenizer, self.settings.prompt, self.settings.max_new_tokens)
 
 
 @dataclass
@@ -201,7 +207,8 @@ class _Reference:
         ref = make_reference()
         if ref is None:
             return None
-        ref_out, _ = quality.forward_output(ref, self.inputs)
+        with quality.measuring(ref, self.texts.settings.portable):
+            ref_out, _ = quality.forward_output(ref, self.inputs)
         entry = {"logits": ref_out}
         if self.texts.text is not None:
             entry["perplexity"] = round(self.texts.perplexity(ref), 4)

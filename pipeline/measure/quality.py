@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -9,6 +10,7 @@ from importlib import resources
 
 import torch
 
+from ..quant.cpu_numerics import portable_numerics
 from .inputs import Inputs, build_inputs, submodule_of
 
 
@@ -34,6 +36,13 @@ def _input_embeddings(model):
 def fixed_inputs(model) -> Inputs:
     """The same inputs for every run, built from the model's main_input_name and config (measure/inputs.py)."""
     return build_inputs(model, input_device(model))
+
+
+def measuring(model, portable: bool):
+    """The numerics a measurement runs under: portable_numerics(model) when validate measures portably (int8 on the
+    CPU, quantization.cpu_numerics=portable), else the model's own kernels. Entered per measurement, never left on
+    the model (quant/cpu_numerics.py)."""
+    return portable_numerics(model) if portable else contextlib.nullcontext(model)
 
 
 def forward_output(model, inputs: dict) -> tuple[torch.Tensor, float]:

@@ -19,7 +19,6 @@ from ..dtypes import DtypePolicy
 from ..loading.offload import dispatch
 from ..loading.skeleton import build_from_config
 from ..planning import Plan, build_plan
-from ..quant.cpu_numerics import make_portable
 from ..quant.spec import QuantSpec
 from ..quant.targets import QuantSelection
 from .memory import device_str
@@ -66,8 +65,6 @@ def streamed_reference(
         dispatch(ref, ref_plan, checkpoint)
     finally:
         quiet.setLevel(level)
-    if getattr(model, "portable_cpu_numerics", False):  # computes as the loaded model does: the same on every CPU
-        make_portable(ref)
     return ref
 
 

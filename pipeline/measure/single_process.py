@@ -19,9 +19,11 @@ import torch
 from . import quality
 
 
-def sharded_logits(model) -> torch.Tensor:
-    """The fixed-token forward of the sharded model (run it on every rank)."""
-    out, _ = quality.forward_output(model, quality.fixed_inputs(model).kwargs)
+def sharded_logits(model, portable: bool = False) -> torch.Tensor:
+    """The fixed-token forward of the sharded model (run it on every rank), under validate's numerics."""
+    inputs = quality.fixed_inputs(model).kwargs
+    with quality.measuring(model, portable):
+        out, _ = quality.forward_output(model, inputs)
     return out
 
 
@@ -33,6 +35,7 @@ def compare(
     quantized: bool,
     tolerance: float,
     known_error: float | None = None,
+    portable: bool = False,
 ) -> dict:
     """Max and relative difference to the single-process reference; `matches` is None when there is no bar.
 
@@ -44,7 +47,8 @@ def compare(
     ref = make_reference()
     if ref is None:
         return {"reference": "none (pickle, saved-quantized or incomplete checkpoint)"}
-    ref_out, _ = quality.forward_output(ref, quality.fixed_inputs(model).kwargs)
+    with quality.measuring(ref, portable):
+        ref_out, _ = quality.forward_output(ref, quality.fixed_inputs(model).kwargs)
     diff = (logits - ref_out).abs().max().item()
     scale = ref_out.abs().max().item()
     found = {

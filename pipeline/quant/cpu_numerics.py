@@ -16,14 +16,16 @@ about 1e-8 per value. LLM.int8's outlier columns (an fp32 GEMM inside bitsandbyt
 `int8_mixed_scaled_mm`) get the same treatment; the int8 products themselves are exact
 integers (quant/cpu_int8.py). Tensors on other devices pass through untouched.
 
-It is a TorchDispatchMode entered around the model's forward, so it follows the model
-(not the process) and covers any architecture: whatever attention, norm or activation a
-modeling file uses reaches torch as these aten ops. `quantization.cpu_numerics=native`
-leaves torch's own kernels (a CPU forward about 1.4x faster, CPU-dependent int8 logits).
+It is a TorchDispatchMode that validate enters around its measurements (`portable_numerics`),
+so it covers any architecture (whatever attention, norm or activation a modeling file uses
+reaches torch as these aten ops) and belongs to the measurement, not to the model: the model
+handed back runs torch's and bitsandbytes' own kernels (issue 30: fp64 made generate about 3x
+slower). `quantization.cpu_numerics=native` measures with those kernels too (CPU-dependent figures).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -202,7 +204,7 @@ def portable_call(func, args, kwargs):
 
 class PortableNumerics(TorchDispatchMode):
     """Runs the ops whose CPU result depends on the CPU in fp64, rounded once (portable_call), except
-    while `state["native"]` is set (the output head, see make_portable)."""
+    while `state["native"]` is set (the output head, see portable_numerics)."""
 
     def __init__(self, state: dict | None = None):
         super().__init__()
@@ -222,27 +224,39 @@ def _mixed_mm_op():
     return torch.ops.bitsandbytes.int8_mixed_scaled_mm.default
 
 
-def make_portable(model: torch.nn.Module) -> torch.nn.Module:
-    """Run `model`'s forward (and so generate) under PortableNumerics. Idempotent; returns the model.
+@contextlib.contextmanager
+def portable_numerics(model: torch.nn.Module):
+    """While the block runs, `model` (and any other CPU work) computes under PortableNumerics.
 
-    The output head runs torch's own kernel: it is the forward's last op and nothing quantized reads
-    its output, so a CPU's other summation order stays a last-bit difference in the logits (measured
-    6.5e-7 relative) instead of being amplified; in fp64 it would cost a converted copy of the
-    largest weight at every decoding step (55 ms per token on SmolLM2, 10x its fp32 GEMM)."""
-    if getattr(model, "portable_cpu_numerics", False):
-        return model
-    inner, state = model.forward, {"native": 0}
+    validate enters it around its measurements only (measure/metrics.py), so report.json is the same
+    on every CPU while the model handed back keeps torch's and bitsandbytes' own kernels: its class's
+    forward, no mode, no hook left after the block. The output head runs torch's own kernel: it is the
+    forward's last op and nothing quantized reads its output, so a CPU's other summation order stays a
+    last-bit difference in the logits (measured 6.5e-7 relative) instead of being amplified; in fp64 it
+    would cost a converted copy of the largest weight at every decoding step."""
+    state = {"native": 0}
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    hooks = []
     if isinstance(head, torch.nn.Module):
-        head.register_forward_pre_hook(lambda *_: state.update(native=state["native"] + 1))
-        head.register_forward_hook(lambda *_: state.update(native=state["native"] - 1))
-
-    @functools.wraps(inner)
-    def forward(*args, **kwargs):
-        state["native"] = 0  # a head that raised last time left it set
+        hooks.append(head.register_forward_pre_hook(lambda *_: _count(state, +1)))
+        hooks.append(head.register_forward_hook(lambda *_: _count(state, -1), always_call=True))  # also on a raise
+    try:
         with PortableNumerics(state):
-            return inner(*args, **kwargs)
+            yield model
+    finally:
+        for hook in hooks:
+            hook.remove()
 
-    model.forward = forward
-    model.portable_cpu_numerics = True
-    return model
+
+def _count(state: dict, step: int) -> None:
+    state["native"] += step
+
+
+def measured_portably(spec, tensors) -> bool:
+    """Whether validate measures under portable_numerics: int8, cpu_numerics=portable, and some int8 layer planned
+    on the CPU (`tensors`: the plan's PlannedTensors); elsewhere every kernel is the device's own anyway."""
+    return spec.is_int8 and spec.cpu_numerics == "portable" and int8_on_cpu(tensors)
+
+
+def int8_on_cpu(tensors) -> bool:
+    return any(t.quantized == "int8" and t.device == "cpu" for t in tensors)

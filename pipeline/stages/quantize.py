@@ -12,7 +12,7 @@ import logging
 from accelerate import init_empty_weights
 
 from ..quant.bnb import empty_module
-from ..quant.cpu_numerics import make_portable
+from ..quant.cpu_numerics import int8_on_cpu
 from .context import LoadContext
 
 log = logging.getLogger(__name__)
@@ -45,9 +45,7 @@ def quantize(ctx: LoadContext) -> None:
     if spec.prequantized:
         report["prequantized"] = True  # loaded as saved (docs/quantization.md, pre-quantized checkpoints)
     if spec.is_int8:
-        on_cpu = any(t.quantized == "int8" and t.device == "cpu" for t in plan.tensors.values())
-        if on_cpu and spec.cpu_numerics == "portable":
-            make_portable(ctx.model)  # the same int8 logits on every CPU (quant/cpu_numerics.py)
+        on_cpu = int8_on_cpu(plan.tensors.values())  # validate measures under cpu_numerics (quant/cpu_numerics.py)
         report.update(
             threshold=spec.threshold,
             thresholds=dict(plan.int8_thresholds),

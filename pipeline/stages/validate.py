@@ -21,6 +21,7 @@ from ..measure.metrics import METRICS, Costs, MetricSettings, measure_quality
 from ..measure.quality import input_device
 from ..measure.reference import streamed_reference
 from ..parallel.group import all_gather, broadcast
+from ..quant.cpu_numerics import measured_portably
 from .context import LoadContext
 
 
@@ -40,8 +41,9 @@ def validate(
     ctx.require("loaded", "validate", "load_shards")
     check = CheckLog(_switches(checks, CHECKS + PARALLEL_CHECKS, "checks"))
     settings = MetricSettings(
-        _switches(metrics, METRICS, "metrics"), eval_text, max_eval_tokens, prompt, max_new_tokens
-    )
+        _switches(metrics, METRICS, "metrics"), eval_text, max_eval_tokens, prompt, max_new_tokens,
+        portable=measured_portably(ctx.quant, plan.tensors.values()),  # the same figures on every CPU (issue 30)
+    )  # fmt: skip
     model = ctx.model
     meta = check_tensors(model, plan, ctx.tied_groups, ctx.offload, check)
     measured, plan_error = check_memory(model, plan, ctx.offload, check, plan_tolerance)
@@ -65,7 +67,7 @@ def validate(
             costs=costs,
         )
     if ctx.parallel.enabled and not meta:
-        _against_single_process(ctx, check, single_process_tolerance, found.get("logits_rel_error"))
+        _against_single_process(ctx, check, single_process_tolerance, found.get("logits_rel_error"), settings.portable)
     if ctx.parallel.enabled:
         _merge_ranks(ctx, check, measured, plan_error)
     ctx.report["validation"] = {
@@ -103,9 +105,9 @@ def _reference(ctx: LoadContext):
     )
 
 
-def _against_single_process(ctx: LoadContext, check: CheckLog, tolerance: float, known_error) -> None:
+def _against_single_process(ctx: LoadContext, check: CheckLog, tolerance: float, known_error, portable: bool) -> None:
     """Tensor parallel: every rank runs the sharded forward; rank 0 compares it with the single-process model."""
-    logits = single_process.sharded_logits(ctx.model)
+    logits = single_process.sharded_logits(ctx.model, portable)
     found = None
     if ctx.parallel.is_main:
         found = single_process.compare(
@@ -115,6 +117,7 @@ def _against_single_process(ctx: LoadContext, check: CheckLog, tolerance: float,
             quantized=ctx.quant.enabled,
             tolerance=tolerance,
             known_error=known_error,
+            portable=portable,
         )
         if ctx.parallel.save_logits:
             torch.save(logits, ctx.run_dir / "logits.pt")
