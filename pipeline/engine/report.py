@@ -108,12 +108,16 @@ def _validation_lines(val: dict) -> list[str]:
     if skipped:
         lines.append("skipped: " + "; ".join(f"{k} ({why})" for k, why in skipped.items()))
     m = val.get("metrics", {})
+    cached = {k for k, e in (val.get("metric_costs") or {}).items() if e.get("cached")}
+    mark = {k: " (cached)" if k in cached else "" for k in ("perplexity", "reference", "greedy")}
     if "perplexity" in m:
         ref = m.get("reference_perplexity")
-        vs = f" (unquantized reference {ref:.3f}, {m['perplexity'] / ref - 1:+.2%})" if ref else ""
-        lines.append(f"perplexity: {m['perplexity']:.3f} on the evaluation text{vs}")
+        ref_mark = mark["reference"] if "reference_dtype" in m else mark["perplexity"]  # unquantized: itself
+        vs = f" (unquantized reference {ref:.3f}{ref_mark}, {m['perplexity'] / ref - 1:+.2%})" if ref else ""
+        lines.append(f"perplexity: {m['perplexity']:.3f}{mark['perplexity']} on the evaluation text{vs}")
     if m.get("logits_rel_error"):
-        lines.append(f"logits vs unquantized reference: relative error {m['logits_rel_error']:.4f}")
+        of = " (reference logits cached)" if "reference" in cached else ""
+        lines.append(f"logits vs unquantized reference: relative error {m['logits_rel_error']:.4f}{of}")
     if "continuation" in m:
-        lines.append(f"greedy: {m['prompt']!r} -> {m['continuation']!r}")
+        lines.append(f"greedy: {m['prompt']!r} -> {m['continuation']!r}{mark['greedy']}")
     return lines

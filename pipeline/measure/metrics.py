@@ -4,8 +4,8 @@ Each metric is switched in conf/stages/validate.yaml; the forward pass (on input
 for the model's kind, measure/inputs.py) also feeds the `forward_finite` check and always
 runs. A metric that does not apply to the model (perplexity of an image classifier) is
 skipped with its reason. The expensive ones (perplexity, the reference, greedy text) come
-from measure/cache.py when their inputs are unchanged; what each cost, and whether it came
-from the cache, is returned beside them.
+from measure/cache.py when their inputs are unchanged and the loaded weights are those they
+were measured on; what each cost, and whether it came from the cache, is returned beside them.
 """
 
 from __future__ import annotations
@@ -36,9 +36,11 @@ class MetricSettings:
 
 @dataclass
 class Costs:
-    """Seconds per metric and whether it came from the cache (report.json `validation.metric_costs`)."""
+    """Seconds per metric and whether it came from the cache (report.json `validation.metric_costs`), and what the
+    cache checked before it gave any (`validation.metric_cache`: the weights' fingerprint, the shards' hash)."""
 
     entries: dict = field(default_factory=dict)
+    cache: dict | None = None
 
     @contextmanager
     def timed(self, name: str, cached: bool = False):
@@ -77,6 +79,7 @@ def measure_quality(
                 check.skip(name, check.skipped.get("forward_finite") or "the forward pass failed")
         return found
     texts = _Texts(model, tokenizer_dir, check, settings)
+    costs.cache = cache.report if cache is not None else None  # filled in as the cache checks
     stored = cache.get_model() if cache is not None else {}
     fresh: dict = {}
     if texts.text is not None:
@@ -85,7 +88,7 @@ def measure_quality(
                 fresh["perplexity"] = round(texts.perplexity(model), 4)
         found["perplexity"] = stored.get("perplexity", fresh.get("perplexity"))
     if wanted["reference"]:
-        reference = _Reference(inputs.kwargs, out, texts, cache)
+        reference = _Reference(inputs.kwargs, out, texts, cache if quantized else None)
         with costs.timed("reference", cached=reference.cached):
             compared = reference.compare(model, quantized, make_reference, reference_dtype, found.get("perplexity"))
         if compared:
@@ -176,7 +179,7 @@ class _Reference:
     cache: MetricCache | None
 
     def __post_init__(self):
-        self.entry = self.cache.get_reference() if self.cache is not None else None
+        self.entry = self.cache.get_reference(self.out.shape) if self.cache is not None else None
         if self.entry is not None and self.texts.text is not None and "perplexity" not in self.entry:
             self.entry = None  # stored without perplexity (it was off): measure again
         self.cached = self.entry is not None

@@ -78,6 +78,7 @@ def validate(
         "metrics": found,
         "skipped": check.skipped,
         "metric_costs": costs.entries,  # seconds per metric, and whether it came from measure/cache.py
+        "metric_cache": costs.cache,  # what the cache checked first (weights' fingerprint, shards' hash) and its cost
     }
     if check.failures:
         raise CheckFailed("; ".join(f"{k}: {v}" for k, v in check.failures.items()))
@@ -148,8 +149,15 @@ def _merge_ranks(ctx: LoadContext, check: CheckLog, measured: dict, plan_error: 
 
 
 def _cache(ctx: LoadContext, settings: MetricSettings):
+    """None under tensor parallel: a hit on one rank and a miss on another would part their collectives."""
+    if ctx.parallel.enabled:
+        return None
     device = device_str(input_device(ctx.model))
-    return metric_cache(ctx.checkpoint, ctx.plan, ctx.dtype_policy, ctx.quant, settings, device)
+    node = ctx.cfg.checkpoint.get("model") if "checkpoint" in ctx.cfg else None
+    return metric_cache(
+        ctx.checkpoint, ctx.plan, ctx.dtype_policy, ctx.quant, settings, device,
+        model=ctx.model, node=node, offload=ctx.offload,
+    )  # fmt: skip
 
 
 def _switches(given, names, key) -> dict[str, bool]:
