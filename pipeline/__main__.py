@@ -38,15 +38,29 @@ def _app(cfg: DictConfig) -> str:
             raise  # not from the runner (or debugging): Hydra / Python show the traceback
         if result.report["stages"] and main_rank:
             print(format_summary(result.report, run_dir))
-        if main_rank or not isinstance(exc, PipelineError):  # bad input and checks are alike on every rank
+        # bad input and checks are alike on every rank (rank 0 says them); a lost rank is each rank's own
+        if main_rank or not isinstance(exc, PipelineError) or getattr(exc, "every_rank", False):
             print(f"error: {result.report['error']}", file=sys.stderr)
-        code = exc.exit_code if isinstance(exc, PipelineError) else 130 if isinstance(exc, KeyboardInterrupt) else 1
-        if hc.mode == RunMode.MULTIRUN:  # the sweep goes on; report.json says what happened
+        code = exc.exit_code if isinstance(exc, PipelineError) else 1
+        if isinstance(exc, KeyboardInterrupt):  # Ctrl-C 130, SIGTERM 143 (pipeline.errors.Interrupted)
+            code = getattr(exc, "exit_code", 130)
+        if hc.mode == RunMode.MULTIRUN and isinstance(exc, KeyboardInterrupt):  # a signal stops the whole sweep
+            _summarize_so_far(hc.sweep.dir)
+        elif hc.mode == RunMode.MULTIRUN:  # the sweep goes on; report.json says what happened
             return _sweep_value(cfg, result.report)
         raise SystemExit(code) from None
     if main_rank:
         print(format_summary(result.report, run_dir))
     return _sweep_value(cfg, result.report)
+
+
+def _summarize_so_far(root: str) -> None:
+    """An interrupted sweep still leaves its summary (the jobs so far, the interrupted one last)."""
+    from pathlib import Path
+
+    from .sweeps.summary import summarize
+
+    summarize(Path(root))
 
 
 def _sweep_value(cfg: DictConfig, report: dict):
@@ -82,7 +96,7 @@ def _shared_run_dir(args: list[str]) -> list[str]:
     if "RANK" not in os.environ or any(a.startswith("-") for a in args):
         return args
     from .engine.compose import compose_config
-    from .errors import UserError
+    from .errors import RankLost, UserError
     from .parallel.launch import agree_run_dir, cli_overrides, parallel_spec
 
     try:
@@ -95,6 +109,9 @@ def _shared_run_dir(args: list[str]) -> list[str]:
         if os.environ.get("RANK", "0") == "0":  # the same line on every rank: rank 0 says it
             print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
+    except RankLost as exc:  # another rank never joined or went away: each rank says what it saw
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(exc.exit_code) from None
     kept = [a for a in args if not a.startswith(("hydra.run.dir=", "hydra.output_subdir="))]
     return kept + cli_overrides(parallel, run_dir)
 
@@ -114,6 +131,7 @@ def main() -> None:
     finished, code = False, None
     try:
         _app()
+        _end_sweep()
         finished, code = True, 0
     except SystemExit as exc:
         finished = exc.code in (0, None)
@@ -123,12 +141,34 @@ def main() -> None:
             code = 2
             raise SystemExit(2) from None
         raise
+    except KeyboardInterrupt as exc:  # a signal the runner's report did not take (e.g. while it was ending)
+        if os.environ.get("PIPELINE_DEBUG"):
+            raise
+        code = getattr(exc, "exit_code", 130)
+        print(f"error: {exc or 'interrupted by the user (Ctrl-C)'}", file=sys.stderr)
+        raise SystemExit(code) from None
     finally:
+        from .errors import RankLost
         from .parallel.group import shutdown
 
-        if shutdown(finished) and code is not None:
+        try:
+            made = shutdown(finished)
+        except RankLost as exc:  # the last barrier: a rank stopped answering after this one's run
+            print(f"error: {exc}", file=sys.stderr)
+            made, code = True, exc.exit_code
+        if made and code is not None:
             _exit_after_group(code)
         gc.freeze()  # the process ends here: no collector pass over what is still alive
+
+
+def _end_sweep() -> None:
+    """A sweep whose summary counts jobs that did not end ok exits 1 (the summary is written by then)."""
+    from .sweeps.summary import outcome
+
+    if outcome["root"] is not None and outcome["failed"]:
+        failed, root = outcome["failed"], outcome["root"]
+        print(f"error: {failed} sweep job(s) did not end ok; see {root}/summary.md", file=sys.stderr)
+        raise SystemExit(1)
 
 
 def _exit_after_group(code: int) -> None:

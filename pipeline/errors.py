@@ -25,5 +25,28 @@ class CheckFailed(PipelineError):
     status = "failed"
 
 
+class RankLost(PipelineError):
+    """Tensor parallel: another rank stopped answering (parallel.timeout_s) or ended; exit 1, said by every rank."""
+
+    exit_code = 1
+    status = "error"
+    every_rank = True
+
+
 class OutOfMemory(UserError):
     """The host or a GPU ran out of memory during a stage: exit 2, naming the stage and the fix."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM or SIGINT during a run: report.json says `interrupted`; the CLI exits 128 + the signal (143, 130).
+
+    A KeyboardInterrupt, so code that stops on Ctrl-C stops on SIGTERM (Slurm, torchrun) alike; `.result`
+    carries what was loaded so far."""
+
+    def __init__(self, signum: int):
+        import signal
+
+        self.signum = signum
+        self.signal_name = signal.Signals(signum).name
+        self.exit_code = 128 + signum
+        super().__init__(f"interrupted by {self.signal_name}")

@@ -36,7 +36,8 @@ def test_threshold_sweep_on_the_default_model(tmp_path):
 def test_a_failing_job_is_a_row_and_the_sweep_goes_on(tiny, tmp_path):
     root = tmp_path / "sweep"
     p = run_cli("-m", f"checkpoint.path={tiny('bloom')},{tmp_path / 'missing'}", f"hydra.sweep.dir={root}")
-    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.returncode == 1, p.stderr[-3000:]  # the summary is written, then the sweep says a job failed
+    assert p.stderr.strip().splitlines()[-1] == f"error: 1 sweep job(s) did not end ok; see {root}/summary.md"
     rows = _rows(root)
     assert len(rows) == 2
     assert sorted(r["status"] for r in rows) == ["error", "ok"]
@@ -44,10 +45,25 @@ def test_a_failing_job_is_a_row_and_the_sweep_goes_on(tiny, tmp_path):
     assert "does not exist" in failed["error"] and "missing" in failed["overrides"]
 
 
+def test_sweeping_checkpoint_path_of_hf_dir_without_a_name(tiny, tmp_path):
+    """The sweep root is named before checkpoint.path is set; every job lands under it, whatever path it loads."""
+    paths = [tiny("llama"), tiny("gpt2"), tmp_path / "missing"]
+    p = run_cli("-m", "checkpoint=hf_dir", "checkpoint.path=" + ",".join(map(str, paths)), cwd=tmp_path)
+    assert p.returncode == 1, p.stderr[-3000:]
+    assert "Traceback" not in p.stderr
+    (root,) = (tmp_path / "runs" / "checkpoint" / "multirun").iterdir()
+    rows = _rows(root)
+    assert [(r["checkpoint.path"], r["status"]) for r in rows] == [
+        (str(paths[0]), "ok"), (str(paths[1]), "ok"), (str(paths[2]), "error")
+    ]  # fmt: skip
+    assert sorted(d.name for d in root.iterdir() if d.is_dir()) == ["0", "1", "2"]
+    assert json.loads((root / "1" / "report.json").read_text())["checkpoint"]["path"] == str(paths[1])
+
+
 def test_ready_memory_sweep_with_a_cap_too_small(tmp_path):
     root = tmp_path / "sweep"
     p = run_cli("+sweep=memory", f"hydra.sweep.dir={root}")  # auto, cpu_4gib, cpu_64mib on the default model
-    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.returncode == 1, p.stderr[-3000:]  # one job failed: the sweep's exit says so
     rows = _rows(root)
     assert [(r["memory"], r["status"]) for r in rows] == [("auto", "ok"), ("cpu_4gib", "ok"), ("cpu_64mib", "error")]
     assert "memory.max_memory.cpu" in rows[2]["error"] and "missing" in rows[2]["error"]

@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from ..errors import OutOfMemory, PipelineError, UserError
-from ..parallel.group import ensure_group
+from ..parallel.group import ensure_group, lost_rank
 from ..parallel.launch import parallel_spec
 from ..parallel.spec import env_rank
 from ..quant.spec import QuantSpec
@@ -28,6 +28,7 @@ from .report import new_report
 from .result import LoadResult
 from .reuse import remember, reuse_key
 from .reuse import take as reuse_take
+from .signals import describe, interruptible
 
 log = logging.getLogger("pipeline")
 
@@ -58,7 +59,7 @@ def run(cfg: DictConfig, run_dir: Path | str, *, reuse: bool = False) -> LoadRes
     report = ctx.report
     error: BaseException | None = None
     rank = env_rank(cfg.get("parallel"))  # tensor parallel: only rank 0 writes report.json and artifacts
-    with _log_to(run_dir / ("run.log" if rank == 0 else f"run.rank{rank}.log"), rank):
+    with _log_to(run_dir / ("run.log" if rank == 0 else f"run.rank{rank}.log"), rank), interruptible() as guard:
         try:
             stages = bind_stages(cfg)
             _check_reader_options(cfg)
@@ -77,10 +78,11 @@ def run(cfg: DictConfig, run_dir: Path | str, *, reuse: bool = False) -> LoadRes
         except PipelineError as exc:
             report["status"], report["error"], error = exc.status, str(exc), exc
         except KeyboardInterrupt as exc:
-            report["status"], report["error"], error = "interrupted", "interrupted by the user (Ctrl-C)", exc
+            report["status"], report["error"], error = "interrupted", describe(exc, report["stages"]), exc
         except Exception as exc:
             error = _unexpected_error(exc, ctx, run_dir)
         finally:
+            guard.hold()  # a signal now waits until report.json is written
             if rank == 0:
                 write_json(run_dir / "report.json", report)
     result = LoadResult(ctx.model, report, run_dir)
@@ -125,6 +127,11 @@ def _take_reused(ctx: LoadContext, stages) -> tuple[LoadContext, list[str], str 
 def _unexpected_error(exc: Exception, ctx: LoadContext, run_dir: Path) -> BaseException:
     """Out of memory is the user's to fix (exit 2, the model dropped); anything else is a bug of ours."""
     report = ctx.report
+    lost = lost_rank(exc, ctx.parallel)
+    if lost is not None:  # tensor parallel: another rank stopped answering or ended
+        log.error("%s\n%s", lost, traceback.format_exc(), extra={"file_only": True})  # the traceback: run.log
+        report["status"], report["error"] = lost.status, str(lost)
+        return lost
     if _is_oom(exc):
         stage = report["stages"][-1]["name"] if report["stages"] else "setup"
         error = OutOfMemory(
@@ -213,6 +220,7 @@ def _log_to(path: Path, rank: int = 0):
         tag = f" rank {rank}" if rank else ""
         console.setFormatter(logging.Formatter(f"[%(levelname)s{tag}] %(message)s"))
         console._pipeline_console = True
+        console.addFilter(lambda record: not getattr(record, "file_only", False))
         logger.addHandler(console)
     try:
         yield

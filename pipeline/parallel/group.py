@@ -11,15 +11,22 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from ..errors import RankLost
 from .spec import ParallelSpec
 
 _mesh = None
+_joined: ParallelSpec | None = None  # the spec this process joined the group with (shutdown's error names it)
+# How gloo, NCCL and the store say that another rank did not answer in time, or went away.
+_TIMED_OUT = ("timed out", "timeout")
+_GONE = ("connection closed by peer", "connection reset by peer", "broken pipe", "connection refused")
 
 
 def ensure_group(spec: ParallelSpec) -> None:
     """Join the process group once per process (a no-op when it exists or for a dry run)."""
+    global _joined
     if not spec.distributed or dist.is_initialized():
         return
+    _joined = spec
     device_id = None
     if spec.device_type == "cuda":
         torch.cuda.set_device(spec.local_rank)
@@ -60,6 +67,22 @@ def all_gather(obj, spec: ParallelSpec) -> list:
     return out
 
 
+def lost_rank(exc: BaseException, spec: ParallelSpec | None) -> RankLost | None:
+    """A collective that failed because another rank stopped answering or ended, as one line; None otherwise."""
+    if spec is None or not spec.distributed or not isinstance(exc, RuntimeError):  # DistError is a RuntimeError
+        return None
+    text = str(exc).lower()
+    logs = "rank 0's run.log and run.rank<N>.log in the run directory"
+    if any(m in text for m in _TIMED_OUT):
+        return RankLost(
+            f"parallel: rank {spec.rank} waited {spec.timeout_s:g} s (parallel.timeout_s) for another rank that did "
+            f"not answer (hung, stopped or died); see {logs}, or raise parallel.timeout_s if a rank needs longer"
+        )
+    if any(m in text for m in _GONE):
+        return RankLost(f"parallel: rank {spec.rank} lost another rank, which ended or was stopped mid-run; see {logs}")
+    return None
+
+
 def shutdown(finished: bool = True) -> bool:
     """Destroy this process's group, if it made one; True when it did.
 
@@ -71,8 +94,12 @@ def shutdown(finished: bool = True) -> bool:
     global _mesh
     _mesh = None
     if dist.is_initialized():
-        if finished:
-            dist.barrier()
-        dist.destroy_process_group()
+        try:
+            if finished:
+                dist.barrier()
+        except RuntimeError as exc:
+            raise lost_rank(exc, _joined) or exc from None
+        finally:
+            dist.destroy_process_group()
         return True
     return False

@@ -8,7 +8,7 @@ and .hydra/ there (the others add run.rank<N>.log).
 
 from __future__ import annotations
 
-from .group import broadcast, ensure_group
+from .group import broadcast, ensure_group, lost_rank
 from .spec import ParallelSpec
 
 
@@ -16,8 +16,11 @@ def agree_run_dir(parallel: ParallelSpec, candidate: str) -> str:
     """Rank 0's `candidate` on every rank (the candidate itself when the run is not distributed)."""
     if not parallel.distributed:
         return candidate
-    ensure_group(parallel)
-    return str(broadcast(str(candidate), parallel))
+    try:
+        ensure_group(parallel)
+        return str(broadcast(str(candidate), parallel))
+    except RuntimeError as exc:  # a rank that never came, or went: one line on every rank
+        raise lost_rank(exc, parallel) or exc from None
 
 
 def cli_overrides(parallel: ParallelSpec, run_dir: str) -> list[str]:

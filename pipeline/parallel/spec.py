@@ -29,7 +29,7 @@ class ParallelSpec:
     launched: bool = False  # started by torchrun: RANK and WORLD_SIZE are in the environment
     backend: str = "gloo"
     device_type: str = "cpu"  # where every rank's shards live: "cpu" or "cuda" (its local GPU)
-    timeout_s: float = 600.0
+    timeout_s: float = 60.0  # a rank that stops answering ends every rank after this long (parallel.timeout_s)
     save_logits: bool = False
 
     @property
@@ -83,7 +83,7 @@ class ParallelSpec:
             launched=launched,
             backend=backend,
             device_type=device,
-            timeout_s=float(node.get("timeout_s", 600)),
+            timeout_s=_timeout(node.get("timeout_s", 60)),
             save_logits=bool(node.get("save_logits", False)),
         )
 
@@ -111,6 +111,16 @@ def _world_size(given, env, launched: bool, dry_run: bool) -> int:
             f"launch it with {LAUNCH}, or plan only: stages=[instantiate_empty,plan]"
         )
     return given or 1
+
+
+def _timeout(value) -> float:
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        seconds = float("nan")
+    if not seconds > 0 or seconds == float("inf"):
+        raise UserError(f"parallel.timeout_s: {value!r} is not a positive number of seconds; give e.g. 60")
+    return seconds
 
 
 def _device_type(device: str, dry_run: bool) -> str:

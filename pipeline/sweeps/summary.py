@@ -32,14 +32,45 @@ BASE_COLUMNS = [
 ]
 
 
+# What the last sweep of this process came to: its root and how many jobs were not ok (the CLI's exit code).
+outcome: dict = {"root": None, "failed": 0}
+
+
 class SweepSummary(Callback):
+    def on_multirun_start(self, config, **kwargs) -> None:
+        """Pin the sweep root: every job composes hydra.sweep.dir again from its own overrides, so a swept
+        checkpoint.path (which names runs/<name>/) would scatter the jobs away from the root the summary reads."""
+        from omegaconf import open_dict
+
+        root = str(config.hydra.sweep.dir)
+        overrides = config.hydra.overrides.hydra
+        if not any(str(o).startswith("hydra.sweep.dir=") for o in overrides):
+            with open_dict(config):
+                overrides.append("hydra.sweep.dir=" + _quoted(root))
+                config.hydra.sweep.dir = root
+        outcome.update(root=root, failed=0)
+
     def on_multirun_end(self, config, **kwargs) -> None:
         root = Path(config.hydra.sweep.dir)
-        rows = collect_rows(root)
-        if not rows:
-            return
+        summarize(root)
+
+
+def summarize(root: Path) -> list[dict]:
+    """Write the summary of the jobs under `root` so far and note how many did not end ok."""
+    rows = collect_rows(root)
+    outcome.update(root=str(root), failed=sum(r.get("status") != "ok" for r in rows))
+    if rows:
         write_summary(root, rows)
         print(f"sweep summary: {root / 'summary.csv'}, {root / 'summary.md'} and plots in {root}")
+    return rows
+
+
+def _quoted(value: str) -> str:
+    """A Hydra override value that stays one string whatever the path holds (commas, spaces, quotes)."""
+    import re
+
+    doubled = re.sub(r"(\\+)(?='|$)", lambda m: m.group(1) * 2, value)  # backslashes before a quote or the end
+    return "'" + doubled.replace("'", "\\'") + "'"
 
 
 def _parse_overrides(lines: list[str]) -> dict[str, str]:
