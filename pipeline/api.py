@@ -12,6 +12,7 @@ from omegaconf.errors import OmegaConfBaseException
 from .engine.compose import compose_config
 from .engine.result import LoadResult
 from .engine.runner import run, save_config
+from .engine.write_guard import check_writes_outside
 from .errors import UserError
 from .parallel.launch import agree_run_dir, parallel_spec
 from .parallel.spec import env_rank
@@ -33,6 +34,7 @@ def load(overrides=(), *, run_dir: str | Path | None = None, config_name: str = 
         del cfg["hydra"]
     with contextlib.suppress(UserError):  # a bad `parallel` group: the runner reports it (report.json, exit 2)
         target = Path(agree_run_dir(parallel_spec(cfg), str(target)))  # tensor parallel: rank 0's directory
+    check_writes_outside(cfg, "hydra.run.dir" if run_dir is None else "run_dir", target)  # before .hydra/
     if env_rank(cfg.get("parallel")) == 0:  # other ranks write nothing but their log
         save_config(cfg, target, overrides)
     OmegaConf.set_readonly(cfg, True)

@@ -1,20 +1,29 @@
-"""Write an HF-layout safetensors checkpoint directory, atomically: a temporary directory renamed into place.
+"""Write an HF-layout safetensors checkpoint directory beside its destination, then swap it in.
 
-A crash never leaves half a checkpoint at the destination; the source checkpoint is
-never written to (the caller checks that the destination lies outside it).
+The new save is written, marked (checkpoint/save_mark.py) and renamed into place
+(checkpoint/swap.py): a kill at any instant leaves the earlier save or the new one complete,
+and only a directory we wrote is ever replaced (the caller checks that, and that the
+destination lies outside the source checkpoint and the run directory). A full disk is the
+user's to fix: checked before the first byte when the free space is known, and an ENOSPC
+while writing is one line too, with the temporary directory removed.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
-import tempfile
 
 import torch
 from safetensors.torch import save_file
 
+from ..errors import UserError
+from .save_mark import remove_ours, write_mark
+from .swap import pause_point, replace_dir, temp_beside
+
 INDEX_NAME = "model.safetensors.index.json"
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
 def write_checkpoint_dir(
@@ -28,33 +37,83 @@ def write_checkpoint_dir(
     json_files: dict[str, dict] | None = None,
 ) -> int:
     """Shards, index, the `copied` files of `copy_from` and `json_files` (name -> document) into `dest`
-    (replacing it); returns the shard count."""
-    parent = os.path.dirname(dest) or "."
+    (replacing an earlier save there); returns the shard count."""
+    shards = _plan_shards(tensors, max_shard_bytes)
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    weight_map = {n: fname for fname, names in shards for n in names}
+    texts = {INDEX_NAME: {"metadata": {"total_size": total}, "weight_map": weight_map}, **(json_files or {})}
+    texts = {name: json.dumps(doc, indent=2, sort_keys=True) + "\n" for name, doc in texts.items()}
+    copies = {n: os.path.join(copy_from, n) for n in copied if copy_from and os.path.isfile(os.path.join(copy_from, n))}
+    needed = total + sum(os.path.getsize(p) for p in copies.values()) + sum(len(t) for t in texts.values())
+    parent = os.path.dirname(dest)
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".save-", dir=parent)
+    check_space(parent, needed)
+    names = [f for f, _ in shards] + list(copies) + list(texts)
+    tmp = temp_beside(dest, "save")
+    mark = {"files": dict.fromkeys(names)}
     try:
-        weight_map = _write_shards(tmp, tensors, max_shard_bytes, metadata)
-        total = sum(t.numel() * t.element_size() for t in tensors.values())
-        with open(os.path.join(tmp, INDEX_NAME), "w") as fh:
-            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, fh, indent=2, sort_keys=True)
-        for name in copied:
-            src = os.path.join(copy_from, name) if copy_from else None
-            if src and os.path.isfile(src):
-                shutil.copyfile(src, os.path.join(tmp, name))
-        for name, doc in (json_files or {}).items():
+        write_mark(tmp, "writing", mark["files"])
+        for fname, members in shards:
+            save_file({n: tensors[n] for n in members}, os.path.join(tmp, fname), metadata={"format": "pt", **metadata})
+        for name, src in copies.items():
+            shutil.copyfile(src, os.path.join(tmp, name))
+        for name, text in texts.items():
             with open(os.path.join(tmp, name), "w") as fh:
-                json.dump(doc, fh, indent=2, sort_keys=True)
-                fh.write("\n")
-        if os.path.exists(dest):
-            shutil.rmtree(dest)
-        os.replace(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+                fh.write(text)
+        _sync_files(tmp, names)
+        write_mark(tmp, "complete", {n: os.path.getsize(os.path.join(tmp, n)) for n in names})
+        pause_point("written")
+        replace_dir(tmp, dest)
+    except BaseException as exc:
+        if os.path.isdir(tmp):
+            remove_ours(tmp, mark)
+        if _is_no_space(exc):
+            raise UserError(_no_space(parent, needed, "ran out of space while writing")) from None
         raise
-    return len(set(weight_map.values()))
+    return len(shards)
 
 
-def _write_shards(folder: str, tensors: dict, max_bytes: int, metadata: dict) -> dict[str, str]:
+def check_space(parent: str, needed: int) -> None:
+    """Refuse before writing when the filesystem's free space is known to be short."""
+    try:
+        free = shutil.disk_usage(parent).free
+    except OSError:
+        return  # unknown: ENOSPC while writing is still caught
+    if free < needed:
+        raise UserError(_no_space(parent, needed, f"has {_mib(free)} free"))
+
+
+def _is_no_space(exc: BaseException) -> bool:
+    """ENOSPC/EDQUOT, from Python's writes or safetensors' (its error only says it in the message)."""
+    if isinstance(exc, OSError):
+        return exc.errno in _NO_SPACE
+    text = str(exc)
+    return isinstance(exc, Exception) and any(f"(os error {e})" in text for e in _NO_SPACE)
+
+
+def _no_space(parent: str, needed: int, what: str) -> str:
+    return (
+        f"stages.save.path: {parent} {what}; the save needs {needed} bytes ({_mib(needed)}), "
+        "beside any earlier save it replaces; free space there or choose a directory on another disk"
+    )
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.2f} MiB"
+
+
+def _sync_files(folder: str, names: list[str]) -> None:
+    """Every file on disk before the mark says complete."""
+    for name in names:
+        fd = os.open(os.path.join(folder, name), os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _plan_shards(tensors: dict, max_bytes: int) -> list[tuple[str, list[str]]]:
+    """(file name, tensor names) per shard, in order, each at most max_bytes unless one tensor is larger."""
     shards: list[list[str]] = [[]]
     size = 0
     for name, t in tensors.items():
@@ -64,9 +123,4 @@ def _write_shards(folder: str, tensors: dict, max_bytes: int, metadata: dict) ->
             size = 0
         shards[-1].append(name)
         size += n
-    weight_map = {}
-    for i, names in enumerate(shards, 1):
-        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file({n: tensors[n] for n in names}, os.path.join(folder, fname), metadata={"format": "pt", **metadata})
-        weight_map.update(dict.fromkeys(names, fname))
-    return weight_map
+    return [(f"model-{i:05d}-of-{len(shards):05d}.safetensors", names) for i, names in enumerate(shards, 1)]

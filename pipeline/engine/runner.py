@@ -29,6 +29,7 @@ from .result import LoadResult
 from .reuse import remember, reuse_key
 from .reuse import take as reuse_take
 from .signals import describe, interruptible
+from .write_guard import check_writes_outside
 
 log = logging.getLogger("pipeline")
 
@@ -52,6 +53,7 @@ def run(cfg: DictConfig, run_dir: Path | str, *, reuse: bool = False) -> LoadRes
     the int8 threshold (see engine/reuse.py).
     """
     run_dir = Path(run_dir)
+    _refuse_writes_into_checkpoint(cfg, run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     start_cuda(cfg)  # the CLI asked already, before torch was imported: once per GPU and process
     start_reading(cfg)  # before the model code is imported: the disk works while Python does
@@ -63,6 +65,7 @@ def run(cfg: DictConfig, run_dir: Path | str, *, reuse: bool = False) -> LoadRes
         try:
             stages = bind_stages(cfg)
             _check_reader_options(cfg)
+            _check_save_options(cfg, run_dir)
             ctx.quant = _quant_spec(cfg)
             ctx.parallel = parallel_spec(cfg)
             ensure_group(ctx.parallel)
@@ -98,6 +101,23 @@ def _check_reader_options(cfg: DictConfig) -> None:
         from ..loading.shards import check_reader_options
 
         check_reader_options(cfg.stages.load_shards)
+
+
+def _check_save_options(cfg: DictConfig, run_dir: Path) -> None:
+    """The save's destination, checked (and a killed save's leftovers cleaned) before anything is loaded."""
+    if "save" in cfg.stages:
+        from ..stages.save import check_destination
+
+        check_destination(cfg, run_dir)
+
+
+def _refuse_writes_into_checkpoint(cfg: DictConfig, run_dir: Path) -> None:
+    """Before the run directory exists: never inside the checkpoint (engine/write_guard.py); no report is written."""
+    try:
+        check_writes_outside(cfg, "hydra.run.dir", run_dir)
+    except UserError as exc:
+        exc.result = LoadResult(None, {**new_report(), "status": "error", "error": str(exc)}, run_dir)
+        raise
 
 
 def start_context(cfg: DictConfig, run_dir: Path | str) -> LoadContext:

@@ -8,8 +8,11 @@ and the dtype the unquantized tensors were saved in. So transformers' from_pretr
 this pipeline both load the directory as saved, bit for bit. Per-module thresholds, which
 transformers has no field for, are kept in our safetensors metadata.
 
-The source checkpoint is never written to: the destination must lie outside it, and is
-written to a temporary directory that is renamed into place only when complete.
+Save never destroys what it did not write: the destination must lie apart from the source
+checkpoint (and where its files really are) and from the run directory, a non-empty one is
+replaced only when it is an earlier save of ours (its mark, checkpoint/save_mark.py) and
+overwrite=true, and the new save is written beside it and swapped in by renames
+(checkpoint/swap.py), so a kill leaves the old save or the new one complete.
 """
 
 from __future__ import annotations
@@ -21,6 +24,10 @@ from collections import Counter
 
 import torch
 
+from ..cache_home import cache_dir
+from ..checkpoint.homes import checkpoint_homes, real, relation
+from ..checkpoint.save_mark import MARK, foreign_entry, read_mark
+from ..checkpoint.swap import recover
 from ..checkpoint.writer import write_checkpoint_dir
 from ..dtypes import dtype_name
 from ..errors import UserError
@@ -107,29 +114,79 @@ def _config_json(ctx: LoadContext) -> dict:
     return config
 
 
+def check_destination(cfg, run_dir) -> None:
+    """The save's destination, checked before any stage runs (nothing loaded yet): the runner calls this."""
+    node = cfg.stages.get("save") or {}
+    source = cfg.checkpoint.get("path") or ""
+    if not source and cfg.checkpoint.get("builtin"):
+        source = os.path.join(cache_dir(), str(cfg.checkpoint.builtin))
+    homes = checkpoint_homes(str(source)) if source else []
+    _checked_destination(node.get("path"), bool(node.get("overwrite", False)), homes, str(run_dir))
+
+
 def _destination(ctx: LoadContext, path: str | None, overwrite: bool) -> str:
-    """A new directory outside the source checkpoint (or an existing one with overwrite=true)."""
+    """The real path to save to, checked again now that the checkpoint is open (its files' real homes)."""
+    homes = checkpoint_homes(ctx.checkpoint.path) + [os.path.dirname(real(f)) for f in ctx.checkpoint.files]
+    return _checked_destination(path, overwrite, list(dict.fromkeys(homes)), str(ctx.run_dir))
+
+
+def _checked_destination(path, overwrite: bool, homes: list[str], run_dir: str) -> str:
+    """A directory apart from the checkpoint and the run directory, holding nothing, or (overwrite=true) an
+    earlier save of ours; a killed save's leftovers beside it are cleaned up first."""
     if not path:
         raise UserError("stages.save.path: where to write the saved checkpoint; set stages.save.path=/some/new/dir")
-    dest = os.path.abspath(os.path.expanduser(str(path)))
-    _check_outside_source(ctx, dest)
-    if os.path.exists(dest) and os.listdir(dest) and not overwrite:
-        raise UserError(
-            f"stages.save.path: {dest} exists and is not empty; choose a new directory or set stages.save.overwrite=true"
-        )
+    dest = real(str(path))
+    _check_apart(dest, homes, real(run_dir))
+    for note in recover(dest):
+        log.warning("stages.save.path: %s", note)
+    if os.path.lexists(dest) and not os.path.isdir(dest):
+        raise UserError(f"stages.save.path: {dest} is a file, not a directory; choose a directory path")
+    if os.path.isdir(dest) and os.listdir(dest):
+        _check_replaceable(dest, overwrite)
     return dest
 
 
-def _check_outside_source(ctx: LoadContext, dest: str) -> None:
-    """Never into the checkpoint, nor where its symlinks lead (a hub cache's blobs): a shard saved over its own target."""
-    real = os.path.realpath(dest)
-    homes = [ctx.checkpoint.directory] + [os.path.dirname(os.path.realpath(f)) for f in ctx.checkpoint.files]
-    for home in dict.fromkeys(os.path.realpath(h) for h in homes):
-        if os.path.commonpath([real, home]) == home:
+def _check_apart(dest: str, homes: list[str], run_dir: str) -> None:
+    """Not the checkpoint, nor inside it, nor holding it (an overwrite would remove it); likewise the run directory."""
+    for home in homes:
+        rel = relation(dest, home)
+        if rel == "inside":
             raise UserError(
                 f"stages.save.path: {dest} is inside the source checkpoint {home} (where its files are); "
                 "loading never writes there; choose a directory outside it"
             )
+        if rel is not None:
+            what = "is the source checkpoint directory" if rel == "is" else f"contains the source checkpoint {home}"
+            raise UserError(
+                f"stages.save.path: {dest} {what}; a save never replaces it; choose a directory apart from it"
+            )
+    rel = relation(dest, run_dir)
+    if rel is not None:
+        where = {"is": "is", "inside": "is inside", "contains": "contains"}[rel]
+        raise UserError(
+            f"stages.save.path: {dest} {where} the run directory {run_dir}; choose a directory apart from it"
+        )
+
+
+def _check_replaceable(dest: str, overwrite: bool) -> None:
+    """A non-empty destination is replaced only when it is an earlier save of ours, unchanged, and asked for."""
+    mark = read_mark(dest)
+    if mark is None or mark.get("state") != "complete":
+        raise UserError(
+            f"stages.save.path: {dest} exists and is not empty, and was not written by a save (no {MARK} in it), "
+            "so it is never replaced; choose a new directory"
+        )
+    foreign = foreign_entry(dest, mark)
+    if foreign:
+        raise UserError(
+            f"stages.save.path: {dest} exists and is not empty, and holds {foreign}, so it is never replaced; "
+            "choose a new directory, or move that file out"
+        )
+    if not overwrite:
+        raise UserError(
+            f"stages.save.path: {dest} exists and is not empty (an earlier save); "
+            "set stages.save.overwrite=true to replace it, or choose a new directory"
+        )
 
 
 def _tensors_to_save(ctx: LoadContext) -> dict[str, torch.Tensor]:
