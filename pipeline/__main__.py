@@ -131,7 +131,6 @@ def main() -> None:
     finished, code = False, None
     try:
         _app()
-        _end_sweep()
         finished, code = True, 0
     except SystemExit as exc:
         finished = exc.code in (0, None)
@@ -159,6 +158,7 @@ def main() -> None:
         if made and code is not None:
             _exit_after_group(code)
         gc.freeze()  # the process ends here: no collector pass over what is still alive
+    _end_sweep()  # outside the try: the jobs may have run in other processes (submitit, Ray), not as our task
 
 
 def _end_sweep() -> None:
