@@ -29,10 +29,15 @@ def ck(tiny, tmp_path) -> Path:
     return dest
 
 
+REV = "0123456789abcdef0123456789abcdef01234567"
+
+
 def _hub_snapshot(ck: Path, root: Path) -> Path:
-    """The layout huggingface_hub writes: snapshot entries are relative symlinks into blobs/."""
+    """The layout huggingface_hub writes: snapshot entries are relative symlinks into blobs/, refs/main."""
     (root / "blobs").mkdir(parents=True)
-    snapshot = root / "snapshots" / "abc"
+    (root / "refs").mkdir()
+    (root / "refs" / "main").write_text(REV)
+    snapshot = root / "snapshots" / REV
     snapshot.mkdir(parents=True)
     for i, f in enumerate(sorted(ck.iterdir())):
         (root / "blobs" / f"b{i}").write_bytes(f.read_bytes())
@@ -74,6 +79,16 @@ def test_nothing_is_written_where_the_checkpoint_symlinks_lead(ck, tmp_path):
     before = _snapshot(tmp_path / "hub")
     proc = run_cli(f"checkpoint.path={snapshot}", f"hydra.run.dir={blobs}/run")
     assert proc.returncode == 2 and f"inside the checkpoint directory {blobs}" in proc.stderr, proc.stderr
+    assert _snapshot(tmp_path / "hub") == before
+
+
+def test_nothing_is_written_into_a_hub_repo_ids_snapshot(ck, tmp_path, monkeypatch):
+    """checkpoint.path as a repo id resolves to its cached snapshot before the check, as the load resolves it."""
+    snapshot = _hub_snapshot(ck, tmp_path / "hub" / "models--tiny--llama")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    before = _snapshot(tmp_path / "hub")
+    proc = run_cli("checkpoint.path=tiny/llama", f"hydra.run.dir={snapshot}/run")
+    assert proc.returncode == 2 and f"error: hydra.run.dir: {snapshot}/run is inside" in proc.stderr, proc.stderr
     assert _snapshot(tmp_path / "hub") == before
 
 

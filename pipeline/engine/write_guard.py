@@ -13,12 +13,28 @@ from ..errors import UserError
 
 
 def source_path(cfg) -> str | None:
-    """The checkpoint a config loads: checkpoint.path, else the built-in one's directory in the cache."""
+    """The checkpoint a config loads: checkpoint.path (a Hub repo id: its cached snapshot), else the built-in
+    one's directory in the cache."""
     node = cfg.get("checkpoint") or {}
     path = node.get("path")
     if not path and node.get("builtin"):
         path = os.path.join(cache_dir(), str(node.get("builtin")))
+    if path and not os.path.exists(os.path.expanduser(str(path))):
+        return _cached_snapshot(str(path), node.get("revision"))
     return str(path) if path else None
+
+
+def _cached_snapshot(repo_id: str, revision) -> str | None:
+    """A Hub repo id's snapshot in the local Hugging Face cache (as the load resolves it); None when it is not
+    one (the load says why)."""
+    from ..checkpoint.sources import REPO_ID, hub_snapshot
+
+    if not REPO_ID.match(repo_id) or repo_id.startswith((".", "~")):
+        return None
+    try:
+        return hub_snapshot(repo_id, str(revision) if revision else None)
+    except UserError:
+        return None
 
 
 def check_writes_outside(cfg, run_key: str, run_dir) -> None:
