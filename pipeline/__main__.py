@@ -77,18 +77,44 @@ def _sweep_value(cfg: DictConfig, report: dict):
 
 def _preflight(args: list[str]) -> None:
     """Compose once before Hydra does, so a bad override ends in one clear line and exit 2."""
-    if not args or any(a.startswith("-") for a in args) or os.environ.get("PIPELINE_DEBUG"):
-        return  # no overrides: nothing of the user's to check; multirun, --cfg, --help...: Hydra's own
+    if any(a.startswith("-") for a in args) or not (args or _near_the_cache()):
+        return  # multirun, --cfg, --help...: Hydra's own; no overrides and far from the cache: nothing to check
     from .engine.compose import compose_config
+    from .engine.write_guard import check_writes_outside
     from .errors import UserError
 
     try:
-        compose_config(args)
+        cfg = compose_config(args)
     except UserError as exc:
-        if "--multirun" in str(exc):
+        if "--multirun" in str(exc) or os.environ.get("PIPELINE_DEBUG"):
             return  # sweep values under a config that sets hydra.mode=MULTIRUN: Hydra expands them
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
+    try:  # before Hydra makes the run directory: never inside the checkpoint
+        check_writes_outside(cfg, "hydra.run.dir", _selected(cfg, "hydra.run.dir"))
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _near_the_cache() -> bool:
+    """Without overrides the built-in checkpoint under $MODEL_LOADER_CACHE loads: worth checking only when the
+    working directory (relative run directories) or the metric cache may lie inside it."""
+    from .cache_home import METRICS_ENV, cache_dir
+
+    cwd, cache = os.path.realpath(os.getcwd()), os.path.realpath(cache_dir())
+    return os.path.commonpath([cwd, cache]) == cache or bool(os.environ.get(METRICS_ENV))
+
+
+def _selected(cfg, key: str) -> str | None:
+    """The resolved value of `key`, or None when it cannot be resolved here (Hydra reports that itself)."""
+    from omegaconf import OmegaConf
+
+    try:
+        value = OmegaConf.select(cfg, key)
+    except Exception:  # noqa: BLE001 - an interpolation only Hydra's job can resolve
+        return None
+    return None if value is None else str(value)
 
 
 def _shared_run_dir(args: list[str]) -> list[str]:
