@@ -6,28 +6,86 @@ check the overrides and start reading shards before torch and the model code are
 
 from __future__ import annotations
 
+import os
+import re
+
+import yaml
 from hydra import compose, initialize_config_module
+from hydra.core.config_search_path import SearchPathQuery
 from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import HydraException
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from ..errors import UserError
-from .binding import check_moved_targets
+from .binding import check_hydra_targets, check_moved_targets
+
+# A YAML tag where an override's value (or an element of it) starts: `key=!!python/object/apply:os.system [...]`
+_TAG_IN_OVERRIDE = re.compile(r"(^[^=]*=|[\[{,:])\s*!!\w")
 
 
-def compose_config(overrides=(), config_name: str = "config"):
-    """The job config (with its `hydra` node) exactly as `python -m pipeline <overrides>` sees it."""
+def compose_config(overrides=(), config_name: str = "config", config_dir: str | None = None):
+    """The job config (with its `hydra` node) exactly as `python -m pipeline <overrides>` sees it
+    (`config_dir`: the CLI's --config-dir, searched as Hydra searches it)."""
     overrides = [str(o) for o in overrides]
+    _refuse_tags(overrides)
     if GlobalHydra.instance().is_initialized():
         GlobalHydra.instance().clear()
     try:
         with initialize_config_module("conf", version_base="1.3"):
+            if config_dir is not None:
+                _add_config_dir(config_dir)
             cfg = compose(config_name, overrides=overrides, return_hydra_config=True)
     except (HydraException, OmegaConfBaseException) as exc:
         raise UserError(f"overrides: {_one_line(str(exc))}") from None
-    check_moved_targets(OmegaConf.to_container(cfg, resolve=False))
+    except yaml.YAMLError as exc:  # a config file that is not plain YAML data (a !!python tag, bad syntax)
+        raise UserError(_yaml_error(exc)) from None
+    container = OmegaConf.to_container(cfg, resolve=False)
+    check_moved_targets(container)
+    check_hydra_targets(container)
     return cfg
+
+
+def _refuse_tags(overrides: list[str]) -> None:
+    """YAML tags construct Python objects: no value of ours needs one, and an override never carries one."""
+    for override in overrides:
+        if _TAG_IN_OVERRIDE.search(override):
+            raise UserError(f"overrides: {override}: YAML tags (!!...) are refused; write the plain value")
+
+
+def _yaml_error(exc: yaml.YAMLError) -> str:
+    """One line naming the file and line, and a !!python (or any unknown) tag as refused."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f"{mark.name}, line {mark.line + 1}" if mark is not None else "a config file"
+    tag = re.search(r"tag '([^']+)'", str(exc))
+    if tag:
+        shown = tag.group(1).replace("tag:yaml.org,2002:", "!!")
+        return f"{where}: YAML tag {shown} is refused (tags construct Python objects); write the plain value"
+    return f"{where}: not valid YAML ({str(exc).splitlines()[0]}); fix the file"
+
+
+def _add_config_dir(config_dir: str) -> None:
+    """The search path Hydra makes for --config-dir: that directory before Hydra's own schema entries."""
+    path = os.path.abspath(config_dir)
+    if not os.path.isdir(path):
+        raise UserError(f"--config-dir: {path} is not a directory; name an existing config directory")
+    from hydra._internal.config_repository import ConfigRepository  # Hydra builds it from the search path once
+
+    loader = GlobalHydra.instance().config_loader()
+    search_path = loader.get_search_path()
+    search_path.prepend(provider="command-line", path=f"file://{path}", anchor=SearchPathQuery(provider="schema"))
+    loader.repository = ConfigRepository(config_search_path=search_path)  # hydra-core 1.3 (pinned <1.4)
+
+
+def without_sweeps(overrides: list[str]) -> list[str]:
+    """The overrides a multirun's driver composes with: sweep values (a=1,2) left out (they vary per job)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except HydraException:
+        return overrides  # composing names the bad one
+    return [o.input_line for o in parsed if not o.is_sweep_override()]
 
 
 def _one_line(message: str) -> str:

@@ -22,7 +22,7 @@ from ..parallel.spec import env_rank
 from ..quant.spec import QuantSpec
 from ..stages.context import LoadContext
 from .artifacts import write_json
-from .binding import bind_stage
+from .binding import bind_stage, grants_of
 from .prefetch import start_cuda, start_reading
 from .report import new_report
 from .result import LoadResult
@@ -40,7 +40,8 @@ def bind_stages(cfg: DictConfig) -> list[tuple[str, object]]:
         raise UserError("stages: no stages selected; use e.g. stages=[instantiate_empty,plan]")
     extra = list(cfg.get("allow_targets") or [])
     try:
-        return [(name, bind_stage(name, node, extra)) for name, node in stages.items()]
+        grants = grants_of(cfg)  # checkpoint.trust_remote_code / allow_pickle govern every node's arguments
+        return [(name, bind_stage(name, node, extra, grants)) for name, node in stages.items()]
     except OmegaConfBaseException as exc:
         key = getattr(exc, "full_key", None) or "config"
         raise UserError(f"{key}: {str(exc).splitlines()[0]}; set it on the command line, e.g. {key}=...") from None

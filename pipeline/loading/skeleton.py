@@ -48,7 +48,11 @@ def build_skeleton(path: str, node: dict | None, dtype: str = "auto", trust_remo
     cls = model_class(config, path, trust_remote_code) if node is None else None
     load_dtype = _load_dtype(dtype, config)
     with init_empty_weights(include_buffers=False), default_dtype(load_dtype):
-        module = _build_class(cls, config, load_dtype) if cls is not None else _build(target, node, config, load_dtype)
+        module = (
+            _build_class(cls, config, load_dtype)
+            if cls is not None
+            else _build(target, node, config, load_dtype, trust_remote_code)
+        )
     if not isinstance(module, torch.nn.Module):
         raise UserError(f"checkpoint.model: {node['_target_']} built a {type(module).__name__}, not a torch.nn.Module")
     if hasattr(module, "tie_weights"):
@@ -122,11 +126,15 @@ def is_model_class(obj) -> bool:
     return isinstance(obj, type) and (hasattr(obj, "_from_config") or hasattr(obj, "from_config"))
 
 
-def build_from_config(cls, config, dtype: torch.dtype | None = None):
+def build_from_config(cls, config, dtype: torch.dtype | None = None, trust_remote_code: bool = False):
     """A transformers model class (or auto class) built from a config, as from_pretrained would
-    (under `dtype` as torch's default dtype; None: config.json's, as transformers' own default)."""
+    (under `dtype` as torch's default dtype; None: config.json's, as transformers' own default).
+    An auto class is told checkpoint.trust_remote_code: left unset, transformers asks on the terminal."""
     builder = getattr(cls, "_from_config", None) or cls.from_config
-    return builder(config, dtype=dtype) if dtype is not None else builder(config)
+    kwargs = {"dtype": dtype} if dtype is not None else {}
+    if not hasattr(cls, "_from_config"):  # an auto class: it chooses between its class and the checkpoint's code
+        kwargs["trust_remote_code"] = bool(trust_remote_code)
+    return builder(config, **kwargs)
 
 
 def _build_class(cls, config, dtype: torch.dtype | None = None):
@@ -142,19 +150,25 @@ def _build_class(cls, config, dtype: torch.dtype | None = None):
         ) from None
 
 
-def _build(obj, node: dict, config, dtype: torch.dtype | None = None):
+def _build(obj, node: dict, config, dtype: torch.dtype | None = None, trust_remote_code: bool = False):
     """A model class built from config.json (node keys override it), or any allow-listed factory."""
     if is_model_class(obj):
         for key, value in node.items():  # extra keys override config.json fields
             if not key.startswith("_"):
                 setattr(config, key, value)
-        return build_from_config(obj, config, dtype)
+        return build_from_config(obj, config, dtype, trust_remote_code)
     from hydra.utils import instantiate
 
     try:
         return instantiate(node, _convert_="all")
     except Exception as exc:
         raise UserError(
-            f"checkpoint.model: {node.get('_target_')} failed to build ({exc.__class__.__name__}: {str(exc)[:160]}); "
+            f"checkpoint.model: {node.get('_target_')} failed to build "
+            f"({_one_line(exc.__cause__ or exc)}); "
             "check its keys"
         ) from None
+
+
+def _one_line(exc: BaseException) -> str:
+    """An exception as one line (Hydra's InstantiationException spans lines; its cause says what failed)."""
+    return f"{exc.__class__.__name__}: {' '.join(str(exc).split())[:200]}"

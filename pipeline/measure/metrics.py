@@ -10,6 +10,7 @@ were measured on; what each cost, and whether it came from the cache, is returne
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -21,6 +22,8 @@ from . import quality
 from .cache import MetricCache
 from .checks import CheckLog
 
+log = logging.getLogger(__name__)
+
 METRICS = ("perplexity", "reference", "greedy", "throughput")
 
 
@@ -31,6 +34,7 @@ class MetricSettings:
     max_eval_tokens: int = 512
     prompt: str = "The capital of France is"
     max_new_tokens: int = 12
+    trust_remote_code: bool = False  # checkpoint.trust_remote_code: may the tokenizer be the checkpoint's own code
     portable: bool = False  # measure under portable CPU numerics (quality.measuring): int8 on the CPU, the default
 
 
@@ -135,18 +139,19 @@ def _forward(model, inputs, check: CheckLog, found: dict, throughput: bool) -> t
 
 class _Texts:
     """The tokenizer and evaluation text, loaded only when a metric is measured (not on a cache hit);
-    the text metrics are skipped with their reason when the model is not a causal LM or has no tokenizer."""
+    the text metrics are skipped with their reason when the model is not a causal LM, has no tokenizer,
+    or its tokenizer is the checkpoint's own code and checkpoint.trust_remote_code is false."""
 
     def __init__(self, model, tokenizer_dir: str, check: CheckLog, settings: MetricSettings):
         self.settings = settings
         self._dir = tokenizer_dir
         self._tokenizer = None
-        causal = quality.is_causal_lm(model)
-        self.has_tokenizer = causal and quality.has_tokenizer(tokenizer_dir)
-        if not self.has_tokenizer:
-            why = (
-                "the checkpoint directory has no tokenizer" if causal else f"{type(model).__name__} is not a causal LM"
-            )
+        why = "" if quality.is_causal_lm(model) else f"{type(model).__name__} is not a causal LM"
+        if not why and not quality.has_tokenizer(tokenizer_dir):
+            why = "the checkpoint directory has no tokenizer"
+        why = why or self._untrusted_code()
+        self.has_tokenizer = not why
+        if why:
             for name in ("perplexity", "greedy"):
                 if settings.wanted[name]:
                     check.skip(name, why)
@@ -154,10 +159,29 @@ class _Texts:
             quality.eval_text(settings.eval_text) if self.has_tokenizer and settings.wanted["perplexity"] else None
         )
 
+    def _untrusted_code(self) -> str:
+        """Why the tokenizer is not used: its files name the checkpoint's own code, not trusted, and transformers
+        has no class of its own for it ('' when it can be used: trusted, or transformers' class, as
+        from_pretrained(trust_remote_code=False) does). Nothing from the checkpoint is imported."""
+        code = quality.tokenizer_code(self._dir)
+        if not code or self.settings.trust_remote_code:
+            return ""
+        try:
+            self._tokenizer = quality.load_tokenizer(self._dir, trust_remote_code=False)
+        except (ValueError, OSError, KeyError, ImportError, AttributeError, TypeError):
+            why = (
+                f"the tokenizer is the checkpoint's own code ({code}); set checkpoint.trust_remote_code=true to run it"
+            )
+            log.warning("perplexity and greedy text skipped: %s", why)
+            return why
+        log.warning("%s: using transformers' %s (set checkpoint.trust_remote_code=true for the checkpoint's code)",
+                    code, type(self._tokenizer).__name__)  # fmt: skip
+        return ""
+
     @property
     def tokenizer(self):
         if self._tokenizer is None:
-            self._tokenizer = quality.load_tokenizer(self._dir)
+            self._tokenizer = quality.load_tokenizer(self._dir, self.settings.trust_remote_code)
         return self._tokenizer
 
     def perplexity(self, model) -> float:

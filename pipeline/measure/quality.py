@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import time
@@ -82,13 +83,33 @@ def has_tokenizer(root: str) -> bool:
     return any(os.path.exists(os.path.join(root, f)) for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json"))
 
 
-def load_tokenizer(root: str):
-    """The checkpoint's own tokenizer, or None when it ships none."""
+def tokenizer_code(root: str) -> str:
+    """The checkpoint's own tokenizer code its files name (`auto_map` AutoTokenizer in tokenizer_config.json or
+    config.json), as 'file: auto_map AutoTokenizer: entries'; '' when none. Reads JSON, imports nothing."""
+    for name in ("tokenizer_config.json", "config.json"):
+        path = os.path.join(root, name)
+        try:
+            with open(path) as fh:
+                auto_map = json.load(fh).get("auto_map")
+        except (OSError, ValueError, AttributeError):
+            continue
+        entry = auto_map if isinstance(auto_map, (list, tuple)) else None  # the legacy format: [slow, fast]
+        if isinstance(auto_map, dict):
+            entry = auto_map.get("AutoTokenizer")
+        refs = [r for r in (entry if isinstance(entry, (list, tuple)) else [entry]) if isinstance(r, str)]
+        if refs:
+            return f"{path}: auto_map AutoTokenizer: {', '.join(refs)}"
+    return ""
+
+
+def load_tokenizer(root: str, trust_remote_code: bool = False):
+    """The checkpoint's own tokenizer, or None when it ships none. transformers is always told
+    checkpoint.trust_remote_code: left unset, it would ask on the terminal whether to run the checkpoint's code."""
     if not has_tokenizer(root):
         return None
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(root, local_files_only=True)
+    return AutoTokenizer.from_pretrained(root, local_files_only=True, trust_remote_code=bool(trust_remote_code))
 
 
 def eval_text(path: str | None) -> str:

@@ -30,6 +30,7 @@ def validate(
     *,
     checks: dict | None = None,
     metrics: dict | None = None,
+    trust_remote_code: bool = False,
     plan_tolerance: float = 0.01,
     single_process_tolerance: float = 1e-5,
     eval_text: str | None = None,
@@ -41,7 +42,7 @@ def validate(
     ctx.require("loaded", "validate", "load_shards")
     check = CheckLog(_switches(checks, CHECKS + PARALLEL_CHECKS, "checks"))
     settings = MetricSettings(
-        _switches(metrics, METRICS, "metrics"), eval_text, max_eval_tokens, prompt, max_new_tokens,
+        _switches(metrics, METRICS, "metrics"), eval_text, max_eval_tokens, prompt, max_new_tokens, trust_remote_code,
         portable=measured_portably(ctx.quant, plan.tensors.values()),  # the same figures on every CPU (issue 30)
     )  # fmt: skip
     model = ctx.model
