@@ -104,23 +104,26 @@ def _preflight(args: list[str]) -> None:
     """Compose once before Hydra does, so a bad override or config file ends in one clear line and exit 2,
     and Hydra's own callbacks, launcher and sweeper are checked before Hydra instantiates them."""
     split = _split_args(args)
-    if not args or split is None or os.environ.get("PIPELINE_DEBUG"):
-        return  # no overrides: nothing of the user's to check; --cfg, --help...: Hydra's own
+    if split is None or not (args or _near_the_cache()):
+        return  # --cfg, --help...: Hydra's own; no overrides and far from the cache: nothing to check
     from .engine.compose import compose_config, without_sweeps
+    from .engine.write_guard import check_writes_outside
     from .errors import UserError
 
     overrides, options = split
-    if options.pop("multirun", False):
+    multirun = options.pop("multirun", False)
+    if multirun:
         overrides = without_sweeps(overrides)  # what the sweep's driver composes
     try:
-        compose_config(overrides, **options)
+        cfg = compose_config(overrides, **options)
     except UserError as exc:
         if "--multirun" in str(exc) or os.environ.get("PIPELINE_DEBUG"):
             return  # sweep values under a config that sets hydra.mode=MULTIRUN: Hydra expands them
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
+    key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
     try:  # before Hydra makes the run directory: never inside the checkpoint
-        check_writes_outside(cfg, "hydra.run.dir", _selected(cfg, "hydra.run.dir"))
+        check_writes_outside(cfg, key, _selected(cfg, key))
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
