@@ -215,15 +215,18 @@ def _copy_without(src, dest, drop):
     return dest
 
 
-def test_missing_weight_fails_validation_and_names_it(tiny, tmp_path):
+def test_missing_weight_is_exit_2_at_plan_time_and_names_it(tiny, tmp_path):
+    """Issue 29: a tensor the checkpoint lacks is refused before any byte is read (it used to load and fail
+    validation); checkpoint.allow_missing=true loads it initialised and lists it, as transformers' missing_keys."""
     path = _copy_without(tiny("llama"), tmp_path / "ck", "model.layers.1.mlp.down_proj.weight")
-    with pytest.raises(CheckFailed, match="model.layers.1.mlp.down_proj.weight") as exc:
+    with pytest.raises(UserError, match="1 model tensors have no source: model.layers.1.mlp.down_proj.weight;"):
         load([f"checkpoint.path={path}", "quantization=none"], run_dir=tmp_path / "run")
-    report = exc.value.result.report
-    assert report["status"] == "failed"
+    r = load([f"checkpoint.path={path}", "quantization=none", "checkpoint.allow_missing=true"], run_dir=tmp_path / "ok")
+    report = r.report
+    assert report["status"] == "ok"
     assert report["load"]["missing_keys"] == ["model.layers.1.mlp.down_proj.weight"]
-    assert report["validation"]["checks"]["all_parameters_loaded"] is False
-    assert report["validation"]["checks"]["no_meta_tensors"] is False
+    assert report["validation"]["checks"]["all_parameters_loaded"] is True
+    assert report["validation"]["checks"]["no_meta_tensors"] is True
 
 
 def test_unexpected_tensor_fails_validation(tiny, tmp_path):

@@ -1,11 +1,16 @@
 """int8 options: skip patterns, per-module thresholds and skips, warnings for patterns matching nothing."""
 
+import json
+import re
+
 import pytest
 import torch
 
 from pipeline import load
 from pipeline.errors import UserError
 from pipeline.quant.bnb import import_bitsandbytes
+
+DRY = "+experiment=dry_run"
 
 
 def _int8_layers(model):
@@ -85,24 +90,52 @@ def test_bad_quantization_values(overrides, match, tiny, tmp_path):
 
 
 def test_unquantized_dtype_sets_what_int8_leaves_alone(tiny, tmp_path):
+    """Issue 29: what int8 leaves alone follows `dtype` by default (as transformers); fp32 is an opt-in."""
     ck = tiny("llama", torch.bfloat16)
-    default = load([f"checkpoint.path={ck}"], run_dir=tmp_path / "fp32")
-    follow = load([f"checkpoint.path={ck}", "quantization.unquantized_dtype=null"], run_dir=tmp_path / "policy")
-    assert default.model.model.embed_tokens.weight.dtype == torch.float32
-    assert default.model.model.norm.weight.dtype == torch.float32
+    fp32 = load([f"checkpoint.path={ck}", "quantization.unquantized_dtype=fp32"], run_dir=tmp_path / "fp32")
+    follow = load([f"checkpoint.path={ck}"], run_dir=tmp_path / "policy")
+    assert fp32.model.model.embed_tokens.weight.dtype == torch.float32
+    assert fp32.model.model.norm.weight.dtype == torch.float32
     assert follow.model.model.embed_tokens.weight.dtype == torch.bfloat16
-    for r in (default, follow):
+    assert follow.model.model.norm.weight.dtype == torch.bfloat16
+    for r in (fp32, follow):
         assert all(r.report["validation"]["checks"].values()) and set(
             r.report["validation"]["plan_error"].values()
         ) == {0.0}
         assert r.report["quantization"]["quantized"] == 21
     emb = 256 * 64  # tied embedding and head, the only large tensor int8 leaves alone
-    assert default.report["plan"]["predicted_bytes"]["cpu"] - follow.report["plan"]["predicted_bytes"]["cpu"] >= 2 * emb
-    # the reference is the unquantized model in the same dtypes: fp32 for the default
-    assert default.report["validation"]["metrics"]["reference_dtype"] == "fp32"
+    assert fp32.report["plan"]["predicted_bytes"]["cpu"] - follow.report["plan"]["predicted_bytes"]["cpu"] >= 2 * emb
+    # the reference is the unquantized model in the same dtypes: fp32 for the opt-in
+    assert fp32.report["validation"]["metrics"]["reference_dtype"] == "fp32"
     assert follow.report["validation"]["metrics"]["reference_dtype"] == "auto"
-    ref_default = default.report["validation"]["metrics"]["logits_rel_error"]
-    assert 0 < ref_default < 0.2
+    ref_fp32 = fp32.report["validation"]["metrics"]["logits_rel_error"]
+    assert 0 < ref_fp32 < 0.2
+
+
+@pytest.mark.parametrize("method", ["int8", "nf4"])
+def test_dtype_is_the_dtype_of_every_tensor_not_quantized(method, tiny, tmp_path):
+    """Issue 29: `dtype=bf16` on an fp32 checkpoint gives every unquantized tensor bf16 (keep-in-fp32 aside),
+    as transformers' `dtype=torch.bfloat16` does under bitsandbytes."""
+    r = load([f"checkpoint.path={tiny('llama')}", f"quantization={method}", "dtype=bf16", DRY], run_dir=tmp_path / "r")
+    plan = json.loads((tmp_path / "r" / "plan.json").read_text())["tensors"]
+    rest = {n: t["dtype"] for n, t in plan.items() if "quantized" not in t and n.endswith("weight")}
+    assert rest and set(rest.values()) == {"bfloat16"}, rest
+    assert r.report["plan"]["predicted_bytes"]["cpu"] == sum(t["bytes"] for t in plan.values())
+
+
+def test_cap_error_names_the_keys_that_would_make_it_fit(tiny, tmp_path):
+    """The caps error says how big the model is as configured and with each key that shrinks it."""
+    ck = tiny("llama")
+    base = [f"checkpoint.path={ck}", DRY, "memory.max_memory={cpu: 40KiB}"]
+    with pytest.raises(UserError) as err:
+        load([*base, "quantization=none", "dtype=fp32"], run_dir=tmp_path / "a")
+    msg = str(err.value)
+    assert "\n" not in msg and msg.startswith("memory.max_memory.cpu: ")
+    sizes = dict(re.findall(r"([\d.]+ [KM]iB) with (\S+?)[,;]", msg)[i][::-1] for i in range(3))
+    assert set(sizes) == {"dtype=bf16", "quantization=int8", "quantization=nf4"}, msg
+    assert "the model takes " in msg and "memory.max_memory.cpu=" in msg and "memory.max_memory.disk" in msg
+    with pytest.raises(UserError, match=r"with quantization.unquantized_dtype=null[,;]"):
+        load([*base, "quantization=int8", "dtype=bf16", "quantization.unquantized_dtype=fp32"], run_dir=tmp_path / "b")
 
 
 def _gpu_plan(ck, tmp_path, *extra):

@@ -97,8 +97,8 @@ def test_saved_checkpoint_is_what_transformers_reads_back(arch, method, source_d
         run_dir=tmp_path / "a",
     )
     config = json.loads((dest / "config.json").read_text())
-    if method == "int8":  # int8 keeps the rest in fp32 (quantization.unquantized_dtype): said in config.json
-        assert config["dtype"] == "float32"
+    if method == "int8":  # the rest follows dtype (auto: the source's, issue 29): said in config.json
+        assert config["dtype"] == str(source_dtype).removeprefix("torch.")
         expected = BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=6.0, llm_int8_skip_modules=["lm_head"])
     else:
         expected = BitsAndBytesConfig(

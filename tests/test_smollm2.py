@@ -33,7 +33,8 @@ def test_default_cli_run(tmp_path):
 @pytest.mark.quality
 @pytest.mark.parametrize("text", ["eval.txt", "heldout.txt"])
 def test_int8_threshold_6_within_3_percent_of_unquantized(text, tmp_path):
-    """int8 at threshold 6.0 within 3% of the unquantized model's perplexity, lm_head not quantized.
+    """int8 at threshold 6.0 with the fp32 residual stream (quantization.unquantized_dtype=fp32, an opt-in
+    since issue 29) within 3% of the unquantized model's perplexity, lm_head not quantized.
     Measured +2.41% (eval.txt) and +2.02% (heldout.txt), the same on every CPU (portable numerics,
     test below). Not 2% (issue 5's first bar): which int8 codes LLM.int8 draws depends on the last bits
     of the float work around it, and over the draws we measured the cost spreads from +1.1% to +3.3%
@@ -46,6 +47,7 @@ def test_int8_threshold_6_within_3_percent_of_unquantized(text, tmp_path):
         [
             "quantization=int8",
             "quantization.threshold=6.0",
+            "quantization.unquantized_dtype=fp32",
             f"stages.validate.eval_text={path}",
             "stages.validate.max_eval_tokens=2048",
         ],
@@ -60,14 +62,24 @@ def test_int8_threshold_6_within_3_percent_of_unquantized(text, tmp_path):
 
 def test_int8_memory_against_bf16(tmp_path):
     bf16 = load(["quantization=none", "dtype=bf16"], run_dir=tmp_path / "bf16").report
-    lean = load(["quantization=int8", "quantization.unquantized_dtype=null"], run_dir=tmp_path / "lean").report
-    default = load(["quantization=int8"], run_dir=tmp_path / "int8").report
+    default = load(["quantization=int8"], run_dir=tmp_path / "int8").report  # the rest in bf16 (dtype auto)
+    fp32 = load(["quantization=int8", "quantization.unquantized_dtype=fp32"], run_dir=tmp_path / "fp32").report
     cpu = {
-        k: r["validation"]["measured_bytes"]["cpu"] for k, r in (("bf16", bf16), ("lean", lean), ("default", default))
+        k: r["validation"]["measured_bytes"]["cpu"] for k, r in (("bf16", bf16), ("default", default), ("fp32", fp32))
     }
-    assert cpu["lean"] < 0.65 * cpu["bf16"] and cpu["default"] < cpu["bf16"], cpu
+    assert cpu["default"] < 0.65 * cpu["bf16"] and cpu["fp32"] < cpu["bf16"], cpu
+    assert cpu["default"] == 163_484_032  # 155.91 MiB, measured (issue 29); fp32 opt-in 209.98 MiB
     # the fp32 residual stream costs exactly the embedding's extra two bytes per element
-    assert cpu["default"] - cpu["lean"] == 49152 * 576 * 2 + 2 * (30 * 2 + 1) * 576
+    assert cpu["fp32"] - cpu["default"] == 49152 * 576 * 2 + 2 * (30 * 2 + 1) * 576
+
+
+@pytest.mark.quality
+def test_default_int8_figures_as_measured(tmp_path):
+    """The default job (the rest in bf16, as transformers, since issue 29) gives the figures README and
+    docs/quantization.md print, on every CPU (the cross-path test below): +3.45% on eval.txt."""
+    m = load(["quantization=int8"], run_dir=tmp_path / "int8").report["validation"]["metrics"]
+    assert m["reference_dtype"] == "auto"
+    assert (m["perplexity"], m["reference_perplexity"], m["logits_rel_error"]) == (21.5432, 20.8239, 0.048587), m
 
 
 def test_recipe_prepares_the_default_checkpoint_on_a_fresh_machine(tmp_path):
@@ -124,6 +136,7 @@ def test_int8_metrics_are_the_same_on_every_cpu_path(tmp_path):
         )
         assert p.returncode == 0, p.stderr[-3000:]
         got[name] = json.loads(p.stdout.strip().splitlines()[-1])
-    assert 0 < got["native"]["perplexity"] / got["native"]["reference_perplexity"] - 1 < 0.03, got["native"]
+    # the default (rest in bf16, issue 29): +3.45% everywhere; the fp32 opt-in's +2.41% is tested above
+    assert round(got["native"]["perplexity"] / got["native"]["reference_perplexity"] - 1, 4) == 0.0345, got["native"]
     for name, metrics in got.items():
         assert metrics == got["native"], name

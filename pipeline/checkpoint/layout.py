@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 
 from ..errors import UserError
@@ -16,6 +17,7 @@ from .header import TensorInfo, read_header
 INDEX_NAME = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
 SINGLE_NAME = "model.safetensors"
+SHARD_NAME = re.compile(r"(?P<stem>.+)-(?P<i>\d+)-of-(?P<n>\d+)\.safetensors")
 
 
 @dataclass
@@ -35,6 +37,27 @@ class Checkpoint:
     def directory(self) -> str:
         return self.path if os.path.isdir(self.path) else os.path.dirname(self.path)
 
+    def home_of_missing(self) -> str:
+        """Where tensors the model needs but the checkpoint lacks should have been: the index, the sibling
+        shards a lone shard file names, or the one file."""
+        index = os.path.join(self.directory, INDEX_NAME)
+        if os.path.isdir(self.path) and os.path.isfile(index):
+            return f"{index} has no weight_map entry for them"
+        if os.path.isdir(self.path) or self.format != "safetensors":
+            return f"{self.files[0] if len(self.files) == 1 else self.path} does not hold them"
+        shard = SHARD_NAME.fullmatch(os.path.basename(self.path))
+        if shard is None:
+            return f"{self.path} does not hold them"
+        i, n = int(shard["i"]), int(shard["n"])
+        others = [
+            f"{shard['stem']}-{k:0{len(shard['i'])}d}-of-{shard['n']}.safetensors" for k in range(1, n + 1) if k != i
+        ]
+        more = f" (and {len(others) - 2} more)" if len(others) > 2 else ""
+        return (
+            f"{self.path} is shard {i} of {n}: the other shards ({', '.join(others[:2])}{more}) and "
+            f"{INDEX_NAME} should hold them; point checkpoint.path at the directory"
+        )
+
     def summary(self) -> dict:
         return {"path": self.path, "format": self.format, "files": len(self.files), "bytes": self.bytes}
 
@@ -45,8 +68,8 @@ def open_checkpoint(path: str, allow_pickle: bool = False) -> Checkpoint:
     Pickle checkpoints (.bin/.pt) are refused unless `allow_pickle`, and then read only
     with torch.load(weights_only=True), memory-mapped (see checkpoint/pickled.py).
     """
-    if not path:
-        raise UserError("checkpoint.path: no checkpoint given; set checkpoint.path=/path/to/model")
+    if not path or not str(path).strip():
+        raise UserError("checkpoint.path: no checkpoint given (empty); set checkpoint.path=/path/to/model")
     path = os.path.abspath(os.path.expanduser(str(path)))
     if not os.path.exists(path):
         raise UserError(
@@ -71,6 +94,12 @@ def open_checkpoint(path: str, allow_pickle: bool = False) -> Checkpoint:
     pickles = sorted(f for f in os.listdir(path) if f.endswith(PICKLE_SUFFIXES) and not f.startswith("training_args"))
     if pickles:
         return _pickled(path, [os.path.join(path, f) for f in pickles], allow_pickle)
+    shards = sorted(f for f in os.listdir(path) if SHARD_NAME.fullmatch(f))
+    if shards:
+        raise UserError(
+            f"{path}: shard files ({', '.join(shards[:2])}{' ...' if len(shards) > 2 else ''}) but no {INDEX_NAME}, "
+            f"which says which shard holds each tensor; restore it from where the checkpoint came from"
+        )
     found = sorted(f for f in os.listdir(path) if f.endswith(".gguf"))
     hint = f" (found {', '.join(found[:3])}: only safetensors and opted-in pickles are loaded)" if found else ""
     raise UserError(f"{path}: no {SINGLE_NAME} or {INDEX_NAME}{hint}; save the model with safetensors")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from ..hf.modeling import initialise_missing
 from ..planning import TensorPlan
 from ..quant.bnb import quantize_four_bit, quantize_int8, saved_params
 from ..quant.spec import QuantSpec
@@ -44,7 +45,9 @@ def assign(model: torch.nn.Module, t: TensorPlan, value) -> None:
 
 
 def finish_skeleton_tensors(model, tensors: dict[str, TensorPlan], devices: dict[str, torch.device]) -> None:
-    """Buffers the skeleton made itself (rotary frequencies...) move to their planned device."""
+    """Buffers the skeleton made itself (rotary frequencies...) move to their planned device; tensors the
+    checkpoint lacks (planned only with checkpoint.allow_missing) are made there and initialised."""
+    missing: dict[str, list[str]] = {}
     for t in tensors.values():
         if t.source or t.tied_to:
             continue
@@ -52,10 +55,26 @@ def finish_skeleton_tensors(model, tensors: dict[str, TensorPlan], devices: dict
         module = model.get_submodule(mod_name) if mod_name else model
         store = module._parameters if t.kind == "param" else module._buffers
         current = store[leaf]
-        if current is None or current.device.type == "meta" or t.device == "disk":
-            continue  # missing from the checkpoint: validate names it
+        if current is None or t.device == "disk":
+            continue
+        if current.device.type == "meta":  # missing from the checkpoint, allowed by the plan: initialised below
+            missing.setdefault(mod_name, []).append(leaf)
+            current = torch.empty(t.shape, dtype=t.dtype, device=devices[t.device])
         value = current.to(device=devices[t.device], dtype=t.dtype)
         store[leaf] = torch.nn.Parameter(value, requires_grad=False) if t.kind == "param" else value
+    for mod_name, leaves in missing.items():
+        init_missing(model, mod_name, leaves)
+
+
+def init_missing(model, mod_name: str, leaves: list[str]) -> None:
+    """Initialise a module's tensors the checkpoint lacks as transformers does (checkpoint.allow_missing):
+    the model's `_init_weights`, the module's other tensors left alone; zeros for a model without one."""
+    module = model.get_submodule(mod_name) if mod_name else model
+    if initialise_missing(model, module, leaves):
+        return
+    with torch.no_grad():  # not a transformers model: zeros, the one value that needs no scheme
+        for leaf in leaves:
+            (module._parameters[leaf] if leaf in module._parameters else module._buffers[leaf]).zero_()
 
 
 def tie(model, tensors: dict[str, TensorPlan]) -> None:

@@ -45,6 +45,7 @@ def dispatch(model: torch.nn.Module, plan: Plan, checkpoint):
     main = plan.main_device
     dm = {k: (int(v) if v.isdigit() else v) for k, v in plan.device_map.items()}
     index = disk_index(plan, checkpoint)
+    _meta_as_planned(model, plan)
     if plan.runs_on_cpu:
         _dispatch_with_cpu_execution(model, dm, int(main), index)
     else:
@@ -54,6 +55,27 @@ def dispatch(model: torch.nn.Module, plan: Plan, checkpoint):
     loader = _find_weights_loader(model)
     _with_assembled(loader, plan, checkpoint)
     return loader
+
+
+def _meta_as_planned(model, plan: Plan) -> None:
+    """Disk-planned parameters stay on meta until their module runs, but with the planned dtype (as
+    from_pretrained leaves them): a forward that reads a sibling's dtype first (T5's `wo` kept in fp32 under
+    bf16) must see the dtype it will get (issue 29)."""
+    made: dict[str, torch.nn.Parameter] = {}
+    for t in plan.tensors.values():
+        if t.device != "disk" or t.kind != "param":
+            continue
+        mod_name, _, leaf = t.name.rpartition(".")
+        module = model.get_submodule(mod_name) if mod_name else model
+        current = module._parameters.get(leaf)
+        if current is None or current.device.type != "meta" or current.dtype == t.dtype:
+            continue
+        key = t.tied_to or t.name
+        if key not in made:
+            made[key] = torch.nn.Parameter(
+                torch.empty(current.shape, dtype=t.dtype, device="meta"), requires_grad=False
+            )
+        module._parameters[leaf] = made[key]
 
 
 class _Assembled(dict):

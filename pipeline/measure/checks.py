@@ -60,7 +60,10 @@ def check_tensors(model, plan: Plan, tied_groups, offload, check: CheckLog) -> l
     tensors = dict(named_tensors(model))
     meta = [n for n, t in tensors.items() if t.device.type == "meta" and n not in offloaded]
     check("no_meta_tensors", not meta, f"still on meta: {names_list(meta)}")
-    check("all_parameters_loaded", not plan.missing, f"missing from the checkpoint: {names_list(plan.missing)}")
+    allowed = plan.missing_allowed  # initialised as transformers does (checkpoint.allow_missing), listed in the report
+    check(
+        "all_parameters_loaded", allowed or not plan.missing, f"missing from the checkpoint: {names_list(plan.missing)}"
+    )
     check(
         "all_checkpoint_tensors_used", not plan.unexpected, f"unused checkpoint tensors: {names_list(plan.unexpected)}"
     )

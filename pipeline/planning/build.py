@@ -9,10 +9,12 @@ modules on the execution device (where accelerate keeps them); check the caps.
 from __future__ import annotations
 
 import functools
+import re
 from dataclasses import replace
 
 from ..dtypes import DtypePolicy
 from ..errors import UserError
+from ..hf.modeling import initialised_when_missing
 from ..quant.sizes import saved_size
 from ..quant.spec import QuantSpec
 from ..quant.targets import QuantSelection
@@ -37,12 +39,12 @@ def build_plan(
     max_memory: dict[str, int],
     main_device: str | None = None,
     assemble_from_disk: bool = False,
+    allow_missing: bool = False,
 ) -> Plan:
     """The plan for `model` from `checkpoint`'s headers; `main_device` overrides the execution device.
-
-    `assemble_from_disk`: tensors built from several checkpoint tensors may be planned on disk
-    (the streamed reference assembles them at forward time, loading/offload.py); else exit 2.
-    """
+    `assemble_from_disk`: tensors built from several checkpoint tensors may be planned on disk (the streamed
+    reference assembles them at forward time, loading/offload.py); `allow_missing`: model tensors the checkpoint
+    lacks are initialised as transformers does; else each is exit 2."""
     saved = getattr(selection, "stats", {})  # pre-quantized: weight name -> its stats keys
     sized = functools.partial(
         plan_tensors,
@@ -55,12 +57,13 @@ def build_plan(
         transposed=selection.transposed,
         saved=_saved_sizes(checkpoint, selection),
     )
-    planned = sized(quantized_modules=selection.modules)
+    selection, planned = _sized_selection(sized, selection, allow_missing)
     dmap = compute_device_map(
         model, planned.tensors, strategy=strategy, explicit=explicit_map, max_memory=max_memory, no_split=no_split
     )
     tensors = assign_devices(planned.tensors, dmap)
     main = main_device or offload_policy.main_device(t.device for t in tensors.values())
+    _refuse_offloaded_tensor_entries(dmap, tensors, main)
     modules, skipped, tensors = _demote_offloaded(tensors, selection, spec, main, resize=sized, dmap=dmap)
     tensors = _buffers_on_execution_device(tensors, modules, main)
     plan = Plan(
@@ -71,6 +74,7 @@ def build_plan(
         key_map=planned.key_map,
         unexpected=[k for k in planned.unexpected if k not in getattr(selection, "stats_keys", ())],
         missing=planned.missing,
+        missing_allowed=_check_missing(planned.missing, tensors, model, checkpoint, allow_missing),
         tied_duplicates=planned.tied_duplicates,
         quantized_modules=modules,
         skipped=skipped,
@@ -93,6 +97,62 @@ def _demote_offloaded(tensors, selection, spec: QuantSpec, main: str, *, resize,
     modules = [m for m in modules if m not in demoted]
     skipped.update(demoted)
     return modules, skipped, assign_devices(resize(quantized_modules=modules).tensors, dmap)
+
+
+def _refuse_offloaded_tensor_entries(dmap: dict[str, str], tensors: dict[str, TensorPlan], main: str) -> None:
+    """A parameter held directly by a split module cannot be offloaded: accelerate's hooks offload modules,
+    so it would never be loaded (issue 29). Exit 2 at plan time instead."""
+    offloaded = offload_policy.offloaded_devices(main)
+    for name, dev in dmap.items():
+        t = tensors.get(name)
+        if t is not None and t.kind == "param" and dev in offloaded:
+            parent = name.rpartition(".")[0] or "the model's root"
+            raise UserError(
+                f"memory.max_memory: {name} ({t.nbytes} bytes) is a parameter held directly by {parent}, which the "
+                f"caps split across devices; accelerate offloads whole modules, so it cannot go to {dev}: raise "
+                f"the cap of {main} by {t.nbytes} bytes, or map {parent} whole with device_map=explicit"
+            )
+
+
+def _sized_selection(sized, selection: QuantSelection, allow_missing: bool):
+    """(selection, planned tensors); with allow_missing, layers whose weight is missing leave the selection."""
+    planned = sized(quantized_modules=selection.modules)
+    if allow_missing and any(f"{m}.weight" in planned.missing for m in selection.modules):
+        selection = _unquantize_missing(selection, planned.missing)
+        planned = sized(quantized_modules=selection.modules)
+    return selection, planned
+
+
+def _unquantize_missing(selection: QuantSelection, missing: list[str]) -> QuantSelection:
+    """Layers whose weight the checkpoint lacks are initialised, not quantized (checkpoint.allow_missing)."""
+    gone = [m for m in selection.modules if f"{m}.weight" in missing]
+    skipped = dict(selection.skipped)
+    skipped.update(dict.fromkeys(gone, "missing from the checkpoint: initialised (checkpoint.allow_missing)"))
+    return replace(selection, modules=[m for m in selection.modules if m not in gone], skipped=skipped)
+
+
+def _check_missing(missing: list[str], tensors, model, checkpoint, allow: bool) -> bool:
+    """Model tensors without a source are exit 2 naming them and where they should be, unless allowed or all of
+    them are ones transformers initialises itself (`_keys_to_ignore_on_load_missing`); True when initialised."""
+    if not missing:
+        return False
+    ignore = initialised_when_missing(model)
+    rest = [n for n in missing if not any(re.search(p, n) for p in ignore)]
+    if rest and not allow:
+        more = f" (and {len(rest) - 3} more)" if len(rest) > 3 else ""
+        raise UserError(
+            f"checkpoint: {len(rest)} model tensors have no source: {', '.join(rest[:3])}{more}; "
+            f"{checkpoint.home_of_missing()}; or set checkpoint.allow_missing=true to initialise them as "
+            f"transformers does (listed in report.json load.missing_keys)"
+        )
+    for name in missing:
+        if tensors[name].device == "disk" or tensors[name].quantized:
+            where = "would be quantized" if tensors[name].quantized else "is planned on disk"
+            raise UserError(
+                f"checkpoint.allow_missing: {name} has no source and {where}; only tensors in memory are initialised: "
+                f"{'add its module to quantization.skip_modules' if tensors[name].quantized else 'raise the caps'}"
+            )
+    return True
 
 
 def _saved_sizes(checkpoint, selection) -> dict[str, tuple[int, tuple[int, ...]]]:

@@ -23,6 +23,10 @@ from .tensors import TensorPlan
 STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential", "cpu", "explicit")
 
 
+class CapsTooSmall(UserError):
+    """The caps cannot hold the model: the plan stage adds which keys would make it fit (planning/fits.py)."""
+
+
 def resolve_max_memory(max_memory) -> dict[str, int]:
     """Caps in bytes; free memory is read only where a cap says auto or no map is given."""
     caps = normalize_max_memory(max_memory)
@@ -57,7 +61,7 @@ def compute_device_map(
     if strategy == "cpu":
         return {"": "cpu"}
     if strategy == "explicit":
-        return _explicit(model, explicit)
+        return _flatten(model, _explicit(model, explicit))
     sizes = _subtree_sizes(tensors)
     units = _Units(model, tensors, sizes, set(no_split))
     caps = dict(max_memory)
@@ -81,7 +85,11 @@ def _subtree_sizes(tensors: dict[str, TensorPlan]) -> dict[str, int]:
 
 
 class _Units:
-    """The module tree as placeable units: a module, or a tensor held directly by a split module."""
+    """The module tree as placeable units: a module, or a tensor held directly by a split module.
+
+    A module without child modules (a Linear head, an Embedding) is never split into its tensors:
+    accelerate's hooks attach to modules, so a tensor entry on disk would never be loaded (issue 29).
+    """
 
     def __init__(self, model, tensors, sizes, no_split: set[str]):
         self.model, self.tensors, self.sizes, self.no_split = model, tensors, sizes, no_split
@@ -96,8 +104,8 @@ class _Units:
         if name in self.tensors:
             return None
         module = self.model.get_submodule(name) if name else self.model
-        if type(module).__name__ in self.no_split:
-            return None
+        if type(module).__name__ in self.no_split or not any(True for _ in module.children()):
+            return None  # a leaf module stays whole, as accelerate's planner keeps it: hooks attach to modules
         prefix = f"{name}." if name else ""
         out = [
             prefix + leaf
@@ -157,7 +165,7 @@ def _fill(units: _Units, caps: dict[str, int], targets: dict[str, int]) -> dict[
             i += 1
             if i >= len(devices):
                 need = size + sum(units.sizes.get(q, 0) for q in queue)
-                raise UserError(
+                raise CapsTooSmall(
                     f"memory.max_memory.{devices[-1]}: {need} bytes ({format_bytes(need)}) missing: the caps "
                     f"{', '.join(f'{d}: {format_bytes(c)}' for d, c in caps.items())} cannot hold the model; "
                     f"raise a cap or allow offload (add cpu or disk)"
@@ -201,6 +209,28 @@ def _explicit(model, explicit) -> dict[str, str]:
     return out
 
 
+def _flatten(model, dmap: dict[str, str]) -> dict[str, str]:
+    """The explicit map as accelerate's hooks need it: no entry inside another (issue 29).
+
+    An entry with deeper entries under it ({model: cpu, model.layers.0: disk}) is replaced by its
+    child modules and direct tensors, each on the device of its deepest prefix; otherwise the outer
+    module's hook would move the inner, offloaded (still meta) tensors at dispatch.
+    """
+    out = dict(dmap)
+    while True:
+        outer = next((p for p in out if any(q != p and (not p or q.startswith(f"{p}.")) for q in out)), None)
+        if outer is None:
+            return out
+        dev = out.pop(outer)
+        module = model.get_submodule(outer) if outer else model
+        prefix = f"{outer}." if outer else ""
+        for leaf, v in list(module._parameters.items()) + list(module._buffers.items()):
+            if v is not None:
+                out.setdefault(prefix + leaf, dev)
+        for child, _ in module.named_children():
+            out.setdefault(prefix + child, dev)
+
+
 def check_caps(predicted: dict[str, int], caps: dict[str, int]) -> None:
     """Exit 2 naming the device and the missing bytes when a cap cannot hold its share."""
     for dev, need in predicted.items():
@@ -212,7 +242,7 @@ def check_caps(predicted: dict[str, int], caps: dict[str, int]) -> None:
                 f"memory.max_memory: the plan puts {format_bytes(need)} on {dev}, which has no cap; add memory.max_memory.{dev}"
             )
         if need > cap:
-            raise UserError(
+            raise CapsTooSmall(
                 f"memory.max_memory.{dev}: the plan needs {need} bytes ({format_bytes(need)}) but the cap is "
                 f"{cap} ({format_bytes(cap)}): {need - cap} bytes missing; raise the cap or allow offload to cpu/disk"
             )

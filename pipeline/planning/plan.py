@@ -23,6 +23,8 @@ class Plan:
     key_map: dict[str, str]  # checkpoint key -> model name
     unexpected: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
+    # the load initialises the missing tensors (checkpoint.allow_missing, or all are ones transformers initialises itself)
+    missing_allowed: bool = False
     tied_duplicates: list[str] = field(default_factory=list)  # checkpoint keys of tied copies, not loaded again
     quantized_modules: list[str] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)  # module -> why it is not quantized

@@ -11,12 +11,14 @@ import logging
 
 from ..checkpoint import open_checkpoint
 from ..dtypes import DtypePolicy
+from ..errors import UserError
 from ..parallel.inputs import check_inputs
 from ..parallel.shard_plan import plan_table as rank_table
 from ..parallel.shard_plan import shard_plans
 from ..planning import build_plan
-from ..planning.device_map import resolve_max_memory
+from ..planning.device_map import CapsTooSmall, resolve_max_memory
 from ..planning.document import plan_document, plan_table
+from ..planning.fits import fit_hint
 from ..quant.prequantized import prequantized_selection, read_saved_quantization
 from ..quant.targets import QuantSelection, select_quantized_modules
 from ..sizes import format_bytes
@@ -34,6 +36,7 @@ def plan(
     device_map: dict | None = None,
     max_memory: dict | None = None,
     allow_pickle: bool = False,
+    allow_missing: bool = False,
     output: str = "plan.json",
 ) -> None:
     model = ctx.require("model", "plan", "instantiate_empty")
@@ -44,19 +47,7 @@ def plan(
     policy = DtypePolicy(spec.unquantized_dtype or dtype, dict(dtype_overrides or {}))
     parallel = ctx.parallel
     placed, device_map, caps = _placement(ctx, checkpoint, spec, strategy, device_map, max_memory)
-    result = build_plan(
-        model,
-        checkpoint,
-        policy=policy,
-        spec=spec,
-        selection=selection,
-        tied_groups=ctx.tied_groups,
-        keep_in_fp32=ctx.keep_in_fp32,
-        no_split=ctx.no_split,
-        strategy=placed,
-        explicit_map=device_map,
-        max_memory=caps,
-    )
+    result = _build(ctx, checkpoint, policy, spec, selection, (placed, device_map, caps), dtype, bool(allow_missing))
     if parallel.enabled:
         ctx.rank_plans = shard_plans(ctx.model, result, checkpoint, parallel, spec, max_memory)
         result = ctx.rank_plans[parallel.rank].plan
@@ -81,6 +72,30 @@ def plan(
         _parallel_sections(ctx, doc)
     ctx.artifacts[output] = doc  # the engine writes it into the run directory
     _log_plan(result, strategy)
+
+
+def _build(ctx: LoadContext, checkpoint, policy, spec, selection, placement, dtype: str, allow_missing: bool):
+    """build_plan; caps that cannot hold the model end in exit 2 naming the keys that would make it fit."""
+    placed, device_map, caps = placement
+    parts = dict(tied_groups=ctx.tied_groups, keep_in_fp32=ctx.keep_in_fp32)
+    try:
+        return build_plan(
+            ctx.model,
+            checkpoint,
+            policy=policy,
+            spec=spec,
+            selection=selection,
+            no_split=ctx.no_split,
+            strategy=placed,
+            explicit_map=device_map,
+            max_memory=caps,
+            allow_missing=allow_missing,
+            **parts,
+        )
+    except CapsTooSmall as e:
+        overrides = policy.overrides
+        hint = fit_hint(ctx.model, checkpoint, dtype=dtype, overrides=overrides, spec=spec, caps=caps, **parts)
+        raise UserError(f"{e}; {hint}") from None
 
 
 def _placement(ctx: LoadContext, checkpoint, spec, strategy: str, device_map, max_memory):
@@ -136,7 +151,9 @@ def _log_plan(result, strategy: str) -> None:
     log.info("plan (%s):\n%s", strategy, plan_table(result))
     if result.missing:
         log.warning(
-            "the checkpoint has no tensor for %d model parameters, first %s", len(result.missing), result.missing[0]
+            "the checkpoint has no tensor for %d model parameters (initialised, checkpoint.allow_missing), first %s",
+            len(result.missing),
+            result.missing[0],
         )
     if result.unexpected:
         log.warning(
