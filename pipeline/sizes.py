@@ -7,6 +7,7 @@ YAML gives GPU keys as ints (`0:`) while command-line overrides give strings
 
 from __future__ import annotations
 
+import math
 import re
 
 from .errors import UserError
@@ -35,8 +36,8 @@ def parse_size(value, key: str = "size") -> int:
             raise UserError(f"{key}: {value} is negative; sizes are bytes >= 0")
         return value
     if isinstance(value, float):
-        if value < 0 or value != value:
-            raise UserError(f"{key}: {value} is not a valid size; use bytes >= 0")
+        if not math.isfinite(value) or value < 0:
+            raise UserError(f"{key}: {value} is not a size; use bytes >= 0 or a string like 20GiB (no inf or nan)")
         return int(value)
     m = _SIZE.match(str(value))
     if not m or m.group(2).lower() not in _UNITS:

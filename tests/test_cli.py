@@ -26,7 +26,7 @@ def test_run_writes_artifacts_and_summary(tiny, tmp_path):
     assert report["checkpoint"]["files"] >= 3 and report["checkpoint"]["format"] == "safetensors"
     for f in ("plan.json", "run.log", ".hydra/config.yaml", ".hydra/overrides.yaml", ".hydra/hydra.yaml"):
         assert (out / f).is_file(), f
-    assert "predicted" in p.stdout and "measured" in p.stdout and "validation: 10/10 checks passed" in p.stdout
+    assert "predicted" in p.stdout and "measured" in p.stdout and "validation: 11/11 checks passed" in p.stdout
     assert "int8: 21 layers quantized" in p.stdout
     assert tree_digest(path) == before
 

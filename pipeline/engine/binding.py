@@ -17,6 +17,9 @@ from __future__ import annotations
 import functools
 import importlib
 import inspect
+import math
+import types
+import typing
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -275,7 +278,63 @@ def bind_stage(name: str, node: DictConfig, extra: Iterable[str] = (), grants: G
         missing = [p for p in accepted if p not in params and sig.parameters[p].default is inspect.Parameter.empty]
         what = f"unknown key {key}.{unknown[0]}" if unknown else f"missing key {key}.{missing[0]}"
         raise UserError(f"{what}; {node._target_} takes {', '.join(accepted)}") from None
+    hints = _type_hints(fn)
+    for param, value in params.items():
+        if param in hints:
+            params[param] = check_value(value, hints[param], _source_key(node, param, key))
     return functools.partial(fn, **params)
+
+
+def _type_hints(fn) -> dict:
+    try:
+        return typing.get_type_hints(fn)
+    except Exception:  # an annotation that does not evaluate gives nothing to check by
+        return {}
+
+
+def check_value(value, hint, key: str):
+    """`value` as the annotation `hint` asks, or UserError naming `key`: a bad YAML value is exit 2 when the
+    stages are bound, before any stage runs. Numbers in stage signatures are counts, sizes and tolerances:
+    finite and >= 0. A number given for a string is that string (Hydra reads `prompt=2024` as an int)."""
+    options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    for option in options:
+        if _fits(value, option):
+            number = isinstance(value, (int, float)) and not isinstance(value, bool) and option in (int, float)
+            if number and not (math.isfinite(value) and value >= 0):
+                raise UserError(f"{key}: {value!r} is not a count, size or tolerance; give a number >= 0")
+            if typing.get_origin(option) is dict and len(typing.get_args(option)) == 2:
+                return {k: check_value(v, typing.get_args(option)[1], f"{key}.{k}") for k, v in value.items()}
+            return str(value) if option is str and not isinstance(value, str) else value
+    wanted = " or ".join(_describe(o) for o in options)
+    raise UserError(f"{key}: {value!r} is not {wanted}; set {key} to {wanted}")
+
+
+def _fits(value, option) -> bool:
+    origin, args = typing.get_origin(option), typing.get_args(option)
+    if option is type(None) or option is None:
+        return value is None
+    if option is bool:
+        return isinstance(value, bool)
+    if option is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if option is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if option is str:
+        return isinstance(value, (str, int, float)) and not isinstance(value, bool)
+    if option is dict or origin is dict:
+        return isinstance(value, dict)
+    if origin in (list, tuple) or option in (list, tuple):
+        inner = args[0] if args else typing.Any
+        return isinstance(value, (list, tuple)) and all(inner is typing.Any or _fits(v, inner) for v in value)
+    return True  # a type YAML cannot spell (the LoadContext, Any): nothing to check
+
+
+def _describe(option) -> str:
+    origin, args = typing.get_origin(option), typing.get_args(option)
+    if origin in (list, tuple) or option in (list, tuple):
+        return f"a list of {_describe(args[0])}s".replace("a list of a ", "a list of ") if args else "a list"
+    names = {type(None): "null", bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+    return names.get(option, "a mapping {key: value, ...}" if option is dict or origin is dict else str(option))
 
 
 def check_nested_targets(value, key: str, extra: Iterable[str] = (), grants: Grants = Grants()) -> None:

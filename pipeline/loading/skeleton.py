@@ -17,6 +17,7 @@ import torch
 
 from ..dtypes import policy_dtype
 from ..errors import UserError
+from .config_values import CONFIG_ERRORS, check_config_values, config_error
 from .generation import apply_generation_config
 from .model_class import check_remote_config, model_class
 
@@ -102,6 +103,7 @@ def _config_file(path: str) -> str:
 
 def read_config(path: str, trust_remote_code: bool = False):
     """config.json beside the weights, read by transformers; UserError naming the file when it cannot be."""
+    from huggingface_hub.errors import StrictDataclassError
     from transformers import AutoConfig
 
     cfg_file = _config_file(path)
@@ -109,17 +111,21 @@ def read_config(path: str, trust_remote_code: bool = False):
         raise UserError(f"{path}: no config.json; add it or set checkpoint.model to a model _target_")
     try:
         with open(cfg_file) as fh:
-            json.load(fh)
+            doc = json.load(fh)
+    except json.JSONDecodeError:
+        raise UserError(f"{cfg_file}: not valid JSON; fix or re-save the config") from None
+    check_config_values(doc, cfg_file)
+    try:
         check_remote_config(path, trust_remote_code)
         return AutoConfig.from_pretrained(
             os.path.dirname(cfg_file), local_files_only=True, trust_remote_code=trust_remote_code
         )
-    except json.JSONDecodeError:
-        raise UserError(f"{cfg_file}: not valid JSON; fix or re-save the config") from None
     except (ValueError, KeyError) as exc:
         raise UserError(
             f"{cfg_file}: transformers cannot read it ({str(exc).splitlines()[0][:120]}); check model_type"
         ) from None
+    except (StrictDataclassError, *CONFIG_ERRORS) as exc:
+        raise config_error(exc, doc, cfg_file, "reading the config") from None
 
 
 def is_model_class(obj) -> bool:
@@ -140,7 +146,7 @@ def build_from_config(cls, config, dtype: torch.dtype | None = None, trust_remot
 def _build_class(cls, config, dtype: torch.dtype | None = None):
     """The chosen class from config.json; the checkpoint's own (trusted) code failing is the user's to fix."""
     if not cls.__module__.startswith("transformers_modules."):
-        return build_from_config(cls, config, dtype)
+        return _from_config_values(cls, config, dtype)
     try:
         return build_from_config(cls, config, dtype)
     except Exception as exc:  # code from the checkpoint directory: any error is in that code
@@ -156,7 +162,7 @@ def _build(obj, node: dict, config, dtype: torch.dtype | None = None, trust_remo
         for key, value in node.items():  # extra keys override config.json fields
             if not key.startswith("_"):
                 setattr(config, key, value)
-        return build_from_config(obj, config, dtype, trust_remote_code)
+        return _from_config_values(obj, config, dtype, trust_remote_code)
     from hydra.utils import instantiate
 
     try:
@@ -167,6 +173,16 @@ def _build(obj, node: dict, config, dtype: torch.dtype | None = None, trust_remo
             f"({_one_line(exc.__cause__ or exc)}); "
             "check its keys"
         ) from None
+
+
+def _from_config_values(cls, config, dtype, trust_remote_code: bool = False):
+    """transformers' class built from config.json; what it refuses in the config's values is the user's to fix."""
+    try:
+        return build_from_config(cls, config, dtype, trust_remote_code)
+    except CONFIG_ERRORS as exc:
+        name = getattr(config, "_name_or_path", "") or ""
+        cfg_file = os.path.join(name, "config.json") if name else "config.json"
+        raise config_error(exc, config.to_dict(), cfg_file, f"building {cls.__name__}") from None
 
 
 def _one_line(exc: BaseException) -> str:

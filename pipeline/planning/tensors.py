@@ -181,6 +181,7 @@ class _DtypeRules:
             dtype = SAFETENSORS_DTYPES[info.dtype]
             return TensorPlan(name, kind, shape, dtype, info.nbytes + stats_bytes, key, self.spec.method)
         _check_shape(name, tensor, key, info, conv)
+        _check_dtype(name, tensor, key, info, conv)
         shape = conv.shape if conv else tuple(info.shape) if info else tuple(tensor.shape)
         if canonical != name:
             return TensorPlan(name, kind, shape, tensor.dtype, 0, None, tied_to=canonical)
@@ -230,6 +231,19 @@ def _check_shape(name, tensor, key, info, conv: Conversion | None) -> None:
             f"{info.file}: tensor {key!r} has shape {list(info.shape)} but the model expects {want}; "
             f"the checkpoint does not match config.json"
         )
+
+
+def _check_dtype(name, tensor, key, info, conv: Conversion | None) -> None:
+    """A checkpoint tensor of integer or bool dtype where the model holds floats (an `I32` norm weight) is a
+    corrupt header, not a cast to make: refused here, from the header, before a byte is read."""
+    src = conv.dtype if conv is not None else SAFETENSORS_DTYPES[info.dtype] if info is not None else None
+    if src is None or src.is_floating_point or not tensor.dtype.is_floating_point:
+        return
+    where = f"{info.file}: tensor {key!r}" if info is not None else f"checkpoint: {name!r} built from {key!r}"
+    raise UserError(
+        f"{where} is {dtype_name(src)} but the model's {name} is floating point ({dtype_name(tensor.dtype)}); "
+        f"the checkpoint is corrupt or for another model: re-save it"
+    )
 
 
 def _tied_canonical(tied_groups, source_of) -> tuple[dict[str, str], list[str]]:

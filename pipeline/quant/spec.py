@@ -91,8 +91,7 @@ class QuantSpec:
             )
             kwargs["double_quant"] = _bool(node.get("double_quant", True), "quantization.double_quant")
             kwargs["blocksize"] = _blocksize(node.get("blocksize", 64))
-        skips = node.get("skip_modules") or []
-        kwargs["skip_modules"] = tuple(str(s) for s in ([skips] if isinstance(skips, str) else skips))
+        kwargs["skip_modules"] = _patterns(node.get("skip_modules"), "quantization.skip_modules")
         kwargs["overrides"] = tuple(_overrides(node.get("overrides"), method).items())
         offloaded = str(node.get("offloaded", method)).lower()
         if offloaded not in (method, "keep"):
@@ -132,6 +131,14 @@ def _cpu_numerics(raw, cpu_matmul: str) -> str:
             "rounds them on CPUs without AVX-512; add quantization.cpu_numerics=native or drop cpu_matmul=bitsandbytes"
         )
     return value
+
+
+def _patterns(raw, key: str) -> tuple[str, ...]:
+    """A module-name pattern or a list of them (`5` or `[1, 2]` is no pattern: exit 2, not a crash later)."""
+    items = [] if raw is None else [raw] if isinstance(raw, str) else raw
+    if not isinstance(items, (list, tuple)) or not all(isinstance(p, str) and p for p in items):
+        raise UserError(f"{key}: {raw!r} is not a list of module names; use e.g. {key}=[lm_head,down_proj]")
+    return tuple(items)
 
 
 def _overrides(node, method: str) -> dict:

@@ -9,7 +9,7 @@ each other. `require` turns a missing earlier stage into a clear config error.
 | parallel | engine (from the `parallel` group and torchrun's environment, before any stage) | plan, load_shards, validate |
 | rank_plans | plan (tensor parallel: every rank's plan; `plan` is this rank's) | load_shards, validate |
 | quant | engine (from the `quantization` group, validated before any stage); plan replaces it when the checkpoint is already quantized | plan, quantize, load_shards, validate, save, sweep reuse |
-| checkpoint_path, model, model_config, tied_groups, no_split, keep_in_fp32 | instantiate_empty (quantize swaps layers in model; load_shards fills it) | plan, quantize, load_shards, validate, save |
+| checkpoint_path, model, model_config, tied_groups, no_split, keep_in_fp32, floating | instantiate_empty (quantize swaps layers in model; load_shards fills it) | plan, quantize, load_shards, validate, save |
 | checkpoint, plan, dtype_policy | plan | quantize, load_shards, validate, save |
 | loaded, offload | load_shards | validate, save |
 | artifacts | any stage (plan: plan.json) | engine, which writes them into run_dir after the stage |
@@ -45,6 +45,7 @@ class LoadContext:
     tied_groups: list[list[str]] = field(default_factory=list)
     no_split: list[str] = field(default_factory=list)
     keep_in_fp32: list[str] = field(default_factory=list)
+    floating: frozenset[str] = frozenset()  # tensors the skeleton holds as floating point (validate: still are)
     checkpoint: Checkpoint | None = None
     plan: Plan | None = None
     dtype_policy: DtypePolicy = field(default_factory=DtypePolicy)  # what quantization leaves alone is loaded in

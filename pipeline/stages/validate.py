@@ -28,15 +28,16 @@ from .context import LoadContext
 def validate(
     ctx: LoadContext,
     *,
-    checks: dict | None = None,
-    metrics: dict | None = None,
-    trust_remote_code: bool = False,
+    checks: dict[str, bool] | None = None,
+    metrics: dict[str, bool] | None = None,
     plan_tolerance: float = 0.01,
     single_process_tolerance: float = 1e-5,
     eval_text: str | None = None,
     max_eval_tokens: int = 512,
     prompt: str = "The capital of France is",
     max_new_tokens: int = 12,
+    trust_remote_code: bool = False,
+    weights_finite_sample: int | None = None,
 ) -> None:
     plan = ctx.require("plan", "validate", "plan")
     ctx.require("loaded", "validate", "load_shards")
@@ -46,9 +47,9 @@ def validate(
         portable=measured_portably(ctx.quant, plan.tensors.values()),  # the same figures on every CPU (issue 30)
     )  # fmt: skip
     model = ctx.model
-    meta = check_tensors(model, plan, ctx.tied_groups, ctx.offload, check)
+    meta = check_tensors(model, plan, ctx.tied_groups, ctx.offload, check, ctx.floating)
     measured, plan_error = check_memory(model, plan, ctx.offload, check, plan_tolerance)
-    check_weights_finite(model, check)
+    finite = check_weights_finite(model, check, weights_finite_sample or None)
     found: dict = {}
     costs = Costs()
     unmeasurable = _unmeasurable(model, meta)
@@ -78,6 +79,7 @@ def validate(
         "plan_error": plan_error,
         "metrics": found,
         "skipped": check.skipped,
+        "weights_finite": finite,  # what the NaN/Inf scan read: every element, or its sample, and its seconds
         "metric_costs": costs.entries,  # seconds per metric, and whether it came from measure/cache.py
         "metric_cache": costs.cache,  # what the cache checked first (weights' fingerprint, shards' hash) and its cost
     }
@@ -162,9 +164,11 @@ def _cache(ctx: LoadContext, settings: MetricSettings):
 
 
 def _switches(given, names, key) -> dict[str, bool]:
-    out = {n: n != "weights_finite" for n in names}
+    out = dict.fromkeys(names, True)
     for k, v in (given or {}).items():
         if k not in out:
             raise UserError(f"stages.validate.{key}.{k}: unknown {key[:-1]}; choose from {', '.join(names)}")
-        out[k] = bool(v)
+        if not isinstance(v, bool):
+            raise UserError(f"stages.validate.{key}.{k}: {v!r} is not true or false; set it to true or false")
+        out[k] = v
     return out
