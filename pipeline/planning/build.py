@@ -168,8 +168,8 @@ def _check_fits(plan: Plan, checkpoint, max_memory: dict[str, int], assemble_fro
     if on_disk is not None:
         raise UserError(
             f"memory.max_memory: {on_disk.name} is assembled from {len(on_disk.conversion.sources)} checkpoint "
-            f"tensors ({on_disk.conversion.ops}) and cannot be read in place from disk; raise the caps so that "
-            f"its module ({on_disk.name.rpartition('.')[0]}) fits on a GPU or the CPU"
+            f"tensors ({on_disk.conversion.ops}) and cannot be read in place from disk; raise the caps (or, with "
+            f"device_map=explicit, map it) so that its module ({on_disk.name.rpartition('.')[0]}) is on a GPU or the CPU"
         )
     if checkpoint.format == "pickle" and plan.predicted_bytes.get("disk"):
         raise UserError(
