@@ -87,3 +87,13 @@ def test_a_signal_stops_a_sweep_and_its_summary_is_written(tmp_path):
         rows = list(csv.DictReader(fh))
     assert [(r["quantization.threshold"], r["status"]) for r in rows] == [("0.0", "ok"), ("6.0", "interrupted")]
     assert not (root / "2").exists()  # the sweep stopped: no job after the interrupted one
+
+
+def test_sigterm_while_the_cli_starts_is_one_line_and_143(tiny, tmp_path):
+    """Before any stage (Hydra has made the run directory, torch is being imported): no report yet, one line."""
+    run = tmp_path / "run"
+    proc = _start(sys.executable, "-m", "pipeline", f"checkpoint.path={tiny('llama')}", f"hydra.run.dir={run}")
+    _signal_when(proc, run / ".hydra" / "config.yaml", "checkpoint", signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-2000:]
+    assert err.strip().splitlines()[-1].startswith("error: interrupted by SIGTERM") and "Traceback" not in err

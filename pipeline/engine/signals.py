@@ -13,6 +13,17 @@ from ..errors import Interrupted
 _CAUGHT = (signal.SIGTERM, signal.SIGINT)
 
 
+def _raise(signum, frame):
+    raise Interrupted(signum)
+
+
+def raise_on_signals() -> None:
+    """The CLI, from its start: SIGTERM too ends in one line and exit 143 (before the runner, without a report)."""
+    for s in _CAUGHT:
+        if signal.getsignal(s) in (signal.SIG_DFL, signal.default_int_handler):
+            signal.signal(s, _raise)
+
+
 class _Guard:
     """Raises on a signal until held; while held (the report being written) it keeps the signal for later."""
 
@@ -37,7 +48,7 @@ def interruptible():
     if threading.current_thread() is not threading.main_thread():
         yield guard  # signal handlers belong to the main thread: there, Python's defaults stay
         return
-    defaults = (signal.SIG_DFL, signal.default_int_handler)
+    defaults = (signal.SIG_DFL, signal.default_int_handler, _raise)
     previous = {s: signal.getsignal(s) for s in _CAUGHT}
     ours = [s for s, h in previous.items() if h in defaults]
     for s in ours:
