@@ -75,23 +75,55 @@ def _sweep_value(cfg: DictConfig, report: dict):
     return objective(report, OmegaConf.to_container(spec, resolve=True))
 
 
+_CONFIG_FLAGS = {
+    "-cd": "config_dir",
+    "--config-dir": "config_dir",
+    "-cn": "config_name",
+    "--config-name": "config_name",
+}
+
+
+def _split_args(args: list[str]) -> tuple[list[str], dict] | None:
+    """(overrides, config options) as Hydra reads `args`; None when a flag only Hydra handles is there."""
+    overrides, options, rest = [], {}, list(args)
+    while rest:
+        arg = rest.pop(0)
+        flag, eq, value = arg.partition("=")
+        if flag in _CONFIG_FLAGS:
+            options[_CONFIG_FLAGS[flag]] = value if eq else (rest.pop(0) if rest else "")
+        elif arg in ("-m", "--multirun"):
+            options["multirun"] = True
+        elif arg.startswith("-"):
+            return None
+        else:
+            overrides.append(arg)
+    return overrides, options
+
+
 def _preflight(args: list[str]) -> None:
-    """Compose once before Hydra does, so a bad override ends in one clear line and exit 2."""
-    if any(a.startswith("-") for a in args) or not (args or _near_the_cache()):
-        return  # multirun, --cfg, --help...: Hydra's own; no overrides and far from the cache: nothing to check
-    from .engine.compose import compose_config
+    """Compose once before Hydra does, so a bad override or config file ends in one clear line and exit 2,
+    and Hydra's own callbacks, launcher and sweeper are checked before Hydra instantiates them."""
+    split = _split_args(args)
+    if split is None or not (args or _near_the_cache()):
+        return  # --cfg, --help...: Hydra's own; no overrides and far from the cache: nothing to check
+    from .engine.compose import compose_config, without_sweeps
     from .engine.write_guard import check_writes_outside
     from .errors import UserError
 
+    overrides, options = split
+    multirun = options.pop("multirun", False)
+    if multirun:
+        overrides = without_sweeps(overrides)  # what the sweep's driver composes
     try:
-        cfg = compose_config(args)
+        cfg = compose_config(overrides, **options)
     except UserError as exc:
         if "--multirun" in str(exc) or os.environ.get("PIPELINE_DEBUG"):
             return  # sweep values under a config that sets hydra.mode=MULTIRUN: Hydra expands them
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
+    key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
     try:  # before Hydra makes the run directory: never inside the checkpoint
-        check_writes_outside(cfg, "hydra.run.dir", _selected(cfg, "hydra.run.dir"))
+        check_writes_outside(cfg, key, _selected(cfg, key))
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
