@@ -198,3 +198,14 @@ def test_bad_stage_value_through_the_cli(tiny, tmp_path):
     last = _exit_2_before_bytes(p, tmp_path, "stages.validate.max_eval_tokens")
     assert json.loads((tmp_path / "report.json").read_text())["stages"] == []
     assert "set stages.validate.max_eval_tokens to an integer" in last
+
+
+def test_a_sample_reads_every_nth_block_of_large_tensors():
+    from pipeline.measure.checks import _finite
+
+    x = torch.zeros(4096 * 160)  # 2.5 MiB: sampled; blocks 0, 8, 16, ... are read
+    assert _finite(x, 8) == (4096 * 20, True)
+    x[8 * 4096 + 5] = float("inf")
+    assert _finite(x, 8) == (4096 * 20, False)
+    x[8 * 4096 + 5], x[4096] = 0.0, float("nan")  # block 1: not in the sample, found by a full read
+    assert _finite(x, 8)[1] and not _finite(x, 1)[1]

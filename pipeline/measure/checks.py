@@ -177,17 +177,17 @@ _BLOCK = 4096
 
 def _finite(t: torch.Tensor, sample: int) -> tuple[int, bool]:
     """(elements read, all finite). A finite sum proves every summand finite; only a non-finite sum (NaN, Inf,
-    or finite values overflowing, as fp16 can) pays for the exact elementwise test."""
+    or finite values overflowing, as fp16 can) pays for the exact elementwise test. A sample is a strided view
+    of whole blocks, summed in place (a copy of it would cost more than reading every element)."""
     x = t.detach().reshape(-1)
-    if sample > 1 and x.numel() * x.element_size() > 2**20:
-        whole = x.numel() - x.numel() % _BLOCK
-        x = torch.cat([x[:whole].view(-1, _BLOCK)[::sample].reshape(-1), x[whole:]])
-    if x.numel() == 0:
-        return 0, True
     if x.element_size() == 1:  # float8: no sum kernel of its own
         x = x.float()
-    ok = bool(torch.isfinite(x.sum())) or bool(torch.isfinite(x).all())
-    return x.numel(), ok
+    parts = [x]
+    if sample > 1 and x.numel() * x.element_size() > 2**20:
+        whole = x.numel() - x.numel() % _BLOCK
+        parts = [x[:whole].view(-1, _BLOCK)[::sample], x[whole:]]
+    ok = all(p.numel() == 0 or bool(torch.isfinite(p.sum())) or bool(torch.isfinite(p).all()) for p in parts)
+    return sum(p.numel() for p in parts), ok
 
 
 def names_list(names) -> str:
