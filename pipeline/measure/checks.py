@@ -146,9 +146,11 @@ def check_weights_finite(model, check: CheckLog, sample: int | None = None) -> d
 def finite_targets(model):
     """(name, tensor) for every floating tensor on a device, and the floating state of bitsandbytes weights
     under the names transformers saves it as (`<module>.SCB`, `<weight>.absmax`, `<weight>.nested_absmax`)."""
+    seen = set()
     for name, t in named_tensors(model):
-        if t.device.type == "meta":
+        if t.device.type == "meta" or id(t) in seen:  # a tied weight is read once
             continue
+        seen.add(id(t))
         if t.is_floating_point():
             yield name, t
         yield from _quant_state(name, t)
