@@ -40,8 +40,22 @@ def _made_by_setup() -> bool:
 
 def test_the_lock_pins_every_dependency_exactly():
     pins = _locked()
-    for needed in ("torch", "transformers", "accelerate", "bitsandbytes", "safetensors", "hydra-core", "omegaconf",
-                   "huggingface-hub", "tokenizers", "gguf", "peft", "ray", "submitit", "numpy"):
+    for needed in (
+        "torch",
+        "transformers",
+        "accelerate",
+        "bitsandbytes",
+        "safetensors",
+        "hydra-core",
+        "omegaconf",
+        "huggingface-hub",
+        "tokenizers",
+        "gguf",
+        "peft",
+        "ray",
+        "submitit",
+        "numpy",
+    ):
         assert pins.get(needed), f"constraints.txt does not pin {needed}"
     assert all(re.fullmatch(r"[0-9][0-9A-Za-z.]*", v) for v in pins.values()), "every pin is one exact version"
 

@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from ..errors import OutOfMemory, PipelineError, UserError
+from ..hf.version import untested_warning
 from ..parallel.group import ensure_group, lost_rank
 from ..parallel.launch import parallel_spec
 from ..parallel.spec import env_rank
@@ -23,6 +24,7 @@ from ..quant.spec import QuantSpec
 from ..stages.context import LoadContext
 from .artifacts import write_json
 from .binding import bind_stage, grants_of
+from .environment import environment
 from .prefetch import start_cuda, start_reading
 from .report import new_report
 from .result import LoadResult
@@ -64,6 +66,8 @@ def run(cfg: DictConfig, run_dir: Path | str, *, reuse: bool = False) -> LoadRes
     rank = env_rank(cfg.get("parallel"))  # tensor parallel: only rank 0 writes report.json and artifacts
     with _log_to(run_dir / ("run.log" if rank == 0 else f"run.rank{rank}.log"), rank), interruptible() as guard:
         try:
+            if warning := untested_warning():
+                log.warning(warning)
             stages = bind_stages(cfg)
             _check_reader_options(cfg)
             _check_save_options(cfg, run_dir)
@@ -87,6 +91,7 @@ def run(cfg: DictConfig, run_dir: Path | str, *, reuse: bool = False) -> LoadRes
             error = _unexpected_error(exc, ctx, run_dir)
         finally:
             guard.hold()  # a signal now waits until report.json is written
+            report["environment"] = environment()
             if rank == 0:
                 write_json(run_dir / "report.json", report)
     result = LoadResult(ctx.model, report, run_dir)

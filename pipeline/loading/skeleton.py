@@ -17,6 +17,7 @@ import torch
 
 from ..dtypes import policy_dtype
 from ..errors import UserError
+from ..hf.modeling import build_from_config, is_model_class, keep_in_fp32_modules, no_split_modules
 from .config_values import CONFIG_ERRORS, check_config_values, config_error
 from .generation import apply_generation_config
 from .model_class import check_remote_config, model_class
@@ -65,8 +66,8 @@ def build_skeleton(path: str, node: dict | None, dtype: str = "auto", trust_remo
         model=module,
         config=config,
         tied_groups=[sorted(g) for g in find_tied_parameters(module)],
-        no_split=sorted(getattr(module, "_no_split_modules", None) or []),
-        keep_in_fp32=keep_in_fp32_patterns(module),
+        no_split=no_split_modules(module),
+        keep_in_fp32=keep_in_fp32_modules(module),
     )
 
 
@@ -87,14 +88,6 @@ def _load_dtype(name: str, config) -> torch.dtype | None:
         return policy_dtype(name, "dtype")
     found = getattr(config, "dtype", None) if config is not None else None
     return found if isinstance(found, torch.dtype) else None
-
-
-def keep_in_fp32_patterns(module) -> list[str]:
-    """`_keep_in_fp32_modules` and `_keep_in_fp32_modules_strict` (transformers 5 keeps both; the strict ones
-    in fp32 under fp16 and bf16, the others under fp16 only; we keep both under both, docs/quantization.md)."""
-    found = set(getattr(module, "_keep_in_fp32_modules", None) or [])
-    found |= set(getattr(module, "_keep_in_fp32_modules_strict", None) or [])
-    return sorted(found)
 
 
 def _config_file(path: str) -> str:
@@ -126,21 +119,6 @@ def read_config(path: str, trust_remote_code: bool = False):
         ) from None
     except (StrictDataclassError, *CONFIG_ERRORS) as exc:
         raise config_error(exc, doc, cfg_file, "reading the config") from None
-
-
-def is_model_class(obj) -> bool:
-    return isinstance(obj, type) and (hasattr(obj, "_from_config") or hasattr(obj, "from_config"))
-
-
-def build_from_config(cls, config, dtype: torch.dtype | None = None, trust_remote_code: bool = False):
-    """A transformers model class (or auto class) built from a config, as from_pretrained would
-    (under `dtype` as torch's default dtype; None: config.json's, as transformers' own default).
-    An auto class is told checkpoint.trust_remote_code: left unset, transformers asks on the terminal."""
-    builder = getattr(cls, "_from_config", None) or cls.from_config
-    kwargs = {"dtype": dtype} if dtype is not None else {}
-    if not hasattr(cls, "_from_config"):  # an auto class: it chooses between its class and the checkpoint's code
-        kwargs["trust_remote_code"] = bool(trust_remote_code)
-    return builder(config, **kwargs)
 
 
 def _build_class(cls, config, dtype: torch.dtype | None = None):
