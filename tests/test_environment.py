@@ -70,3 +70,18 @@ def test_installed_versions_equal_the_lock():
         if name not in moved and installed.get(name, "").split("+")[0] != version
     }
     assert not wrong, f"installed versions differ from constraints.txt (locked, installed): {wrong}"
+
+
+def test_the_report_names_what_the_run_depended_on(tiny, tmp_path):
+    """report.json `environment`: every package version, the CPU path torch chose, bitsandbytes' backend."""
+    import torch
+
+    from pipeline import load
+
+    result = load([f"checkpoint.path={tiny('llama')}", "quantization=int8"], run_dir=tmp_path / "run")
+    env = result.report["environment"]
+    for name in ("torch", "transformers", "accelerate", "safetensors", "bitsandbytes", "hydra-core", "omegaconf"):
+        assert env["packages"][name] == metadata.version(name)
+    assert env["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert env["bitsandbytes_backend"] and env["bitsandbytes_backend"].startswith("cpu")
+    assert env["transformers_tested"]["in_range"] is True
