@@ -80,27 +80,28 @@ def test_an_int32_tensor_that_got_loaded_fails_validate(tiny, tmp_path):
     assert f"{NORM} (torch.int32)" in why and "floating point" in why
 
 
-def _untied_llama(dest):
+def _untied_llama(dest, vocab_size: int = 256):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, tie_word_embeddings=False, max_position_embeddings=128,
     )  # fmt: skip
     LlamaForCausalLM(config).eval().save_pretrained(dest, max_shard_size=60_000)
     return dest
 
 
-def test_nan_in_an_embedding_row_no_input_touches_fails_by_default(tmp_path):
-    ck = _untied_llama(tmp_path / "ck")
-    _plant_nan(ck, "model.embed_tokens.weight", (255, 7))
+@pytest.mark.parametrize("vocab", [256, 8192])  # 64 KiB and 2 MiB embeddings: under and over a sample's 1 MiB
+def test_nan_in_an_embedding_row_no_input_touches_fails_by_default(tmp_path, vocab):
+    ck = _untied_llama(tmp_path / "ck", vocab)
+    _plant_nan(ck, "model.embed_tokens.weight", (vocab - 1, 7))  # in a block a 1-in-8 sample would skip
     with pytest.raises(CheckFailed, match="weights_finite") as exc:
         load([f"checkpoint.path={ck}", "quantization=none"], run_dir=tmp_path / "run")
     v = exc.value.result.report["validation"]
     assert v["checks"]["forward_finite"] is True  # the fixed inputs never read row 255
     assert v["failures"]["weights_finite"] == "NaN/Inf in: model.embed_tokens.weight"
-    assert v["weights_finite"]["elements"] == v["weights_finite"]["of"] > 0  # tensors under 1 MiB: read whole
+    assert v["weights_finite"]["elements"] == v["weights_finite"]["of"] > 0  # every element, by default
 
 
 @pytest.mark.parametrize(
