@@ -28,6 +28,7 @@ def _app(cfg: DictConfig) -> str:
     from .parallel.spec import env_rank
 
     hc = HydraConfig.get()
+    _check_permissions(cfg, hc)
     run_dir = hc.runtime.output_dir
     main_rank = env_rank(cfg.get("parallel")) == 0  # tensor parallel: rank 0 speaks for all ranks
     try:
@@ -52,6 +53,20 @@ def _app(cfg: DictConfig) -> str:
     if main_rank:
         print(format_summary(result.report, run_dir))
     return _sweep_value(cfg, result.report)
+
+
+def _check_permissions(cfg: DictConfig, hc) -> None:
+    """What Hydra composed itself (-cp, or flags the pre-flight leaves to Hydra): permissions from the command line only."""
+    from omegaconf import OmegaConf
+
+    from .engine.compose import check_permissions_given
+    from .errors import UserError
+
+    try:
+        check_permissions_given(OmegaConf.to_container(cfg, resolve=False), list(hc.overrides.task), hc.job.config_name)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(exc.exit_code) from None
 
 
 def _summarize_so_far(root: str) -> None:

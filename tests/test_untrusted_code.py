@@ -317,3 +317,53 @@ def test_hydra_callback_target_is_checked_before_hydra_imports_it(tmp_path):
             extra_path=str(tmp_path))  # fmt: skip
     refused(p, "hydra.callbacks.trap._target_", "not allow-listed")
     assert not marker.exists()
+
+
+# --- permissions come from the user, not from a config file -------------------------------------------
+
+
+def _granting_config(tmp_path, ck, body: str):
+    conf = tmp_path / "conf"
+    conf.mkdir(exist_ok=True)
+    head = "defaults:\n  - config\n  - _self_\nhydra:\n  searchpath: [pkg://conf]\n"  # -cp replaces our conf dir
+    (conf / "theirs.yaml").write_text(f"{head}checkpoint:\n  path: {ck}\n{body}")
+    (tmp_path / "experiment").mkdir(exist_ok=True)
+    (tmp_path / "experiment" / "theirs.yaml").write_text(f"# @package _global_\ncheckpoint:\n  path: {ck}\n{body}")
+    return conf
+
+
+@pytest.mark.parametrize("how", ["--config-dir", "--config-path", "+experiment"])
+def test_a_config_file_cannot_grant_trust_remote_code(remote_ck, tmp_path, how):
+    """Someone else's YAML that sets checkpoint.trust_remote_code: true runs no code: exit 2 naming the key."""
+    ck, marker = remote_ck
+    conf = _granting_config(tmp_path, ck, "  trust_remote_code: true\n")
+    chosen = {
+        "--config-dir": ["-cd", str(conf), "-cn", "theirs"],
+        "--config-path": ["-cp", str(conf), "-cn", "theirs"],  # composed by Hydra itself, not our pre-flight
+        "+experiment": [f"hydra.searchpath=[file://{tmp_path}]", "+experiment=theirs"],
+    }[how]
+    p = cli(*chosen, "+experiment=dry_run" if how != "+experiment" else "stages=[instantiate_empty,plan]",
+            f"hydra.run.dir={tmp_path / 'r'}")  # fmt: skip
+    refused(p, "checkpoint.trust_remote_code", "granted by a config file", "checkpoint.trust_remote_code=true")
+    assert not marker.exists()
+
+
+def test_a_config_file_cannot_grant_pickles_or_loader_targets(tiny, tmp_path, evil_pickle):
+    path, marker = evil_pickle
+    for body, key in (
+        ("  allow_pickle: true\n", "checkpoint.allow_pickle"),
+        ("allow_targets: [torch.load]\n", "allow_targets"),
+    ):
+        conf = _granting_config(tmp_path, tiny("llama"), body)
+        p = cli("-cd", str(conf), "-cn", "theirs", "+experiment=dry_run", f"hydra.run.dir={tmp_path / 'r'}")
+        refused(p, key, "granted by a config file")
+    assert not marker.exists()
+
+
+def test_the_same_permission_given_on_the_command_line_holds(remote_ck, tmp_path):
+    ck, marker = remote_ck
+    conf = _granting_config(tmp_path, ck, "  trust_remote_code: true\n")
+    p = cli("-cd", str(conf), "-cn", "theirs", "checkpoint.trust_remote_code=true", "+experiment=dry_run",
+            f"hydra.run.dir={tmp_path / 'r'}")  # fmt: skip
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert marker.exists()  # the user said so: its code ran

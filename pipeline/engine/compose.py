@@ -43,7 +43,28 @@ def compose_config(overrides=(), config_name: str = "config", config_dir: str | 
     container = OmegaConf.to_container(cfg, resolve=False)
     check_moved_targets(container)
     check_hydra_targets(container)
+    check_permissions_given(container, overrides, config_name)
     return cfg
+
+
+# Keys that let code run (a checkpoint's own modeling code, pickles, loaders named as targets).
+PERMISSIONS = ("checkpoint.trust_remote_code", "checkpoint.allow_pickle", "allow_targets")
+
+
+def check_permissions_given(container: dict, overrides: list[str], config_name: str) -> None:
+    """A permission holds only when the command line or load() gives it: a config file (someone else's YAML,
+    an experiment preset) that grants one is exit 2 naming the key to pass instead."""
+    given = {re.sub(r"^[+~]+", "", o).split("=", 1)[0].strip() for o in overrides}
+    for key in PERMISSIONS:
+        node = container
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        if node and node is not False and key not in given:
+            raise UserError(
+                f"{key}: granted by a config file (config {config_name!r} or a group it selects), not by you; "
+                f"permissions that let code run are given on the command line or in load(): add {key}="
+                f"{'true' if node is True else '[...]'} if you trust it"
+            )
 
 
 def _refuse_tags(overrides: list[str]) -> None:
