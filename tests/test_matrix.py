@@ -15,6 +15,7 @@ outcomes is docs/matrix.md.
 from __future__ import annotations
 
 import itertools
+import re
 
 import pytest
 import torch
@@ -29,15 +30,20 @@ FAMILIES = {
     "mixtral_moe": BY_FAMILY["mixtral"],
     "t5_enc_dec": BY_FAMILY["t5"],
 }
-QUANTIZATION = ("none", "int8", "nf4")
+# prequantized_*: a checkpoint transformers quantized and saved (as downloaded from the Hub), loaded as saved
+QUANTIZATION = ("none", "int8", "nf4", "prequantized_int8", "prequantized_nf4")
 PLACEMENTS = ("one_device", "head_on_disk", "layers_on_disk")
 DTYPES = ("fp32", "bf16")
 CELLS = list(itertools.product(FAMILIES, QUANTIZATION, PLACEMENTS, DTYPES))
 NO_METRICS = [f"stages.validate.metrics.{m}=false" for m in ("perplexity", "reference", "greedy", "throughput")]
 
-# (family, placement) -> the start of the one-line reason the plan gives (any quantization and dtype).
+# (family, quantization or None for any, placement) -> a regex the one-line reason the plan gives starts with.
+SAVED_ON_DISK = r"memory\.max_memory: \S+ is saved as (int8|nf4) and would be offloaded to disk; saved \1 layers run on"
 REFUSED = {
-    ("mixtral_moe", "layers_on_disk"): "memory.max_memory: model.layers.0.mlp.experts.gate_up_proj is assembled from",
+    ("mixtral_moe", None, "layers_on_disk"): (
+        r"memory\.max_memory: model\.layers\.0\.mlp\.experts\.gate_up_proj is assembled from|" + SAVED_ON_DISK
+    ),
+    **{(f, q, "layers_on_disk"): SAVED_ON_DISK for f in FAMILIES for q in ("prequantized_int8", "prequantized_nf4")},
 }
 
 
@@ -45,12 +51,30 @@ REFUSED = {
 def checkpoints(tmp_path_factory):
     cache: dict = {}
 
-    def get(family: str):
-        if family not in cache:
-            cache[family] = build(FAMILIES[family], tmp_path_factory.mktemp(family), shards=3)
-        return cache[family]
+    def get(family: str, quant: str = "none"):
+        if (family, quant) not in cache:
+            if quant.startswith("prequantized_"):
+                src = get(family)
+                kind = quant.removeprefix("prequantized_")
+                cache[family, quant] = _saved_quantized(src, tmp_path_factory.mktemp(f"{family}_{kind}"), kind)
+            else:
+                cache[family, quant] = build(FAMILIES[family], tmp_path_factory.mktemp(family), shards=3)
+        return cache[family, quant]
 
     return get
+
+
+def _saved_quantized(src, dest, kind: str):
+    """What a user downloads as a pre-quantized model: transformers quantizes and saves it (its own class)."""
+    import transformers
+    from helpers import BNB_KINDS
+    from transformers import AutoConfig, BitsAndBytesConfig
+
+    cls = getattr(transformers, AutoConfig.from_pretrained(src).architectures[0])
+    model = cls.from_pretrained(src, quantization_config=BitsAndBytesConfig(**BNB_KINDS[kind]))
+    total = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    model.save_pretrained(dest, max_shard_size=max(total // 3, 1))
+    return dest
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +110,8 @@ def _explicit_map(path, placement: str) -> str:
 
 
 def _overrides(path, quant: str, placement: str, dtype: str) -> list[str]:
-    out = [f"checkpoint.path={path}", f"quantization={quant}", f"dtype={dtype}", *NO_METRICS]
+    method = "none" if quant.startswith("prequantized_") else quant  # a pre-quantized checkpoint loads as saved
+    out = [f"checkpoint.path={path}", f"quantization={method}", f"dtype={dtype}", *NO_METRICS]
     if placement == "one_device":
         return [*out, "device_map=cpu"]
     return [*out, "device_map=explicit", _explicit_map(path, placement)]
@@ -112,19 +137,19 @@ def test_matrix_size():
         f"\ncombination matrix: {len(CELLS)} cells ({len(FAMILIES)} families x {len(QUANTIZATION)} quantization x "
         f"{len(PLACEMENTS)} placements x {len(DTYPES)} dtypes)"
     )
-    assert len(CELLS) == 72
+    assert len(CELLS) == 120
 
 
 @pytest.mark.parametrize(("family", "quant", "placement", "dtype"), CELLS, ids=["-".join(c) for c in CELLS])
 def test_cell(family, quant, placement, dtype, checkpoints, references, tmp_path):
-    path = checkpoints(family)
+    path = checkpoints(family, quant)
     overrides = _overrides(path, quant, placement, dtype)
-    refused = REFUSED.get((family, placement))
+    refused = REFUSED.get((family, quant, placement)) or REFUSED.get((family, None, placement))
     if refused is not None:
         with pytest.raises(UserError) as err:
             dry = [o for o in overrides if o not in NO_METRICS]  # a dry run has no validate stage
             load([*dry, "+experiment=dry_run"], run_dir=tmp_path / "run")  # refused before any byte is read
-        assert str(err.value).startswith(refused) and "\n" not in str(err.value), str(err.value)
+        assert re.match(refused, str(err.value)) and "\n" not in str(err.value), str(err.value)
         return
     r = load(overrides, run_dir=tmp_path / "run")
     report = r.report
