@@ -48,3 +48,27 @@ def saved(tmp_path_factory):
 @pytest.fixture
 def run_dir(tmp_path) -> Path:
     return tmp_path / "run"
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """tmpfs("size=64k") -> a real filesystem of that size, mounted for the test (mount(8) needs root: skipped
+    where it cannot mount), unmounted afterwards: a full or read-only disk without mocks."""
+    import subprocess
+
+    mounts = []
+
+    def make(options: str = "size=64k") -> Path:
+        point = tmp_path / f"tmpfs{len(mounts)}"
+        point.mkdir()
+        done = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(point)], capture_output=True, text=True
+        )
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()[:200]}")
+        mounts.append(point)
+        return point
+
+    yield make
+    for point in mounts:
+        subprocess.run(["umount", str(point)], check=False)

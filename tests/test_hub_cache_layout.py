@@ -4,7 +4,6 @@ inside the directory; the file may be a symlink to anywhere), and nothing in the
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import stat
@@ -12,28 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import assert_same_tensors, run_cli, tree_digest
+from helpers import assert_same_tensors, hub_cache_snapshot, run_cli, tree_digest
 
 from pipeline import load
 from pipeline.errors import UserError
 
-REV = "0123456789abcdef0123456789abcdef01234567"
 SAVE = "stages=[instantiate_empty,plan,quantize,load_shards,validate,save]"
-
-
-def _hub_cache(src: Path, cache: Path, repo: str = "tiny/llama") -> Path:
-    """The exact layout huggingface_hub writes: blobs by sha256, snapshot entries as relative symlinks, refs/main."""
-    root = cache / f"models--{repo.replace('/', '--')}"
-    (root / "blobs").mkdir(parents=True)
-    (root / "refs").mkdir()
-    (root / "refs" / "main").write_text(REV)
-    snapshot = root / "snapshots" / REV
-    snapshot.mkdir(parents=True)
-    for f in sorted(src.iterdir()):
-        digest = hashlib.sha256(f.read_bytes()).hexdigest()
-        (root / "blobs" / digest).write_bytes(f.read_bytes())
-        os.symlink(f"../../blobs/{digest}", snapshot / f.name)
-    return snapshot
 
 
 def _read_only(tree: Path) -> None:
@@ -62,7 +45,7 @@ def test_snapshots_load_read_only_one_file_or_many_as_transformers_loads_them(ti
     from huggingface_hub import scan_cache_dir, try_to_load_from_cache
     from transformers import AutoModelForCausalLM
 
-    snapshot = _hub_cache(tiny("llama"), cache)
+    snapshot = hub_cache_snapshot(tiny("llama"), cache)
     assert len(list(snapshot.glob("*.safetensors"))) >= 3
     assert [r.repo_id for r in scan_cache_dir(cache).repos] == ["tiny/llama"]  # huggingface_hub reads our layout
     assert Path(try_to_load_from_cache("tiny/llama", "config.json", cache_dir=cache)) == snapshot / "config.json"
@@ -84,7 +67,7 @@ def _single_file_snapshot_loads(tmp_path, cache):
     GPT2LMHeadModel(config).save_pretrained(src)  # one model.safetensors, as small models come
     assert (src / "model.safetensors").exists() and not (src / "model.safetensors.index.json").exists()
     _writable(cache)
-    snapshot = _hub_cache(src, cache, "tiny/gpt2")
+    snapshot = hub_cache_snapshot(src, cache, "tiny/gpt2")
     _read_only(cache)
     before = tree_digest(cache)
     p = run_cli("checkpoint=hf_dir", f"checkpoint.path={snapshot}", f"hydra.run.dir={tmp_path / 'cli'}")
@@ -118,7 +101,7 @@ def test_one_rule_for_one_file_or_many(tiny, tmp_path):
 
 
 def test_save_refuses_the_blobs_its_symlinks_lead_to(tiny, cache, tmp_path):
-    snapshot = _hub_cache(tiny("llama"), cache)
+    snapshot = hub_cache_snapshot(tiny("llama"), cache)
     before = tree_digest(cache)
     dest = snapshot.parents[1] / "blobs" / "int8"
     with pytest.raises(UserError, match="stages.save.path: .* is inside the source checkpoint .*blobs"):

@@ -9,7 +9,6 @@ import json
 import os
 import shutil
 import struct
-import subprocess
 
 import pytest
 import torch
@@ -285,26 +284,6 @@ def test_cli_summary_marks_cached_figures_and_survives_bad_entries(ck, cache, tm
     assert "metric cache: model entry" in third.stderr and "metric cache: reference entry" in third.stderr
 
 
-@pytest.fixture
-def small_fs(tmp_path):
-    """mount(*options) -> a real 64 KiB tmpfs (skipped where this user may not mount), unmounted afterwards."""
-    where = tmp_path / "small_fs"
-    where.mkdir()
-    mounted = []
-
-    def mount(*options):
-        opts = ",".join(["size=64k", *options])
-        done = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(where)], capture_output=True, text=True)
-        if done.returncode:
-            pytest.skip(f"cannot mount a small tmpfs here: {done.stderr.strip()[:200]}")
-        mounted.append(where)
-        return where
-
-    yield mount
-    for m in mounted:
-        subprocess.run(["umount", str(m)], check=False)
-
-
 def _fill(fs, leave: int) -> None:
     """Fill the filesystem, then give back `leave` bytes: room for a small file, not for a reference."""
     fd = os.open(fs / "filler", os.O_WRONLY | os.O_CREAT)
@@ -322,8 +301,8 @@ def _leftovers(root) -> list:
     return [p for p in root.rglob("*") if p.name.startswith(".tmp-")]
 
 
-def test_full_disk_never_fails_a_load(ck, small_fs, tmp_path, monkeypatch):
-    fs = small_fs()
+def test_full_disk_never_fails_a_load(ck, tmpfs, tmp_path, monkeypatch):
+    fs = tmpfs()
     _fill(fs, 4096)
     monkeypatch.setenv("MODEL_LOADER_METRICS_CACHE", str(fs / "metrics"))
     r = load(
@@ -336,8 +315,8 @@ def test_full_disk_never_fails_a_load(ck, small_fs, tmp_path, monkeypatch):
     assert _leftovers(fs) == []
 
 
-def test_read_only_cache_never_fails_a_load(ck, small_fs, tmp_path, monkeypatch):
-    fs = small_fs("ro")
+def test_read_only_cache_never_fails_a_load(ck, tmpfs, tmp_path, monkeypatch):
+    fs = tmpfs("size=64k,ro")
     monkeypatch.setenv("MODEL_LOADER_METRICS_CACHE", str(fs / "metrics"))
     done = run_cli(f"checkpoint.path={ck}", "quantization=int8", "stages.validate.max_eval_tokens=64",
                    f"hydra.run.dir={tmp_path / 'a'}")  # fmt: skip

@@ -157,35 +157,16 @@ def test_a_save_killed_at_any_phase_leaves_a_complete_save_and_the_next_one_clea
     assert _leftovers(dest) == [] and is_complete(str(dest), read_mark(str(dest)))
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """A real filesystem of our own size (tmpfs): mount(8) needs root; skipped where it cannot mount."""
-    mounts = []
-
-    def make(options: str) -> Path:
-        point = tmp_path / f"disk{len(mounts)}"
-        point.mkdir()
-        done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(point)], capture_output=True)
-        if done.returncode != 0:
-            pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
-        mounts.append(point)
-        return point
-
-    yield make
-    for point in mounts:
-        subprocess.run(["umount", str(point)], check=True)
-
-
-def test_a_disk_too_small_is_refused_before_writing(small_disk, tiny, tmp_path):
-    disk = small_disk("size=64k")
+def test_a_disk_too_small_is_refused_before_writing(tmpfs, tiny, tmp_path):
+    disk = tmpfs("size=64k")
     with pytest.raises(UserError, match=rf"stages.save.path: {disk} has [0-9.]+ MiB free; the save needs \d+ bytes"):
         _save(tiny("llama"), disk / "int8", tmp_path / "run")
     assert list(disk.iterdir()) == []
 
 
-def test_running_out_of_space_while_writing_is_one_line_and_leaves_nothing(small_disk, tiny, tmp_path):
+def test_running_out_of_space_while_writing_is_one_line_and_leaves_nothing(tmpfs, tiny, tmp_path):
     """Free bytes, but no inode for the index after the shard: ENOSPC mid-save, which no free-space check foresees."""
-    disk = small_disk("size=16m,nr_inodes=4")
+    disk = tmpfs("size=16m,nr_inodes=4")
     with pytest.raises(
         UserError, match=rf"stages.save.path: {disk} ran out of space while writing; the save needs \d+"
     ):
