@@ -16,6 +16,18 @@ _task_started = False
 def _app(cfg: DictConfig) -> str:
     global _task_started
     _task_started = True
+    try:
+        return _task(cfg)
+    except Exception as exc:  # Hydra reports any Exception as a traceback; a signal behind one is a signal
+        from .engine.signals import interruption_in
+
+        signal = interruption_in(exc)
+        if signal is None or os.environ.get("PIPELINE_DEBUG"):
+            raise
+        raise signal from None  # a KeyboardInterrupt: main() says it in one line, exit 143/130
+
+
+def _task(cfg: DictConfig) -> str:
     from .engine.prefetch import start_cuda
 
     start_cuda(cfg)  # the driver makes the GPU's context, off the GIL, while torch is imported

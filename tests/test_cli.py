@@ -1,10 +1,11 @@
 """The CLI in a subprocess: run artifacts, exit codes 0/1/2, one clear last line on errors."""
 
 import json
+import shutil
 
 import pytest
 from helpers import run_cli, tree_digest
-from test_load import _copy_without
+from safetensors.torch import load_file, save_file
 
 STAGES = ["instantiate_empty", "plan", "quantize", "load_shards", "validate"]
 
@@ -64,10 +65,22 @@ def test_bad_input_exits_2_naming_the_culprit(args, culprit, tiny, tmp_path):
     assert "Traceback" not in p.stderr
 
 
+def _copy_with_nan(src, dest, name):
+    """A copy of a sharded checkpoint in which one weight holds a NaN (the source is never touched)."""
+    shutil.copytree(src, dest)
+    for shard in dest.glob("*.safetensors"):
+        tensors = load_file(shard)
+        if name in tensors:
+            tensors[name].view(-1)[0] = float("nan")
+            save_file(tensors, shard, metadata={"format": "pt"})
+    return dest
+
+
 def test_failed_check_exits_1_and_names_the_weight(tiny, tmp_path):
-    path = _copy_without(tiny("llama"), tmp_path / "ck", "model.layers.0.self_attn.q_proj.weight")
+    # a tensor missing from the checkpoint is exit 2 at plan time (test_incomplete.py); a NaN is a failed check
+    path = _copy_with_nan(tiny("llama"), tmp_path / "ck", "model.layers.0.self_attn.q_proj.weight")
     out = tmp_path / "run"
-    p = run_cli(f"checkpoint.path={path}", f"hydra.run.dir={out}")
+    p = run_cli(f"checkpoint.path={path}", "quantization=none", f"hydra.run.dir={out}")
     assert p.returncode == 1, p.stderr
     assert "model.layers.0.self_attn.q_proj.weight" in _last_line(p.stderr)
     report = json.loads((out / "report.json").read_text())

@@ -97,3 +97,25 @@ def test_sigterm_while_the_cli_starts_is_one_line_and_143(tiny, tmp_path):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err[-2000:]
     assert err.strip().splitlines()[-1].startswith("error: interrupted by SIGTERM") and "Traceback" not in err
+
+
+def test_a_signal_wrapped_by_the_interpreter_is_still_the_signal():
+    """Python 3.11 wraps an exception raised while a class body is set up (a dataclass field's __set_name__)
+    in RuntimeError; a SIGTERM landing there, during an import, is still SIGTERM (exit 143), not a traceback."""
+    import signal
+
+    from pipeline.engine.signals import interruption_in
+    from pipeline.errors import Interrupted
+
+    class Field:
+        def __set_name__(self, owner, name):
+            raise Interrupted(signal.SIGTERM)
+
+    with pytest.raises(BaseException) as info:
+
+        class Owner:  # noqa: B903
+            field = Field()
+
+    found = interruption_in(info.value)
+    assert isinstance(found, Interrupted) and found.exit_code == 143
+    assert interruption_in(RuntimeError("no signal here")) is None

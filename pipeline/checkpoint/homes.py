@@ -35,14 +35,19 @@ def checkpoint_homes(path: str, *, file_parent: bool = True) -> list[str]:
 
 
 def _file_names(root: str) -> list[str]:
-    """Top-level entries and the files the index names (it may name files in subdirectories)."""
+    """Top-level entries and the files the index names (it may name files in subdirectories). An entry that
+    leaves the directory by name (absolute, `..`) is never read (layout.py refuses it), so it is no home."""
     names = os.listdir(root)
     try:
         with open(os.path.join(root, INDEX_NAME)) as fh:
-            names += [str(v) for v in json.load(fh).get("weight_map", {}).values()]
+            names += [str(v) for v in json.load(fh).get("weight_map", {}).values() if _stays_inside(str(v))]
     except (OSError, ValueError, AttributeError):
         pass  # no index, or a bad one: loading says so; the top level is still protected
     return names
+
+
+def _stays_inside(rel: str) -> bool:
+    return not (os.path.isabs(rel) or rel.startswith("\\") or ".." in rel.replace("\\", "/").split("/"))
 
 
 def relation(path: str, home: str) -> str | None:

@@ -30,7 +30,7 @@ from .report import new_report
 from .result import LoadResult
 from .reuse import remember, reuse_key
 from .reuse import take as reuse_take
-from .signals import describe, interruptible
+from .signals import describe, interruptible, interruption_in
 from .write_guard import check_writes_outside
 
 log = logging.getLogger("pipeline")
@@ -88,7 +88,10 @@ def run(cfg: DictConfig, run_dir: Path | str, *, reuse: bool = False) -> LoadRes
         except KeyboardInterrupt as exc:
             report["status"], report["error"], error = "interrupted", describe(exc, report["stages"]), exc
         except Exception as exc:
-            error = _unexpected_error(exc, ctx, run_dir)
+            if (signal := interruption_in(exc)) is not None:  # a signal a library wrapped on its way up
+                report["status"], report["error"], error = "interrupted", describe(signal, report["stages"]), signal
+            else:
+                error = _unexpected_error(exc, ctx, run_dir)
         finally:
             guard.hold()  # a signal now waits until report.json is written
             report["environment"] = environment()

@@ -17,6 +17,18 @@ def _raise(signum, frame):
     raise Interrupted(signum)
 
 
+def interruption_in(exc: BaseException | None) -> KeyboardInterrupt | None:
+    """The signal behind `exc`: a library may wrap it (Python 3.11 turns an exception raised while a class
+    body is created into RuntimeError, "Error calling __set_name__"), and it is still the signal."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, KeyboardInterrupt):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 def raise_on_signals() -> None:
     """The CLI, from its start: SIGTERM too ends in one line and exit 143 (before the runner, without a report)."""
     for s in _CAUGHT:
