@@ -1,12 +1,18 @@
-"""The combination matrix's GPU rows (CI has no GPU): tests/test_matrix.py's families and quantizations,
-placed on GPU 0 alone and on GPU 0 + CPU + disk, fp32 and bf16.
+"""The combination matrix's GPU rows (CI has no GPU): tests/test_matrix.py's families and quantizations
+on GPU 0 alone, GPU 0 + CPU (twice) and GPU 0 + CPU + disk, fp32 and bf16.
 
-GPU + CPU + disk: the embeddings and the first half of the no-split blocks on GPU 0, the rest of the
-blocks on disk (read in place, run unquantized), the output head (and what is tied to it) on the CPU
-(accelerate's CPU offload: stored on the CPU, run on the GPU). Every cell must end ok with every check
-passing and plan error 0, and its logits are compared with the same configuration on GPU 0 alone with the
-same layers left unquantized: equal (the same kernels ran) or the max abs difference is printed. A cell
-the plan refuses prints its one-line reason. One JSON object per cell; a summary line at the end.
+- gpu: every module on GPU 0.
+- gpu_cpu: embeddings and the first half of the no-split blocks on GPU 0; the other blocks and the output
+  head (with what is tied to it) on the CPU. By default (quantization.offloaded = the method) the CPU's
+  quantized layers are quantized and run on the CPU, so their kernels are the CPU's: the logits differ from
+  GPU alone by that (max abs difference printed). Unquantized CPU modules are streamed to the GPU.
+- gpu_cpu_keep: the same map with quantization.offloaded=keep: the CPU's layers stay unquantized and are
+  streamed to the GPU, so the same kernels run as on GPU 0 alone with those layers skipped.
+- gpu_cpu_disk: as gpu_cpu, but the other blocks on disk (read in place, run unquantized on the GPU).
+
+Every cell must end ok with every check passing and plan error 0; its logits are compared with the same
+configuration on GPU 0 alone with the same layers left unquantized. A cell the plan refuses prints its
+one-line reason. One JSON object per cell; a summary line at the end.
 
     python bench/gpu_matrix.py [--out results.jsonl]
 """
@@ -32,19 +38,20 @@ from test_matrix import FAMILIES, NO_METRICS, QUANTIZATION, _saved_quantized, _s
 from pipeline import load  # noqa: E402
 from pipeline.errors import UserError  # noqa: E402
 
-PLACEMENTS = ("gpu", "gpu_cpu_disk")
+PLACEMENTS = ("gpu", "gpu_cpu", "gpu_cpu_keep", "gpu_cpu_disk")
 DTYPES = ("fp32", "bf16")
 
 
 def placement_map(path, placement: str) -> str:
     model = _skeleton(path)
     entries = {name: 0 for name, _ in model.named_children()}
-    if placement == "gpu_cpu_disk":
+    if placement != "gpu":
         blocks = [n for n, m in model.named_modules() if type(m).__name__ in set(model._no_split_modules or ())]
-        entries.update({n: "disk" for n in blocks[len(blocks) // 2 :]})
+        rest = "disk" if placement == "gpu_cpu_disk" else "cpu"  # gpu_cpu_keep: the map of gpu_cpu
+        entries.update({n: rest for n in blocks[len(blocks) // 2 :]})
         head = model.get_output_embeddings().weight
         for name, module in model.named_modules():
-            if any(p is head for p in module.parameters(recurse=False)) and name not in entries:
+            if any(p is head for p in module.parameters(recurse=False)):
                 entries[name] = "cpu"
         head_name = next(n for n, m in model.named_modules() if m is model.get_output_embeddings())
         entries[head_name] = "cpu"
@@ -55,6 +62,8 @@ def overrides(path, quant: str, placement: str, dtype: str, skipped=()) -> list[
     method = "none" if quant.startswith("prequantized_") else quant
     out = [f"checkpoint.path={path}", f"quantization={method}", f"dtype={dtype}", *NO_METRICS]
     out += ["device_map=explicit", placement_map(path, placement)]
+    if placement == "gpu_cpu_keep":
+        out.append("quantization.offloaded=keep")
     if skipped:
         out.append(f"quantization.skip_modules=[{','.join(skipped)}]")
     return out

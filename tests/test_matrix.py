@@ -38,10 +38,10 @@ CELLS = list(itertools.product(FAMILIES, QUANTIZATION, PLACEMENTS, DTYPES))
 NO_METRICS = [f"stages.validate.metrics.{m}=false" for m in ("perplexity", "reference", "greedy", "throughput")]
 
 # (family, quantization or None for any, placement) -> a regex the one-line reason the plan gives starts with.
-SAVED_ON_DISK = r"memory\.max_memory: \S+ is saved as (int8|nf4) and would be offloaded to disk; saved \1 layers run on"
+SAVED_ON_DISK = r"device_map\.map: \S+ is saved as (int8|nf4) and would be offloaded to disk; saved \1 layers run on"
 REFUSED = {
     ("mixtral_moe", None, "layers_on_disk"): (
-        r"memory\.max_memory: model\.layers\.0\.mlp\.experts\.gate_up_proj is assembled from|" + SAVED_ON_DISK
+        r"device_map\.map: model\.layers\.0\.mlp\.experts\.gate_up_proj is assembled from|" + SAVED_ON_DISK
     ),
     **{(f, q, "layers_on_disk"): SAVED_ON_DISK for f in FAMILIES for q in ("prequantized_int8", "prequantized_nf4")},
 }
@@ -165,3 +165,15 @@ def test_cell(family, quant, placement, dtype, checkpoints, references, tmp_path
         references.setdefault((str(path), quant, dtype, ()), logits)
     expected = _reference(references, path, quant, dtype, skipped, tmp_path)
     assert torch.equal(logits, expected)
+
+
+@pytest.mark.parametrize("kind", ["int8", "nf4"])
+def test_saved_quantized_on_disk_names_the_caps_when_caps_placed_it(kind, checkpoints, tmp_path):
+    """The refusal names the key that put the layer on disk: the caps here, device_map.map in the cells above."""
+    path = checkpoints("qwen2_untied", f"prequantized_{kind}")
+    overrides = [f"checkpoint.path={path}", "quantization=none", "device_map=auto", "+experiment=dry_run"]
+    with pytest.raises(UserError) as err:
+        load([*overrides, "memory.max_memory={cpu: 20KiB, disk: 1GiB}"], run_dir=tmp_path / "run")
+    message = str(err.value)
+    assert re.match(SAVED_ON_DISK.replace("device_map\\.map", "memory\\.max_memory"), message), message
+    assert message.endswith("raise the caps") and "\n" not in message

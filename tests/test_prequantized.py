@@ -180,3 +180,16 @@ def test_stats_in_another_shard_than_their_weight(tiny, tmp_path):
     r = load([f"checkpoint.path={path}", "quantization=none"], run_dir=tmp_path / "r")
     assert r.report["status"] == "ok" and r.report["validation"]["plan_error"] == {"cpu": 0.0}
     assert_same_tensors(r.model, bnb_reference(path))
+
+
+def test_settings_a_saved_checkpoint_has_decided_are_warned_not_silently_dropped(saved, tmp_path):
+    """quantization.offloaded=keep cannot apply to saved layers (no unquantized weights): said, in the report."""
+    path = saved("int8")
+    overrides = [f"checkpoint.path={path}", "quantization=int8", "quantization.offloaded=keep"]
+    r = load([*overrides, "stages=[instantiate_empty,plan,quantize]"], run_dir=tmp_path / "r").report
+    assert any(w.startswith("quantization.offloaded=keep: ignored") for w in r["quantization"]["warnings"]), r
+    plain = load(
+        [f"checkpoint.path={path}", "quantization=int8", "stages=[instantiate_empty,plan,quantize]"],
+        run_dir=tmp_path / "p",
+    ).report
+    assert not any("offloaded" in w for w in plain["quantization"]["warnings"])

@@ -64,7 +64,9 @@ def build_plan(
     tensors = assign_devices(planned.tensors, dmap)
     main = main_device or offload_policy.main_device(t.device for t in tensors.values())
     _refuse_offloaded_tensor_entries(dmap, tensors, main)
-    modules, skipped, tensors = _demote_offloaded(tensors, selection, spec, main, resize=sized, dmap=dmap)
+    modules, skipped, tensors = _demote_offloaded(
+        tensors, selection, spec, main, resize=sized, dmap=dmap, key=_placement_key(strategy)
+    )
     tensors = _buffers_on_execution_device(tensors, modules, main)
     plan = Plan(
         strategy=strategy,
@@ -86,14 +88,19 @@ def build_plan(
     return plan
 
 
-def _demote_offloaded(tensors, selection, spec: QuantSpec, main: str, *, resize, dmap):
+def _placement_key(strategy: str) -> str:
+    """The key that decided where a tensor went: the user's map, or the caps the strategy filled."""
+    return "device_map.map" if strategy == "explicit" else "memory.max_memory"
+
+
+def _demote_offloaded(tensors, selection, spec: QuantSpec, main: str, *, resize, dmap, key: str):
     """Quantized layers placed where they cannot stay quantized (disk; the CPU with offloaded=keep)
     leave the quantized set and are sized again: (modules, skipped with reasons, tensors)."""
     modules, skipped = list(selection.modules), dict(selection.skipped)
     demoted = offload_policy.demoted_modules(tensors, modules, keep_offloaded=spec.offloaded == "keep", main=main)
     if not demoted:
         return modules, skipped, tensors
-    _refuse_demoting_saved(spec, demoted, tensors)
+    _refuse_demoting_saved(spec, demoted, tensors, key)
     modules = [m for m in modules if m not in demoted]
     skipped.update(demoted)
     return modules, skipped, assign_devices(resize(quantized_modules=modules).tensors, dmap)
@@ -166,10 +173,15 @@ def _check_fits(plan: Plan, checkpoint, max_memory: dict[str, int], assemble_fro
     fused = (t for t in plan.tensors.values() if t.conversion and t.device == "disk" and not assemble_from_disk)
     on_disk = next(fused, None)
     if on_disk is not None:
+        module = on_disk.name.rpartition(".")[0]
+        fix = (
+            f"map its module ({module}) to a GPU or the CPU"
+            if plan.strategy == "explicit"
+            else f"raise the caps (or, with device_map=explicit, map it) so that its module ({module}) is on a GPU or the CPU"
+        )
         raise UserError(
-            f"memory.max_memory: {on_disk.name} is assembled from {len(on_disk.conversion.sources)} checkpoint "
-            f"tensors ({on_disk.conversion.ops}) and cannot be read in place from disk; raise the caps (or, with "
-            f"device_map=explicit, map it) so that its module ({on_disk.name.rpartition('.')[0]}) is on a GPU or the CPU"
+            f"{_placement_key(plan.strategy)}: {on_disk.name} is assembled from {len(on_disk.conversion.sources)} "
+            f"checkpoint tensors ({on_disk.conversion.ops}) and cannot be read in place from disk; {fix}"
         )
     if checkpoint.format == "pickle" and plan.predicted_bytes.get("disk"):
         raise UserError(
@@ -178,12 +190,13 @@ def _check_fits(plan: Plan, checkpoint, max_memory: dict[str, int], assemble_fro
         )
 
 
-def _refuse_demoting_saved(spec: QuantSpec, demoted: dict[str, str], tensors) -> None:
+def _refuse_demoting_saved(spec: QuantSpec, demoted: dict[str, str], tensors, key: str) -> None:
     if spec.prequantized:
         first = next(iter(demoted))
+        fix = "map it to a GPU or the CPU" if key == "device_map.map" else "raise the caps"
         raise UserError(
-            f"memory.max_memory: {first} is saved as {spec.method} and would be offloaded to "
-            f"{tensors[f'{first}.weight'].device}; saved {spec.method} layers run on a GPU or the CPU: raise the caps"
+            f"{key}: {first} is saved as {spec.method} and would be offloaded to "
+            f"{tensors[f'{first}.weight'].device}; saved {spec.method} layers run on a GPU or the CPU: {fix}"
         )
 
 

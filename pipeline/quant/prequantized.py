@@ -109,4 +109,9 @@ def _ignored_settings(requested: QuantSpec) -> list[str]:
     out = []
     if requested.skip_modules or any(v == "skip" for _, v in requested.overrides):
         out.append("quantization.skip_modules/overrides skip: ignored, the checkpoint's layers are quantized as saved")
+    if requested.offloaded == "keep":
+        out.append(
+            "quantization.offloaded=keep: ignored, saved layers have no unquantized weights; those the plan puts on "
+            "the CPU stay quantized and run there"
+        )
     return out
