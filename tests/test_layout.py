@@ -24,7 +24,7 @@ LAYERS = [
     ("pipeline.quant",),
     ("pipeline.hf",),
     ("pipeline.checkpoint",),
-    ("pipeline.dtypes", "pipeline.sizes", "pipeline.names", "pipeline.cache_home", "pipeline.data"),
+    ("pipeline.dtypes", "pipeline.sizes", "pipeline.names", "pipeline.cache_home", "pipeline.data", "pipeline.schema"),
     ("pipeline.errors",),
 ]
 MAX_FUNCTION_LINES = 60

@@ -18,6 +18,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from ..errors import UserError
+from ..schema import GROUPS, check_keys, closest, register, type_error
 from .binding import check_hydra_targets, check_moved_targets
 
 # A YAML tag where an override's value (or an element of it) starts: `key=!!python/object/apply:os.system [...]`
@@ -29,6 +30,7 @@ def compose_config(overrides=(), config_name: str = "config", config_dir: str | 
     (`config_dir`: the CLI's --config-dir, searched as Hydra searches it)."""
     overrides = [str(o) for o in overrides]
     _refuse_tags(overrides)
+    register()
     if GlobalHydra.instance().is_initialized():
         GlobalHydra.instance().clear()
     try:
@@ -37,9 +39,10 @@ def compose_config(overrides=(), config_name: str = "config", config_dir: str | 
                 _add_config_dir(config_dir)
             cfg = compose(config_name, overrides=overrides, return_hydra_config=True)
     except (HydraException, OmegaConfBaseException) as exc:
-        raise UserError(f"overrides: {_one_line(str(exc))}") from None
+        raise UserError(composition_error(exc)) from None
     except yaml.YAMLError as exc:  # a config file that is not plain YAML data (a !!python tag, bad syntax)
         raise UserError(_yaml_error(exc)) from None
+    check_keys(cfg, overrides)
     container = OmegaConf.to_container(cfg, resolve=False)
     check_moved_targets(container)
     check_hydra_targets(container)
@@ -109,10 +112,30 @@ def without_sweeps(overrides: list[str]) -> list[str]:
     return [o.input_line for o in parsed if not o.is_sweep_override()]
 
 
+def composition_error(exc: Exception) -> str:
+    """Any composition error as one line naming the key: an unknown key with the closest valid one, a value
+    of the wrong type with the type wanted, Hydra's own errors without the search path."""
+    message = str(exc)
+    unknown = re.match(r"Could not override '([^']+)'", message)
+    if unknown:
+        key = unknown.group(1)
+        group, _, leaf = key.partition(".")
+        if group in GROUPS and "." not in leaf:
+            return f"{key}: unknown key; {closest(leaf, GROUPS[group].__dataclass_fields__, group + '.')}"
+        return f"{key}: unknown key; check the spelling (Hydra's hint: +{key}=... adds a key, for keys a mapping takes)"
+    cause = exc.__cause__ or exc.__context__
+    if isinstance(exc, OmegaConfBaseException) or isinstance(cause, OmegaConfBaseException):
+        error = exc if isinstance(exc, OmegaConfBaseException) else cause
+        if getattr(error, "full_key", None):
+            return type_error(error)
+    return f"overrides: {_one_line(message)}"
+
+
 def _one_line(message: str) -> str:
     """Hydra's multi-line composition errors as one line: the problem, then the valid choices."""
     lines = [ln.strip() for ln in message.split("Config search path:")[0].splitlines() if ln.strip()]
     head, rest = lines[0], lines[1:]
     if rest and rest[0].startswith("Available options"):
-        return f"{head}; choose one of: {', '.join(rest[1:])}"
+        options = [o for o in rest[1:] if not o.startswith("_")]  # `_schema`: the group's type, not a choice
+        return f"{head}; choose one of: {', '.join(options)}"
     return "; ".join([head, *rest])
