@@ -2,7 +2,7 @@
 
 Two kinds of fresh process, alternating: "serial" imports torch and the model class, then makes
 torch's CUDA context (what the import floor does); "driver_first" starts
-loading/cuda_context.retain_primary_contexts([0]) first, then does the same. Each reports its
+startup/cuda_context.retain_primary_contexts([0]) first, then does the same. Each reports its
 own phases; the wall time is taken from outside. One JSON line per sample, medians last.
 
     python bench/cuda_context_overlap.py --rounds 3 --out ctx.json
@@ -26,7 +26,7 @@ def child(driver_first: bool) -> None:
     t0 = time.perf_counter()
     if driver_first:
         sys.path.insert(0, str(REPO))
-        from pipeline.loading.cuda_context import retain_primary_contexts
+        from pipeline.startup.cuda_context import retain_primary_contexts
 
         retain_primary_contexts([0])
     import torch

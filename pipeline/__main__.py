@@ -28,7 +28,7 @@ def _app(cfg: DictConfig) -> str:
 
 
 def _task(cfg: DictConfig) -> str:
-    from .engine.prefetch import start_cuda
+    from .startup import start_cuda
 
     start_cuda(cfg)  # the driver makes the GPU's context, off the GIL, while torch is imported
     from hydra.core.hydra_config import HydraConfig
@@ -102,80 +102,6 @@ def _sweep_value(cfg: DictConfig, report: dict):
     return objective(report, OmegaConf.to_container(spec, resolve=True))
 
 
-_CONFIG_FLAGS = {
-    "-cd": "config_dir",
-    "--config-dir": "config_dir",
-    "-cn": "config_name",
-    "--config-name": "config_name",
-}
-
-
-def _split_args(args: list[str]) -> tuple[list[str], dict] | None:
-    """(overrides, config options) as Hydra reads `args`; None when a flag only Hydra handles is there."""
-    overrides, options, rest = [], {}, list(args)
-    while rest:
-        arg = rest.pop(0)
-        flag, eq, value = arg.partition("=")
-        if flag in _CONFIG_FLAGS:
-            options[_CONFIG_FLAGS[flag]] = value if eq else (rest.pop(0) if rest else "")
-        elif arg in ("-m", "--multirun"):
-            options["multirun"] = True
-        elif arg.startswith("-"):
-            return None
-        else:
-            overrides.append(arg)
-    return overrides, options
-
-
-def _preflight(args: list[str]) -> None:
-    """Compose once before Hydra does, so a bad override or config file ends in one clear line and exit 2,
-    and Hydra's own callbacks, launcher and sweeper are checked before Hydra instantiates them."""
-    split = _split_args(args)
-    if split is None or not (args or _near_the_cache()):
-        return  # --cfg, --help...: Hydra's own; no overrides and far from the cache: nothing to check
-    from .engine.compose import compose_config, without_sweeps
-    from .engine.write_guard import check_writes_outside
-    from .errors import UserError
-
-    overrides, options = split
-    multirun = options.pop("multirun", False)
-    if multirun:
-        overrides = without_sweeps(overrides)  # what the sweep's driver composes
-    try:
-        cfg = compose_config(overrides, **options)
-    except UserError as exc:
-        if "--multirun" in str(exc) or os.environ.get("PIPELINE_DEBUG"):
-            return  # sweep values under a config that sets hydra.mode=MULTIRUN: Hydra expands them
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
-    key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
-    try:  # before Hydra makes the run directory: never inside the checkpoint
-        check_writes_outside(cfg, key, _selected(cfg, key))
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
-
-
-def _near_the_cache() -> bool:
-    """Without overrides the built-in checkpoint under $MODEL_LOADER_CACHE loads: worth checking only when the
-    working directory (relative run directories) or the metric cache may lie inside it."""
-    from .cache_home import METRICS_ENV, cache_dir
-
-    cwd, cache = os.path.realpath(os.getcwd()), os.path.realpath(cache_dir())
-    return os.path.commonpath([cwd, cache]) == cache or bool(os.environ.get(METRICS_ENV))
-
-
-def _selected(cfg, key: str) -> str | None:
-    """The resolved value of `key`, or None when it cannot be resolved here (Hydra reports that itself)."""
-    from omegaconf import OmegaConf
-
-    try:
-        value = OmegaConf.select(cfg, key)
-    except Exception:  # noqa: BLE001 - an interpolation only Hydra's job can resolve
-        return None
-    return None if value is None else str(value)
-
-
 def _shared_run_dir(args: list[str]) -> list[str]:
     """Under torchrun with parallel=tensor: every rank's Hydra job in rank 0's run directory (parallel/launch.py)."""
     if "RANK" not in os.environ or any(a.startswith("-") for a in args):
@@ -201,21 +127,13 @@ def _shared_run_dir(args: list[str]) -> list[str]:
     return kept + cli_overrides(parallel, run_dir)
 
 
-# A CLI run imports torch, transformers and a model class (~400k tracked objects) and then
-# exits: with Python's default thresholds that is seven full collections during the run and
-# another pass at exit, 1.2 s of a 4.6 s fp32 load on the 2-core machine (docs/benchmarks.md).
-# Rarer young collections keep cyclic garbage bounded; freezing at exit skips the last scan.
-_GC_THRESHOLDS = (50_000, 20, 100)
-
-
 def main() -> None:
-    sys.argv[0] = "python -m pipeline"
-    gc.set_threshold(*_GC_THRESHOLDS)
-    _preflight(sys.argv[1:])
-    sys.argv[1:] = _shared_run_dir(sys.argv[1:])
-    from .engine.signals import raise_on_signals
+    from .startup.command import begin
+    from .startup.usage import command_name
 
-    raise_on_signals()  # Hydra's start and torch's import too: SIGTERM ends in one line, exit 143
+    sys.argv[0] = command_name()  # Hydra's usage and `-sc install=bash` name the command the user ran
+    begin(sys.argv[1:])  # collector, --help/--version, pre-flight, signals: pipeline/startup/__init__.py
+    sys.argv[1:] = _shared_run_dir(sys.argv[1:])
     finished, code = False, None
     try:
         _app()
@@ -235,16 +153,9 @@ def main() -> None:
         print(f"error: {exc or 'interrupted by the user (Ctrl-C)'}", file=sys.stderr)
         raise SystemExit(code) from None
     finally:
-        from .errors import RankLost
-        from .parallel.group import shutdown
+        from .parallel.group import end_process
 
-        try:
-            made = shutdown(finished)
-        except RankLost as exc:  # the last barrier: a rank stopped answering after this one's run
-            print(f"error: {exc}", file=sys.stderr)
-            made, code = True, exc.exit_code
-        if made and code is not None:
-            _exit_after_group(code)
+        end_process(finished, code)  # a torchrun rank ends here (its process group's teardown workaround)
         gc.freeze()  # the process ends here: no collector pass over what is still alive
     _end_sweep()  # outside the try: the jobs may have run in other processes (submitit, Ray), not as our task
 
@@ -257,18 +168,6 @@ def _end_sweep() -> None:
         failed, root = outcome["failed"], outcome["root"]
         print(f"error: {failed} sweep job(s) did not end ok; see {root}/summary.md", file=sys.stderr)
         raise SystemExit(1)
-
-
-def _exit_after_group(code: int) -> None:
-    """End a torchrun rank without C++ teardown: gloo's threads, still owned by the model's DTensors,
-    aborted the process at exit ("terminate called without an active exception", about 1 run in 10
-    even after a barrier). Everything the run writes is written and flushed by now."""
-    import logging
-
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,8 @@ from helpers import REPO
 
 PACKAGE = REPO / "pipeline"
 LAYERS = [
-    ("pipeline", "pipeline.__main__", "pipeline.api"),  # the public face
+    # the public face; start-up's command and usage compose the config, so they sit here (only the CLI uses them)
+    ("pipeline", "pipeline.__main__", "pipeline.api", "pipeline.startup.command", "pipeline.startup.usage"),
     ("pipeline.sweeps",),
     ("pipeline.engine",),
     ("pipeline.stages",),
@@ -24,6 +25,7 @@ LAYERS = [
     ("pipeline.quant",),
     ("pipeline.hf",),
     ("pipeline.checkpoint",),
+    ("pipeline.startup",),  # what runs before torch: stdlib at module level (pipeline/startup/__init__.py)
     ("pipeline.dtypes", "pipeline.sizes", "pipeline.names", "pipeline.cache_home", "pipeline.data", "pipeline.schema"),
     ("pipeline.errors",),
 ]

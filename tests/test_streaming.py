@@ -91,7 +91,7 @@ def test_unknown_reader(tiny, tmp_path):
 
 
 def test_resident_fraction_tells_cached_from_never_read(tmp_path):
-    from pipeline.loading.page_cache import resident_fraction
+    from pipeline.startup.reader import resident_fraction
 
     cached = tmp_path / "cached.bin"
     cached.write_bytes(b"x" * (8 * 2**20))

@@ -22,10 +22,10 @@ from ..parallel.launch import parallel_spec
 from ..parallel.spec import env_rank
 from ..quant.spec import QuantSpec
 from ..stages.context import LoadContext
+from ..startup import start_cuda, start_reading
 from .artifacts import write_json
 from .binding import bind_stage, grants_of
 from .environment import environment
-from .prefetch import start_cuda, start_reading
 from .report import new_report
 from .result import LoadResult
 from .reuse import remember, reuse_key

@@ -25,7 +25,6 @@ from ..planning.slices import piece_bytes
 from ..quant.spec import QuantSpec
 from .assemble import Assembler, assemble_slices
 from .assign import finish_skeleton_tensors, place, tie
-from .page_cache import PRIORITIES
 from .progress import progress_bar, tick
 from .slices import SliceReader
 from .streamer import Item, ShardStreamer
@@ -42,7 +41,6 @@ class ReaderOptions:
     temp_mib: float = 1024
     readahead: bool = True
     progress: bool | None = None
-    readahead_priority: str = "idle"
 
     def check(self) -> None:
         key = "stages.load_shards"
@@ -51,11 +49,6 @@ class ReaderOptions:
         if not isinstance(self.readahead, bool):
             raise UserError(
                 f"{key}.readahead: {self.readahead!r} is not true or false; set {key}.readahead=true or false"
-            )
-        if self.readahead_priority not in PRIORITIES:
-            raise UserError(
-                f"{key}.readahead_priority: unknown priority {self.readahead_priority!r}; "
-                f"choose one of {', '.join(PRIORITIES)}"
             )
 
 

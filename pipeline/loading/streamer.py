@@ -32,7 +32,7 @@ import torch
 from ..checkpoint.header import TensorInfo
 from ..dtypes import SAFETENSORS_DTYPES
 from ..errors import UserError
-from .page_cache import warm
+from ..startup.reader import warm
 
 
 @dataclass

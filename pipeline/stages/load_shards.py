@@ -14,13 +14,12 @@ import torch
 
 from ..loading.hf_attributes import set_hf_attributes
 from ..loading.offload import dispatch
-from ..loading.page_cache import hurry
-from ..loading.page_cache import summary as page_cache_summary
 from ..loading.shards import ReaderOptions, load_tensors, target_devices
 from ..loading.streamer import machine_defaults
 from ..measure.memory import PeakAnonSampler
 from ..parallel.group import all_gather
 from ..parallel.hooks import distribute
+from ..startup.reader import summary as page_cache_summary
 from .context import LoadContext
 
 log = logging.getLogger(__name__)
@@ -36,14 +35,12 @@ def load_shards(
     staging_mib: float | None = None,
     temp_mib: float = 1024,
     readahead: bool = True,
-    readahead_priority: str = "idle",
 ) -> None:
     plan = ctx.require("plan", "load_shards", "plan")
-    options = ReaderOptions(reader, threads, chunk_mib, staging_mib, temp_mib, readahead, progress, readahead_priority)
+    options = ReaderOptions(reader, threads, chunk_mib, staging_mib, temp_mib, readahead, progress)
     options.check()
     devices = target_devices(plan)
     started = time.perf_counter()
-    hurry()  # a read-ahead still at idle I/O priority: the load waits on its bytes now
     with PeakAnonSampler() as sampler:
         stats = load_tensors(ctx.model, plan, ctx.checkpoint, ctx.quant, devices, options)
     model = ctx.model
@@ -70,7 +67,7 @@ def load_shards(
         "peak_gpu_bytes": {
             str(d.index): torch.cuda.max_memory_allocated(d) for d in devices.values() if d.type == "cuda"
         },
-        # What was read into the page cache ahead of the load (loading/page_cache.py).
+        # What was read into the page cache ahead of the load (startup/reader.py).
         "page_cache": page_cache_summary(ctx.checkpoint.files, started),
         "missing_keys": plan.missing,
         "unexpected_keys": plan.unexpected,
@@ -86,12 +83,7 @@ def load_shards(
 def _log_read_ahead(ahead: dict | None) -> None:
     if not ahead:
         return
-    if ahead["finished_before"]:
-        state = f"done in {ahead['read_s']:.1f} s"
-    elif ahead.get("raised_at_load"):
-        state = "still reading when it began, then at full speed"
-    else:
-        state = "still reading when it began"
+    state = f"done in {ahead['read_s']:.1f} s" if ahead["finished_before"] else "still reading when it began"
     log.info(
         "page cache: %d cold shard(s), %.2f GB, read ahead from %.1f s before the load (%s)",
         ahead["files"],

@@ -1,11 +1,10 @@
-"""What a run can start before its stages need it: the shards' bytes and the CUDA context.
+"""What a run can start before its stages need it: the CUDA context and the shards' bytes.
 
 The CLI calls `start_cuda` as soon as Hydra has composed the config, before torch is imported:
-the driver makes the GPU's context (loading/cuda_context.py) while Python imports. The runner
-calls both, `start_reading` once torch is in: a cold page cache fills (loading/page_cache.py)
-while the model code and bitsandbytes are imported and the skeleton is built (seconds; 10-20 on
-the GPU hosts). Both are best effort and change nothing that is planned or loaded: any doubt,
-and nothing starts.
+the driver makes the GPU's context (startup/cuda_context.py) while Python imports. The runner
+calls both, `start_reading` once torch is in: a cold page cache fills (startup/reader.py) while
+the model code and bitsandbytes are imported and the skeleton is built. Both are best effort
+and change nothing that is planned or loaded: any doubt, and nothing starts.
 """
 
 from __future__ import annotations
@@ -15,41 +14,34 @@ import os
 import sys
 
 log = logging.getLogger("pipeline")
-_contexts: set[int] = set()  # GPUs whose context this process has asked for
 
 
 def start_cuda(cfg) -> None:
     """Make the CUDA contexts of the GPUs the load will use, off the GIL (each GPU once per
     process). Torch-free: the CLI calls this before torch is imported."""
     try:
-        devices = [d for d in (gpu_devices(cfg) if shard_files(cfg) else []) if d not in _contexts]
+        devices = gpu_devices(cfg) if shard_files(cfg) else []
         if devices and not _torch_cuda_ready():
-            from ..loading.cuda_context import retain_primary_contexts
+            from .cuda_context import retain_primary_contexts
 
             retain_primary_contexts(devices)
-            _contexts.update(devices)
     except Exception:  # noqa: BLE001 - an optimisation never fails a run
         log.debug("early CUDA context skipped", exc_info=True)
 
 
 def start_reading(cfg) -> None:
-    """Read the cold shards into the page cache in a reader process (loading/page_cache.py),
-    each file once per process, at stages.load_shards.readahead_priority (idle by default: the
-    imports' own page faults go first); none when stages.load_shards.readahead is false.
+    """Read the cold shards into the page cache (startup/reader.py), each file once per process;
+    none when stages.load_shards.readahead is false.
 
     Called by the runner once torch is imported, before the model code is: on the H200 host a
     read started before torch's import (whose CUDA libraries are gigabytes of cold page faults)
     made the cold bf16 7B run 1.2-3.7 s slower than one started after it (docs/benchmarks.md);
     on the 2-core machine the two starts were within 0.3 s."""
     try:
-        node = cfg.stages.get("load_shards") or {}
-        if node.get("readahead", True) is False:
-            return
-        from ..loading.page_cache import PRIORITIES, warm
+        if (cfg.stages.get("load_shards") or {}).get("readahead", True) is not False:
+            from .reader import warm
 
-        priority = node.get("readahead_priority", "idle")
-        if priority in PRIORITIES:  # anything else: the stages' check says so, before any stage runs
-            warm(shard_files(cfg), priority=priority)
+            warm(shard_files(cfg))
     except Exception:  # noqa: BLE001 - an optimisation never fails a run
         log.debug("page-cache read-ahead skipped", exc_info=True)
 

@@ -14,20 +14,24 @@ from __future__ import annotations
 import ctypes
 import threading
 
+CUDA_CONTEXTS: dict[int, object] = {}  # GPU index -> its retained primary context (None until made), for life
+
 
 def retain_primary_contexts(devices: list[int]) -> threading.Thread | None:
     """Start a daemon thread that initialises the driver and retains the primary context of
-    each device index in `devices` (indices as torch sees them, CUDA_VISIBLE_DEVICES applied)."""
+    each device index in `devices` not asked for before (indices as torch sees them,
+    CUDA_VISIBLE_DEVICES applied)."""
+    devices = [d for d in devices if d not in CUDA_CONTEXTS]
     try:
-        libcuda = ctypes.CDLL("libcuda.so.1")
+        libcuda = ctypes.CDLL("libcuda.so.1") if devices else None
     except OSError:
         return None
-    thread = threading.Thread(target=_retain, args=(libcuda, list(devices)), name="cuda_context", daemon=True)
+    if libcuda is None:
+        return None
+    CUDA_CONTEXTS.update(dict.fromkeys(devices))
+    thread = threading.Thread(target=_retain, args=(libcuda, devices), name="cuda_context", daemon=True)
     thread.start()
     return thread
-
-
-_retained: list = []  # kept for the process's life, as torch keeps its own reference
 
 
 def _retain(libcuda, devices: list[int]) -> None:
@@ -44,6 +48,6 @@ def _retain(libcuda, devices: list[int]) -> None:
             if libcuda.cuDeviceGet(ctypes.byref(dev), index) == 0 and (
                 libcuda.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), dev) == 0
             ):
-                _retained.append(ctx)
+                CUDA_CONTEXTS[index] = ctx  # kept for the process's life, as torch keeps its own
     except (AttributeError, OSError):
         pass
