@@ -1,7 +1,7 @@
 """A declarative, Hydra-configured pipeline that loads large PyTorch models under memory limits.
 
 `from pipeline import load` is the Python API; `python -m pipeline` the CLI.
-Imports stay lazy so that `import pipeline` (and Hydra reading conf/) is cheap.
+Imports stay lazy so that `import pipeline` (and Hydra reading pipeline/conf/) is cheap.
 """
 
 from .engine import resolvers  # noqa: F401  (registers the config resolvers)

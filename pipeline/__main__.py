@@ -12,7 +12,7 @@ from omegaconf import DictConfig
 _task_started = False
 
 
-@hydra.main(version_base="1.3", config_path="pkg://conf", config_name="config")
+@hydra.main(version_base="1.3", config_path="pkg://pipeline.conf", config_name="config")
 def _app(cfg: DictConfig) -> str:
     global _task_started
     _task_started = True

@@ -9,7 +9,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
-from .engine.compose import compose_config
+from .engine.compose import compose_config, keyword_overrides
 from .engine.result import LoadResult
 from .engine.runner import run, save_config
 from .engine.write_guard import check_writes_outside
@@ -18,13 +18,22 @@ from .parallel.launch import agree_run_dir, parallel_spec
 from .parallel.spec import env_rank
 
 
-def load(overrides=(), *, run_dir: str | Path | None = None, config_name: str = "config") -> LoadResult:
+def load(
+    overrides=(),
+    *,
+    run_dir: str | Path | None = None,
+    config_name: str = "config",
+    config_dir: str | Path | None = None,
+    **keywords,
+) -> LoadResult:
     """Load a model as configured; raises UserError (bad input) or CheckFailed (a check failed).
 
-    The raised error carries `.result` (model, report, run_dir) so nothing is lost.
+    `config_dir`/`config_name`: your own configs, as the CLI's --config-dir/--config-name. Keywords
+    (checkpoint, dtype, device_map, max_memory, quantization) are the overrides that build the same config,
+    placed before `overrides`. The raised error carries `.result` (model, report, run_dir) so nothing is lost.
     """
-    overrides = [str(o) for o in overrides]
-    cfg = compose_config(overrides, config_name)
+    overrides = keyword_overrides(keywords) + [str(o) for o in overrides]
+    cfg = compose_config(overrides, config_name, None if config_dir is None else str(config_dir))
     HydraConfig.instance().set_config(cfg)
     try:
         target = Path(run_dir) if run_dir is not None else Path(cfg.hydra.run.dir)

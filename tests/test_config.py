@@ -12,7 +12,7 @@ from pipeline.errors import UserError
 from pipeline.quant.spec import QuantSpec
 from pipeline.sizes import normalize_max_memory
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
+CONF = Path(__file__).resolve().parents[1] / "pipeline" / "conf"
 GROUPS = ["checkpoint", "dtype", "device_map", "memory", "quantization"]
 STAGES = ["instantiate_empty", "plan", "quantize", "load_shards", "validate"]
 

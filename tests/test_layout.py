@@ -15,6 +15,7 @@ PACKAGE = REPO / "pipeline"
 LAYERS = [
     # the public face; start-up's command and usage compose the config, so they sit here (only the CLI uses them)
     ("pipeline", "pipeline.__main__", "pipeline.api", "pipeline.startup.command", "pipeline.startup.usage"),
+    ("pipeline.conf",),  # Hydra's config package: registers the schema and the resolvers
     ("pipeline.sweeps",),
     ("pipeline.engine",),
     ("pipeline.stages",),

@@ -325,7 +325,7 @@ def test_hydra_callback_target_is_checked_before_hydra_imports_it(tmp_path):
 def _granting_config(tmp_path, ck, body: str):
     conf = tmp_path / "conf"
     conf.mkdir(exist_ok=True)
-    head = "defaults:\n  - config\n  - _self_\nhydra:\n  searchpath: [pkg://conf]\n"  # -cp replaces our conf dir
+    head = "defaults:\n  - config\n  - _self_\nhydra:\n  searchpath: [pkg://pipeline.conf]\n"  # -cp replaces ours
     (conf / "theirs.yaml").write_text(f"{head}checkpoint:\n  path: {ck}\n{body}")
     (tmp_path / "experiment").mkdir(exist_ok=True)
     (tmp_path / "experiment" / "theirs.yaml").write_text(f"# @package _global_\ncheckpoint:\n  path: {ck}\n{body}")

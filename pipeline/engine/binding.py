@@ -263,7 +263,7 @@ def bind_stage(name: str, node: DictConfig, extra: Iterable[str] = (), grants: G
     """A stage callable `fn(ctx)` whose YAML keys were checked against the function's signature."""
     key = f"stages.{name}"
     if not isinstance(node, DictConfig) or "_target_" not in node:
-        raise UserError(f"{key}: a stage node needs _target_ and _partial_: true; see conf/stages/")
+        raise UserError(f"{key}: a stage node needs _target_ and _partial_: true; see pipeline/conf/stages/")
     fn = locate(node._target_, key, extra)
     params = {k: v for k, v in OmegaConf.to_container(node, resolve=True).items() if not k.startswith("_")}
     check_governed(params, key, grants)

@@ -34,7 +34,7 @@ def compose_config(overrides=(), config_name: str = "config", config_dir: str | 
     if GlobalHydra.instance().is_initialized():
         GlobalHydra.instance().clear()
     try:
-        with initialize_config_module("conf", version_base="1.3"):
+        with initialize_config_module("pipeline.conf", version_base="1.3"):
             if config_dir is not None:
                 _add_config_dir(config_dir)
             cfg = compose(config_name, overrides=overrides, return_hydra_config=True)
@@ -99,6 +99,67 @@ def _add_config_dir(config_dir: str) -> None:
     search_path = loader.get_search_path()
     search_path.prepend(provider="command-line", path=f"file://{path}", anchor=SearchPathQuery(provider="schema"))
     loader.repository = ConfigRepository(config_search_path=search_path)  # hydra-core 1.3 (pinned <1.4)
+
+
+_DTYPE_NAMES = {"torch.float32": "fp32", "torch.bfloat16": "bf16", "torch.float16": "fp16"}  # a torch.dtype given
+
+
+KEYWORDS = ("checkpoint", "dtype", "device_map", "max_memory", "quantization")
+
+
+def keyword_overrides(keywords: dict) -> list[str]:
+    """load()'s keywords as the command-line overrides that build the same config (recorded as such in
+    .hydra/overrides.yaml, so the run is repeatable from the shell): a path or {key: value} for checkpoint,
+    a group option or {key: value} for quantization, a strategy or an explicit {module: device} map."""
+    for name in keywords:
+        if name not in KEYWORDS:
+            raise UserError(f"load({name}=...): unknown keyword; {closest(name, KEYWORDS)}")
+    checkpoint, dtype, device_map, max_memory, quantization = (keywords.get(k) for k in KEYWORDS)
+    out: list[str] = []
+    if checkpoint is not None:
+        node = {"path": str(checkpoint)} if isinstance(checkpoint, (str, os.PathLike)) else dict(checkpoint)
+        out += ["checkpoint=hf_dir", *(f"checkpoint.{k}={_value(v)}" for k, v in node.items())]
+    if dtype is not None:
+        out.append(f"dtype={_key(_DTYPE_NAMES.get(str(dtype), str(dtype)))}")
+    if device_map is not None:
+        if isinstance(device_map, str):
+            out.append(f"device_map={_key(device_map)}")
+        else:
+            out += ["device_map=explicit", f"device_map.map={_value(dict(device_map))}"]
+    if max_memory is not None:
+        out.append(f"memory.max_memory={_value(dict(max_memory))}")
+    if quantization is not None:
+        node = {"method": quantization} if isinstance(quantization, str) else dict(quantization)
+        method = node.pop("method", "int8")
+        out += [f"quantization={_key(method)}", *(f"quantization.{k}={_value(v)}" for k, v in node.items())]
+    return out
+
+
+def _value(value) -> str:
+    """A Python value in Hydra's override grammar (strings quoted, so no character of a path is syntax)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{_key(k)}: {_value(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_value(v) for v in value) + "]"
+    text = str(value)
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def _key(key) -> str:
+    """A mapping key as Hydra's grammar takes it: unquoted (device indices stay integers, globs stay globs)."""
+    text = str(key)
+    if not _DICT_KEY.fullmatch(text):
+        raise UserError(f"load(): key {text!r} cannot be written as an override key; use letters, digits and _-./*?")
+    return text
+
+
+_DICT_KEY = re.compile(r"[\w/\-+.$%*@?|]+")
 
 
 def without_sweeps(overrides: list[str]) -> list[str]:

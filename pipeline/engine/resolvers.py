@@ -1,4 +1,4 @@
-"""OmegaConf resolvers used by conf/ (registered on import, cheaply: no torch)."""
+"""OmegaConf resolvers used by pipeline/conf/ (registered on import, cheaply: no torch)."""
 
 import os
 

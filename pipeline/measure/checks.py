@@ -1,4 +1,4 @@
-"""The checks that prove a load right, each a named boolean (switchable in conf/stages/validate.yaml).
+"""The checks that prove a load right, each a named boolean (switchable in pipeline/conf/stages/validate.yaml).
 
 A false check names what failed; the validate stage turns any failure into exit 1.
 """

@@ -1,6 +1,6 @@
 """Quality metrics of a loaded model: a forward on fixed inputs, perplexity, the unquantized reference, greedy text.
 
-Each metric is switched in conf/stages/validate.yaml; the forward pass (on inputs built
+Each metric is switched in pipeline/conf/stages/validate.yaml; the forward pass (on inputs built
 for the model's kind, measure/inputs.py) also feeds the `forward_finite` check and always
 runs. A metric that does not apply to the model (perplexity of an image classifier) is
 skipped with its reason. The expensive ones (perplexity, the reference, greedy text) come

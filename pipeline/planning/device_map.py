@@ -195,7 +195,7 @@ def _merge(dmap: dict[str, str]) -> dict[str, str]:
 def _explicit(model, explicit) -> dict[str, str]:
     if not explicit:
         raise UserError(
-            "device_map.map: the explicit strategy needs a map of module prefix -> device; see conf/device_map/explicit.yaml"
+            "device_map.map: the explicit strategy needs a map of module prefix -> device; see pipeline/conf/device_map/explicit.yaml"
         )
     modules = {n for n, _ in model.named_modules()}
     out = {}

@@ -1,6 +1,6 @@
 """The number a sweeper optimises: memory, as long as quality stays within a bound.
 
-`sweep_objective` in the config (see conf/sweep/optuna_memory.yaml):
+`sweep_objective` in the config (see pipeline/conf/sweep/optuna_memory.yaml):
   minimize: gib                   # total bytes of the loaded model over all devices, in GiB
   max_perplexity_ratio: 1.03      # perplexity / unquantized reference perplexity must stay below
   max_logits_rel_error: 0.05      # and/or the logits' relative error against the reference

@@ -1,6 +1,6 @@
 """What a sweep found, at the sweep root: summary.csv, summary.md and plots.
 
-A Hydra callback (hydra.callbacks in conf/config.yaml), so it runs after the
+A Hydra callback (hydra.callbacks in pipeline/conf/config.yaml), so it runs after the
 jobs with any launcher. It reads each job's .hydra/overrides.yaml and
 report.json; a job that failed (or left no report) is a row with its status and
 error, so nothing a sweep learned is lost.

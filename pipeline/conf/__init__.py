@@ -1,4 +1,5 @@
-"""Hydra config package (compose with initialize_config_module("conf")): presets over pipeline/schema.py."""
+"""Hydra config package (`pkg://pipeline.conf`; our namespace, so a project's own top-level `conf` never shadows
+it): presets over pipeline/schema.py."""
 
 import pipeline.engine.resolvers  # noqa: F401  (resolvers the configs use)
 from pipeline.schema import register
