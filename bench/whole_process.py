@@ -1,13 +1,14 @@
 """Whole-process benchmark: from the command to a ready model, ours against a transformers script.
 
-What a user waits for is the whole command (interpreter start, imports, CUDA init,
-config, load, checks), so every method here is a fresh process timed from the
-outside: wall time (perf_counter around the child), peak RSS and CPU seconds from
-the child's own rusage (os.wait4). Methods alternate within each round (the order
-rotates), and the "import floor" runs in the same rounds: a process that only
-imports what a load needs (torch + CUDA init + the model class, bitsandbytes when
-quantizing, Hydra) and does nothing else. Medians and ratios are printed as a
-table; every sample goes to --out as JSON.
+What a user waits for is the whole command (interpreter start, imports, CUDA init, config, load,
+checks), so every method is a fresh process timed from the outside (bench/common.py). Methods
+alternate within each round (the order rotates; with --cold, each round runs every method warm and
+cold), and the "import floor" runs in the same rounds: a process that only imports what a load needs
+(torch + CUDA init + the model class, bitsandbytes when quantizing, Hydra) and does nothing else.
+"Cold" means the checkpoint's shards are dropped from the page cache before the process
+(posix_fadvise DONTNEED, checked with mincore); the libraries stay cached, as on a machine that
+loaded something else a minute ago. Medians and ratios are printed as a table; --out gets JSON lines
+(the machine, every sample, the summary).
 
 Suites (--suite):
   cpu-default  the default job (`python -m pipeline`: SmolLM2 int8, every check and
@@ -16,12 +17,13 @@ Suites (--suite):
   cpu-fp32     a Llama-shaped fp32 checkpoint on the CPU (--shape llama-400m, 1.6 GB):
                ours with validate's checks against from_pretrained + one forward
   cpu-dry70b   the 70B-shaped dry run (sparse shards: headers only)
-  gpu          bf16 / int8 / nf4 on one GPU against transformers' from_pretrained(device_map="cuda")
-               + one forward; warm and (--cold) dropped page cache; bytecode cache warm
-               (PYTHONPYCACHEPREFIX kept) and (--cold-pyc) empty
+  gpu          bf16 / int8 / nf4 (--quant) on --device (cuda: GPU 0; cpu to try it here) against
+               transformers' from_pretrained(device_map=device) + one forward; warm and (--cold)
+               shards dropped; bytecode cache warm (PYTHONPYCACHEPREFIX kept) and (--cold-pyc) empty
 
-    python bench/whole_process.py --suite cpu-default --rounds 5 --out bench/results/cpu_default.json
-    python bench/whole_process.py --suite gpu --dir /tmp/llama7b --rounds 2 --cold --out r.json
+    python bench/whole_process.py --suite cpu-default --rounds 5 --out bench/results/cpu_default.jsonl
+    python bench/whole_process.py --suite gpu --dir /tmp/llama7b --quant none,int8 --cold --out r.jsonl
+(bench/gpu_rows.py runs the GPU rows of docs/benchmarks.md in one command.)
 """
 
 from __future__ import annotations
@@ -30,12 +32,13 @@ import argparse
 import json
 import os
 import shutil
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import Results, evict, rotations, shards, spread, timed, warm  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -67,8 +70,8 @@ def peer(ckpt: str, device: str, quant: str) -> None:
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    if device == "cuda":
-        kw = {"dtype": torch.bfloat16, "device_map": "cuda"}
+    if quant != "auto":
+        kw = {"dtype": torch.bfloat16, "device_map": device}
         if quant == "int8":
             kw["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=6.0)
         elif quant == "nf4":
@@ -78,7 +81,7 @@ def peer(ckpt: str, device: str, quant: str) -> None:
                 bnb_4bit_compute_dtype=torch.bfloat16,
                 bnb_4bit_use_double_quant=True,
             )
-    else:
+    else:  # the CPU suites: the checkpoint's own dtype
         kw = {"dtype": "auto"}
     model = AutoModelForCausalLM.from_pretrained(ckpt, **kw)
     ids = (torch.arange(32) * 7 % model.config.vocab_size).unsqueeze(0).to(model.device)
@@ -93,79 +96,21 @@ def peer(ckpt: str, device: str, quant: str) -> None:
 
 
 def run_child(name: str, argv: list[str], env: dict, timeout: float, run_dir: Path | None = None) -> dict:
-    start = time.perf_counter()
-    proc = _Popen(argv, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.communicate()
-        return {"method": name, "error": f"timed out after {timeout}s"}
-    wall = time.perf_counter() - start
-    sample = {"method": name, "wall_s": round(wall, 3), "rc": proc.returncode}
-    usage = proc.usage
-    if usage is not None:
-        sample.update(peak_rss_mib=round(usage.ru_maxrss / 1024, 1), cpu_s=round(usage.ru_utime + usage.ru_stime, 3))
-    if proc.returncode != 0:
-        sample["error"] = out.decode(errors="replace").strip().splitlines()[-3:]
+    """One timed process; for ours, what its report.json says (status, stage seconds, load, checks)."""
+    sample = {"method": name, **timed(argv, env=env, cwd=REPO, timeout=timeout)}
     if run_dir is not None and (run_dir / "report.json").exists():
         r = json.loads((run_dir / "report.json").read_text())
         sample["status"] = r["status"]
         sample["stages"] = {s["name"]: s["seconds"] for s in r["stages"]}
-        sample["load_s"] = (r.get("load") or {}).get("seconds")
-        sample["read_ahead"] = (r.get("load") or {}).get("page_cache")
+        load = r.get("load") or {}
+        sample["load_s"] = load.get("seconds")
+        sample["peak_gpu_bytes"] = load.get("peak_gpu_bytes")
         v = r.get("validation") or {}
         sample["checks_ok"] = all((v.get("checks") or {}).values()) if v else None
         sample["metric_costs"] = v.get("metric_costs")
         sample["metrics"] = {k: m for k, m in (v.get("metrics") or {}).items() if k != "forward_tokens_per_s"}
+        (run_dir / "report.json").unlink()  # a run that writes none must not show this one's
     return sample
-
-
-class _Popen(subprocess.Popen):
-    """Popen that reaps its child with wait4, keeping that child's own rusage (peak RSS, CPU seconds)."""
-
-    usage = None
-
-    def _try_wait(self, wait_flags):
-        try:
-            pid, sts, usage = os.wait4(self.pid, wait_flags)
-        except ChildProcessError:
-            return (self.pid, 0)
-        if pid == self.pid:
-            self.usage = usage
-        return (pid, sts)
-
-
-def drop_caches(paths=()) -> bool:
-    """Empty the page cache: all of it where we may (root), else the checkpoint's shards only
-    (posix_fadvise DONTNEED evicts a file's clean pages without privileges), checked with mincore."""
-    os.sync()
-    try:
-        with open("/proc/sys/vm/drop_caches", "w") as fh:
-            fh.write("3\n")
-        return True
-    except OSError:
-        pass
-    if str(REPO) not in sys.path:
-        sys.path.insert(0, str(REPO))
-    from pipeline.loading.page_cache import resident_fraction
-
-    files = [f for p in paths for f in Path(p).glob("*.safetensors")]
-    for f in files:
-        fd = os.open(f, os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
-    return bool(files) and all(resident_fraction(str(f)) < 0.05 for f in files)
-
-
-def warm(paths) -> None:
-    for p in paths:
-        for f in Path(p).glob("*.safetensors"):
-            with open(f, "rb") as fh:
-                while fh.read(64 * 2**20):
-                    pass
 
 
 def me(*args: str) -> list[str]:
@@ -216,7 +161,7 @@ def methods_for(a, scratch: Path) -> list[dict]:
                 run_dir=scratch / "ours",
                 prime=True,
             ),
-            dict(name="hf_fp32", argv=me("--peer", a.dir, "--device", "cpu", "--quant", "none"), prime=True),
+            dict(name="hf_fp32", argv=me("--peer", a.dir, "--device", "cpu", "--quant", "auto"), prime=True),
         ]
         if a.alt_env or a.alt_overrides:  # the same run of ours under another setting (an A/B of one)
             alt = [*over, f"hydra.run.dir={scratch}/ours_alt", *a.alt_overrides.split()]
@@ -234,30 +179,34 @@ def methods_for(a, scratch: Path) -> list[dict]:
             dict(name="floor_no_bnb", argv=me("--floor", "cpu", "--quant", "none")),
         ]
     out = []
+    cap = "memory.max_memory={0: 60GiB}" if a.device == "cuda" else "memory.max_memory={cpu: 64GiB}"
     for q in a.quant.split(","):
-        out.append(dict(name=f"floor_{q}", argv=me("--floor", "cuda", "--quant", q)))
-        over = [f"checkpoint.path={a.dir}", f"quantization={q}", "memory.max_memory={0: 120GiB}"]
+        if a.floors:
+            out.append(dict(name=f"floor_{q}", argv=me("--floor", a.device, "--quant", q)))
+        over = [f"checkpoint.path={a.dir}", f"quantization={q}", cap, "dtype=bf16"]
         over += [f"hydra.run.dir={scratch}/ours_{q}", "quantization.unquantized_dtype=null", *NO_METRICS]
         over += a.ours_overrides.split()
-        first = q == a.quant.split(",")[-1]  # ours with the last method primes the bytecode cache
+        first = q == a.quant.split(",")[-1]  # ours and transformers with the last method prime the bytecode cache
         out.append(dict(name=f"ours_{q}", argv=ours(*over), run_dir=scratch / f"ours_{q}", prime=first))
         if a.alt_env or a.alt_overrides:  # the same run of ours under another setting (an A/B of one)
             alt = [o.replace(f"ours_{q}", f"ours_{q}_alt") for o in over] + a.alt_overrides.split()
             out.append(dict(name=f"ours_{q}_alt", argv=ours(*alt), env=_alt_env(a), run_dir=scratch / f"ours_{q}_alt"))
-        out.append(dict(name=f"hf_{q}", argv=me("--peer", a.dir, "--device", "cuda", "--quant", q)))
+        out.append(dict(name=f"hf_{q}", argv=me("--peer", a.dir, "--device", a.device, "--quant", q), prime=first))
     return out
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--suite", choices=["cpu-default", "cpu-fp32", "cpu-dry70b", "gpu"])
     ap.add_argument("--dir", help="checkpoint directory (cpu-fp32, cpu-dry70b, gpu)")
-    ap.add_argument("--quant", default="none", help="gpu: comma-separated of none,int8,nf4")
+    ap.add_argument("--quant", default="none", help="gpu: comma-separated of none (bf16),int8,nf4")
+    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="gpu suite: where the model goes")
+    ap.add_argument("--no-floors", dest="floors", action="store_false", help="gpu: leave the import floors out")
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--cold", action="store_true", help="also rounds with the page cache dropped before each run")
-    ap.add_argument("--cold-pyc", action="store_true", help="also rounds with an empty bytecode cache")
-    ap.add_argument("--no-warm", action="store_true", help="skip the warm rounds (with --cold or --cold-pyc)")
-    ap.add_argument("--budget", type=float, default=1e9, help="start no new run after this many seconds")
+    ap.add_argument("--cold", action="store_true", help="each round also runs every method with the shards evicted")
+    ap.add_argument("--cold-pyc", action="store_true", help="each round also runs every method with no bytecode cache")
+    ap.add_argument("--no-warm", action="store_true", help="skip the warm runs (with --cold or --cold-pyc)")
+    ap.add_argument("--budget", type=float, default=1e9, help="start no new round after this many seconds")
     ap.add_argument("--timeout", type=float, default=600)
     ap.add_argument("--ours-overrides", default="")
     ap.add_argument("--alt-env", default="", help="gpu, cpu-fp32: also ours_*_alt, run with these VAR=value settings")
@@ -265,20 +214,25 @@ def main() -> None:
         "--alt-overrides", default="", help="gpu, cpu-fp32: also ours_*_alt, run with these extra overrides"
     )
     ap.add_argument("--only", help="comma-separated method names to run (default: all of the suite)")
-    ap.add_argument("--out")
+    ap.add_argument("--out", help="JSON lines: the machine, every sample, the summary")
     ap.add_argument("--floor", metavar="DEVICE", help=argparse.SUPPRESS)
     ap.add_argument("--peer", metavar="CKPT", help=argparse.SUPPRESS)
-    ap.add_argument("--device", default="cpu", help=argparse.SUPPRESS)
-    a = ap.parse_args()
+    return ap
+
+
+def main() -> None:
+    a = parser().parse_args()
     if a.floor:
-        return floor(a.floor, a.quant != "none")
+        return floor(a.floor, a.quant not in ("none", "auto"))
     if a.peer:
         return peer(a.peer, a.device, a.quant)
     drive(a)
 
 
-def drive(a) -> None:
+def drive(a, results: Results | None = None) -> dict:
+    """Prime, then the rounds (every mode of every method once per round, order rotated); the summary."""
     t0 = time.perf_counter()
+    results = results or Results(a.out)
     scratch = Path(tempfile.mkdtemp(prefix="whole_process_"))
     methods = methods_for(a, scratch)
     if a.only:
@@ -287,87 +241,96 @@ def drive(a) -> None:
     base_env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": path}
     if a.suite == "gpu":  # the wheels there are installed without bytecode: keep it in one warm place
         base_env["PYTHONPYCACHEPREFIX"] = str(scratch / "pyc_warm")
+        base_env.pop("PYTHONDONTWRITEBYTECODE", None)  # else the prefix stays empty and every run compiles
     modes = [] if a.no_warm else [("warm", "warm_pyc")]
     if a.cold:
         modes.append(("cold", "warm_pyc"))
     if a.cold_pyc:
         modes.append(("warm", "cold_pyc"))
+    files = shards([a.dir]) if a.dir and a.suite != "cpu-dry70b" else []  # a dry run reads no tensor byte
     for m in methods:  # fills the bytecode cache, and the metric cache of the "repeated" method
         if m.get("prime"):
-            s = run_child(m["name"], m["argv"], {**base_env, **m.get("env", {})}, a.timeout, m.get("run_dir"))
-            print(json.dumps({"prime": s}), flush=True)
+            warm(files)
+            results.add({"prime": run_child(m["name"], m["argv"], {**base_env, **m.get("env", {})}, a.timeout)})
     samples = []
-    paths = [a.dir] if a.dir and a.suite != "cpu-dry70b" else []  # a dry run reads no tensor byte (sparse shards)
-    for page, pyc in modes:
-        for r in range(a.rounds):
-            order = methods[r % len(methods) :] + methods[: r % len(methods)]
-            for m in order:
-                if time.perf_counter() - t0 > a.budget:
-                    break
-                if m.get("setup"):
-                    m["setup"]()
-                env = {**base_env, **m.get("env", {})}
-                if pyc == "cold_pyc":
-                    env["PYTHONPYCACHEPREFIX"] = tempfile.mkdtemp(prefix="pyc_cold_", dir=scratch)
-                if page == "cold" and not drop_caches(paths):
-                    print("cannot drop the page cache here: cold rounds skipped", flush=True)
-                    break
-                if page == "warm":
-                    warm(paths)
-                s = run_child(m["name"], m["argv"], env, a.timeout, m.get("run_dir"))
-                s.update(page_cache=page, bytecode=pyc, round=r)
-                samples.append(s)
-                print(json.dumps(s), flush=True)
-                if a.out:
-                    Path(a.out).write_text(json.dumps({"env": environment(), "samples": samples}, indent=1))
-    print(summarize(samples, [m["name"] for m in methods]))
+    cells = [(mode, m) for mode in modes for m in methods]
+    last = 0.0
+    for r, order in rotations(cells, a.rounds):
+        if time.perf_counter() - t0 + last > a.budget:  # a whole round, or none: every cell keeps the same n
+            break
+        start = time.perf_counter()
+        for (page, pyc), m in order:
+            if m.get("setup"):
+                m["setup"]()
+            env = {**base_env, **m.get("env", {})}
+            if pyc == "cold_pyc":
+                env["PYTHONPYCACHEPREFIX"] = tempfile.mkdtemp(prefix="pyc_cold_", dir=scratch)
+            if page == "cold":
+                left = evict(files)
+                if left > 0.05:
+                    raise SystemExit(f"{left:.0%} of a shard stayed in the page cache: cold runs impossible here")
+            else:
+                warm(files)
+            s = run_child(m["name"], m["argv"], env, a.timeout, m.get("run_dir"))
+            s.update(page_cache=page, bytecode=pyc, round=r)
+            samples.append(s)
+            results.add(s)
+        last = time.perf_counter() - start
+    summary = summarize(samples, [m["name"] for m in methods])
+    results.add({"summary": summary})
+    print(table(summary))
+    shutil.rmtree(scratch, ignore_errors=True)
+    return summary
 
 
-def environment() -> dict:
-    import platform
-
-    out = {"python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count()}
-    out["date"] = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
-    out["loadavg_at_end"] = os.getloadavg()
-    from importlib.metadata import PackageNotFoundError, version
-
-    for name in ("torch", "transformers", "accelerate", "safetensors", "bitsandbytes", "hydra-core"):
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            out[name] = None
-    return out
-
-
-def summarize(samples: list[dict], names: list[str]) -> str:
-    lines = []
+def summarize(samples: list[dict], names: list[str]) -> dict:
+    """Per mode and method: wall, CPU, peak RSS and load seconds as median/min/max/n; ours against its
+    floor (difference of medians) and against transformers (the peer's median over ours)."""
+    out = {}
     for mode in sorted({(s["page_cache"], s["bytecode"]) for s in samples}):
-        group = [s for s in samples if (s["page_cache"], s["bytecode"]) == mode and "wall_s" in s]
+        group = [s for s in samples if (s["page_cache"], s["bytecode"]) == mode]
         med = {}
         for n in names:
             ok = [s for s in group if s["method"] == n and s.get("rc") == 0]
             if ok:
-                med[n] = {k: statistics.median(s[k] for s in ok if k in s) for k in ("wall_s", "peak_rss_mib", "cpu_s")}
-                med[n]["n"] = len(ok)
-                loads = [s["load_s"] for s in ok if s.get("load_s") is not None]
-                med[n]["load_s"] = statistics.median(loads) if loads else None
-        lines.append(f"\npage cache {mode[0]}, bytecode {mode[1]}: medians")
-        lines.append("| method | n | wall s | vs floor | CPU s | peak RSS MiB | load_shards load s |")
-        lines.append("| --- | --- | --- | --- | --- | --- | --- |")
+                med[n] = {k: spread(s[k] for s in ok if s.get(k) is not None) for k in STATS}
         for n, v in med.items():
             fl = _floor_for(n, med)
-            vs = f"{v['wall_s'] - med[fl]['wall_s']:+.2f} s" if fl else "-"
-            load = f"{v['load_s']:.3f}" if v["load_s"] is not None else "-"
+            if fl:
+                v["vs_floor_s"] = round(v["wall_s"]["median"] - med[fl]["wall_s"]["median"], 3)
+            peer_name = n.removesuffix("_alt").replace("ours_", "hf_")
+            if n.startswith("ours_") and peer_name in med:
+                v["x_transformers"] = round(med[peer_name]["wall_s"]["median"] / v["wall_s"]["median"], 3)
+        out[f"{mode[0]}/{mode[1]}"] = med
+        out.setdefault("errors", []).extend(
+            f"{s['method']}: {s.get('error')}" for s in group if s.get("rc") != 0 or "error" in s
+        )
+    return out
+
+
+STATS = ("wall_s", "cpu_s", "peak_rss_mib", "load_s")
+
+
+def table(summary: dict) -> str:
+    lines = []
+    for mode, med in summary.items():
+        if mode == "errors":
+            lines += [f"error: {e}" for e in med]
+            continue
+        lines += [
+            f"\n{mode}: medians (min-max)",
+            "| method | n | wall s | vs floor | x transformers | CPU s | peak RSS MiB | load s |",
+        ]
+        lines.append("| --- | --- | --- | --- | --- | --- | --- | --- |")
+        for n, v in med.items():
+            w, load = v["wall_s"], v["load_s"]
+            vs = f"{v['vs_floor_s']:+.2f} s" if "vs_floor_s" in v else "-"
+            x = f"{v['x_transformers']:.2f}x" if "x_transformers" in v else "-"
+            ld = f"{load['median']:.3f}" if load["n"] else "-"
             lines.append(
-                f"| {n} | {v['n']} | {v['wall_s']:.2f} | {vs} | {v['cpu_s']:.2f} | {v['peak_rss_mib']:.0f} | {load} |"
+                f"| {n} | {w['n']} | {w['median']:.2f} ({w['min']:.2f}-{w['max']:.2f}) | {vs} | {x} | "
+                f"{v['cpu_s']['median']:.2f} | {v['peak_rss_mib']['median']:.0f} | {ld} |"
             )
-        for n in names:
-            if n.startswith("ours_") and n.replace("ours_", "hf_") in med and n in med:
-                hf = med[n.replace("ours_", "hf_")]["wall_s"]
-                lines.append(f"{n}: {hf / med[n]['wall_s']:.2f}x the transformers script ({hf:.2f} s)")
-        for s in group:
-            if s.get("rc") != 0 or "error" in s:
-                lines.append(f"error: {s['method']}: {s.get('error')}")
     return "\n".join(lines)
 
 
