@@ -4,13 +4,13 @@ Registered in Hydra's ConfigStore as `<group>/_schema`; each YAML preset lists `
 its defaults list and sets only what differs, so OmegaConf checks every value's type when Hydra
 composes (a command-line override included). Values the schema cannot type (memory caps, device
 maps, per-module overrides: mappings of the user's own keys) are `Any` here and parsed once by
-their owners (sizes.py, quant/spec.py). Code that needs a default reads it from here.
+their owners (sizes.py, quant/spec.py). Code that needs a default reads it from here (QuantizationSchema().threshold).
 """
 
 from __future__ import annotations
 
 import difflib
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, Optional  # noqa: UP035  (OmegaConf reads these annotations at runtime)
 
 from omegaconf import OmegaConf
@@ -86,14 +86,6 @@ GROUPS: dict[str, type] = {
 }
 # Keys of the root config besides the groups (config.yaml documents them).
 ROOT_KEYS = ("name", "allow_targets", "sweep_reuse", "sweep_objective", "stages", "hydra", "defaults")
-
-
-def default(group: str, key: str):
-    """The schema's default for `group.key`: code that needs one reads it here, never writes it again."""
-    for f in fields(GROUPS[group]):
-        if f.name == key:
-            return f.default_factory() if f.default is MISSING else f.default
-    raise KeyError(f"{group}.{key}")
 
 
 def register() -> None:

@@ -35,9 +35,9 @@ READERS = ("auto", "stream", "safetensors")
 @dataclass(frozen=True)
 class ReaderOptions:
     reader: str = "auto"
-    threads: int = 12
+    threads: int | None = None  # None (the YAML's null): from the machine (streamer.machine_defaults)
     chunk_mib: float = 16
-    staging_mib: float = 256
+    staging_mib: float | None = None  # None: from the machine, as threads
     temp_mib: float = 1024
     readahead: bool = True
     progress: bool | None = None

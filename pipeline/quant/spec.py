@@ -12,6 +12,9 @@ from dataclasses import dataclass
 
 from ..dtypes import POLICY_DTYPES
 from ..errors import UserError
+from ..schema import QuantizationSchema
+
+_DEFAULT = QuantizationSchema()  # every default below is the schema's (pipeline/schema.py), written once there
 
 METHODS = ("none", "int8", "nf4", "fp4")
 FOUR_BIT = ("nf4", "fp4")
@@ -23,18 +26,22 @@ CPU_NUMERICS = ("portable", "native")  # see quant/cpu_numerics.py
 
 @dataclass(frozen=True)
 class QuantSpec:
-    method: str = "none"
-    threshold: float = 6.0  # LLM.int8 outlier threshold (acts at forward time)
+    method: str = _DEFAULT.method
+    threshold: float = _DEFAULT.threshold  # LLM.int8 outlier threshold (acts at forward time)
     skip_modules: tuple[str, ...] = ()
     overrides: tuple[tuple[str, float | str], ...] = ()  # (pattern, threshold or "skip"), first match wins
-    offloaded: str = "keep"  # CPU-planned layers under a GPU: the method (quantize, run on CPU) or keep
-    unquantized_dtype: str | None = None  # dtype of what quantization leaves alone; None: the dtype policy
-    compute_dtype: str = "bf16"  # 4-bit: the dtype weights dequantize to
-    double_quant: bool = True
-    blocksize: int = 64
+    offloaded: str = _DEFAULT.offloaded  # CPU-planned layers under a GPU: the method (quantize, run on CPU) or keep
+    unquantized_dtype: str | None = (
+        _DEFAULT.unquantized_dtype
+    )  # dtype of what quantization leaves alone; None: the dtype policy
+    compute_dtype: str = _DEFAULT.compute_dtype  # 4-bit: the dtype weights dequantize to
+    double_quant: bool = _DEFAULT.double_quant
+    blocksize: int = _DEFAULT.blocksize
     prequantized: bool = False  # the checkpoint holds quantized weights: loaded as saved, never re-quantized
-    cpu_matmul: str = "exact"  # int8 on the CPU: exact int32 on every CPU, or bitsandbytes' own kernel choice
-    cpu_numerics: str = "portable"  # int8 on the CPU: the same logits on every CPU, or torch's own kernels
+    cpu_matmul: str = (
+        _DEFAULT.cpu_matmul
+    )  # int8 on the CPU: exact int32 on every CPU, or bitsandbytes' own kernel choice
+    cpu_numerics: str = _DEFAULT.cpu_numerics  # int8 on the CPU: the same logits on every CPU, or torch's own kernels
 
     @property
     def enabled(self) -> bool:
@@ -75,22 +82,26 @@ class QuantSpec:
     def from_config(cls, node) -> QuantSpec:
         """Check and normalise the `quantization` node; UserError (exit 2) naming the key on a bad value."""
         node = dict(node or {})
-        method = str(node.get("method", "none")).lower()
+        method = str(node.get("method", _DEFAULT.method)).lower()
         if method not in METHODS:
             raise UserError(f"quantization.method: unknown method {method!r}; choose one of {', '.join(METHODS)}")
         if method == "none":
             return cls()
         kwargs: dict = {"method": method}
         if method == "int8":
-            kwargs["threshold"] = _threshold(node.get("threshold", 6.0), "quantization.threshold")
-            kwargs["cpu_matmul"] = _choice(node.get("cpu_matmul", "exact"), "quantization.cpu_matmul", CPU_MATMULS)
-            kwargs["cpu_numerics"] = _cpu_numerics(node.get("cpu_numerics", "portable"), kwargs["cpu_matmul"])
+            kwargs["threshold"] = _threshold(node.get("threshold", _DEFAULT.threshold), "quantization.threshold")
+            kwargs["cpu_matmul"] = _choice(
+                node.get("cpu_matmul", _DEFAULT.cpu_matmul), "quantization.cpu_matmul", CPU_MATMULS
+            )
+            kwargs["cpu_numerics"] = _cpu_numerics(
+                node.get("cpu_numerics", _DEFAULT.cpu_numerics), kwargs["cpu_matmul"]
+            )
         else:
             kwargs["compute_dtype"] = _dtype(
-                node.get("compute_dtype", "bf16"), "quantization.compute_dtype", allow_null=False
+                node.get("compute_dtype", _DEFAULT.compute_dtype), "quantization.compute_dtype", allow_null=False
             )
-            kwargs["double_quant"] = _bool(node.get("double_quant", True), "quantization.double_quant")
-            kwargs["blocksize"] = _blocksize(node.get("blocksize", 64))
+            kwargs["double_quant"] = _bool(node.get("double_quant", _DEFAULT.double_quant), "quantization.double_quant")
+            kwargs["blocksize"] = _blocksize(node.get("blocksize", _DEFAULT.blocksize))
         kwargs["skip_modules"] = _patterns(node.get("skip_modules"), "quantization.skip_modules")
         kwargs["overrides"] = tuple(_overrides(node.get("overrides"), method).items())
         offloaded = str(node.get("offloaded", method)).lower()
