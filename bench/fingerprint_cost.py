@@ -13,11 +13,15 @@ from __future__ import annotations
 import argparse
 import hashlib
 import importlib.util
-import statistics
+import json
+import sys
 import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine, spread  # noqa: E402
 
 PATH = Path(__file__).resolve().parents[1] / "pipeline" / "measure" / "fingerprint.py"
 
@@ -47,7 +51,7 @@ def _timed(fn, repeats: int = 3) -> tuple[float, object]:
         out = fn()
         torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
-    return statistics.median(times), out
+    return spread(times)["median"], out
 
 
 def main() -> None:
@@ -55,6 +59,7 @@ def main() -> None:
     for name, default in (("layers", 32), ("hidden", 4096), ("ffn", 11008), ("vocab", 32000)):
         parser.add_argument(f"--{name}", type=int, default=default)
     args = parser.parse_args()
+    print(json.dumps({"machine": machine()}))
     fp = _module()
     model = _model(args.layers, args.hidden, args.ffn, args.vocab, torch.bfloat16, "cuda")
     nbytes = sum(p.numel() * p.element_size() for p in model.parameters())

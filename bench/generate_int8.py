@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -19,6 +18,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import machine, spread  # noqa: E402
 
 from pipeline import load  # noqa: E402
 from pipeline.quant.cpu_numerics import portable_numerics  # noqa: E402
@@ -73,10 +75,9 @@ def main() -> None:
             samples[name].append(round(seconds, 3))
             samples[f"{name}_cpu"].append(round(cpu, 3))
             texts[name] = tok.decode(out[0, ids.shape[1] :])
-    med = {k: statistics.median(v) for k, v in samples.items()}
+    med = {k: spread(v)["median"] for k, v in samples.items()}
     found = {
-        "torch": torch.__version__,
-        "capability": torch.backends.cpu.get_cpu_capability(),
+        "machine": machine(),
         "threads": torch.get_num_threads(),
         "report_cpu_numerics": r.report["quantization"]["cpu_numerics"],
         "returned_model_untouched": untouched,

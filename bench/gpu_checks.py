@@ -17,8 +17,10 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(REPO / "tests"))
 
+from common import machine  # noqa: E402
 from helpers import make_checkpoint  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 
@@ -40,6 +42,7 @@ def report(name, ok, **kw):
 
 
 def main():
+    print(json.dumps({"machine": machine()}), flush=True)
     bnb = import_bitsandbytes()
     tmp = Path(tempfile.mkdtemp())
     all_ok = True

@@ -20,9 +20,11 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(REPO / "tests"))
 
 from architectures import ARCHITECTURES, BY_FAMILY, build, inputs_for  # noqa: E402
+from common import machine  # noqa: E402
 
 from pipeline import load  # noqa: E402
 
@@ -76,6 +78,7 @@ def compare(ours, ref, arch) -> dict:
 
 
 def main(families: list[str]) -> int:
+    print(json.dumps({"machine": machine()}), flush=True)
     bad = 0
     with tempfile.TemporaryDirectory() as tmp:
         for family in families:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import sys
 import tempfile
 from pathlib import Path
@@ -31,8 +30,10 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO / "bench"))
 
 from architectures import build, inputs_for  # noqa: E402
+from common import Results  # noqa: E402
 from test_matrix import FAMILIES, NO_METRICS, QUANTIZATION, _saved_quantized, _skeleton  # noqa: E402
 
 from pipeline import load  # noqa: E402
@@ -99,6 +100,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
+    results = Results(args.out)  # the machine first, then one line per cell
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for family in FAMILIES:
@@ -111,13 +113,11 @@ def main() -> None:
                     case = Path(tmp) / f"{family}-{quant}-{placement}-{dtype}"
                     row = {"family": family, **cell(path, quant, placement, dtype, case)}
                     rows.append(row)
-                    print(json.dumps(row), flush=True)
+                    results.add(row)
                     torch.cuda.empty_cache()
     counts = {k: sum(r["result"] == k for r in rows) for k in ("ok", "refused", "FAILED")}
     equal = sum(bool(r.get("logits_equal")) for r in rows)
-    print(json.dumps({"cells": len(rows), **counts, "logits_equal": equal, "device": torch.cuda.get_device_name(0)}))
-    if args.out:
-        Path(args.out).write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    results.add({"cells": len(rows), **counts, "logits_equal": equal, "device": torch.cuda.get_device_name(0)})
     sys.exit(1 if counts["FAILED"] else 0)
 
 

@@ -24,6 +24,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine, spread  # noqa: E402
+
 import pipeline.loading.streamer as streamer_module  # noqa: E402
 from pipeline.checkpoint.layout import open_checkpoint  # noqa: E402
 from pipeline.loading.streamer import Item, ShardStreamer, machine_defaults  # noqa: E402
@@ -181,6 +184,7 @@ def main(path: str, out: str | None) -> None:
     best_ours = min(r["seconds"] for r in results if r["kind"].startswith("streamer"))
     default = next(r["seconds"] for r in results if r["kind"] == "streamer_defaults")
     summary = {
+        "machine": machine(),
         "bytes": nbytes,
         "limit_s": best_limit,
         "streamer_best_s": best_ours,
@@ -189,11 +193,10 @@ def main(path: str, out: str | None) -> None:
         "best_pct_of_limit": round(100 * best_limit / best_ours, 1),
     }
     if pairs:
-        import statistics
-
-        lim = statistics.median(r["seconds"] for r in results if r["kind"] == "pair_limit")
-        ours = statistics.median(r["seconds"] for r in results if r["kind"] == "pair_streamer_defaults")
-        bare = statistics.median(r["seconds"] for r in results if r["kind"] == "pair_streamer_no_reserve")
+        lim, ours, bare = (
+            spread(r["seconds"] for r in results if r["kind"] == k)["median"]
+            for k in ("pair_limit", "pair_streamer_defaults", "pair_streamer_no_reserve")
+        )
         summary.update(
             pairs=pairs,
             pair_limit_median_s=lim,

@@ -11,10 +11,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine  # noqa: E402
+
 from pipeline import load  # noqa: E402
 
 
 def main(ckpt: str, gpu_cap: str) -> None:
+    print(json.dumps({"machine": machine()}), flush=True)
     for mode in ("int8", "keep"):
         t0 = time.perf_counter()
         r = load(

@@ -17,8 +17,10 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(REPO / "tests"))
 
+from common import machine  # noqa: E402
 from helpers import BNB_KINDS, make_checkpoint  # noqa: E402
 
 from pipeline import load  # noqa: E402
@@ -44,6 +46,7 @@ def compare(ours, theirs) -> dict:
 
 
 def main() -> None:
+    print(json.dumps({"machine": machine()}), flush=True)
     from transformers import BitsAndBytesConfig
 
     tmp = Path(tempfile.mkdtemp())
