@@ -317,8 +317,9 @@ def numerics(spec, device: str) -> dict:
 
 
 def _settings(settings) -> dict:
-    """Every metric setting but the switches and the greedy prompt (the loaded model's key adds those)."""
-    skip = {"wanted", "eval_text", "prompt", "max_new_tokens"}
+    """Every metric setting but the switches, the greedy prompt (the loaded model's key adds those) and how often
+    progress is logged (it changes no figure)."""
+    skip = {"wanted", "eval_text", "prompt", "max_new_tokens", "progress_interval"}
     return {f.name: getattr(settings, f.name) for f in dataclasses.fields(settings) if f.name not in skip}
 
 

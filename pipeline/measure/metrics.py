@@ -13,12 +13,12 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
 
-from . import quality
+from . import progress, quality
 from .cache import MetricCache
 from .checks import CheckLog
 
@@ -36,6 +36,7 @@ class MetricSettings:
     max_new_tokens: int = 12
     trust_remote_code: bool = False  # checkpoint.trust_remote_code: may the tokenizer be the checkpoint's own code
     portable: bool = False  # measure under portable CPU numerics (quality.measuring): int8 on the CPU, the default
+    progress_interval: float = 2.0  # seconds between progress lines of a long metric (measure/progress.py)
 
 
 @dataclass
@@ -184,15 +185,19 @@ class _Texts:
             self._tokenizer = quality.load_tokenizer(self._dir, self.settings.trust_remote_code)
         return self._tokenizer
 
-    def perplexity(self, model) -> float:
+    def perplexity(self, model, counted: bool = True) -> float:
+        """Perplexity on the evaluation text; its progress in layers unless the caller counts it (the reference)."""
         tokenizer = self.tokenizer  # loaded outside the measurement's numerics
-        with quality.measuring(model, self.settings.portable):
+        shown = progress.layers(model, "perplexity", self.settings.progress_interval) if counted else nullcontext()
+        with shown, quality.measuring(model, self.settings.portable):
             return quality.perplexity(model, tokenizer, self.text, self.settings.max_eval_tokens)
 
     def greedy(self, model) -> str:
         tokenizer = self.tokenizer
-        with quality.measuring(model, self.settings.portable):
-            return quality.greedy(model, tokenizer, self.settings.prompt, self.settings.max_new_tokens)
+        settings = self.settings
+        shown = progress.tokens(model, "greedy", settings.progress_interval, settings.max_new_tokens)
+        with shown, quality.measuring(model, settings.portable):
+            return quality.greedy(model, tokenizer, settings.prompt, settings.max_new_tokens)
 
 
 @dataclass
@@ -234,11 +239,14 @@ class _Reference:
         ref = make_reference()
         if ref is None:
             return None
-        with quality.measuring(ref, self.texts.settings.portable):
-            ref_out, _ = quality.forward_output(ref, self.inputs)
-        entry = {"logits": ref_out}
-        if self.texts.text is not None:
-            entry["perplexity"] = round(self.texts.perplexity(ref), 4)
+        settings, text = self.texts.settings, self.texts.text
+        # one count over both forwards: the logits on the fixed inputs, then the evaluation text
+        with progress.layers(ref, "reference", settings.progress_interval, forwards=1 + (text is not None)):
+            with quality.measuring(ref, settings.portable):
+                ref_out, _ = quality.forward_output(ref, self.inputs)
+            entry = {"logits": ref_out}
+            if text is not None:
+                entry["perplexity"] = round(self.texts.perplexity(ref, counted=False), 4)
         if self.cache is not None:
             self.cache.put_reference(entry)
         return entry
