@@ -30,7 +30,8 @@ def place(
     elif t.quantized == "int8":  # from the load dtype, as transformers casts before Int8Params quantizes
         value = quantize_int8(tensor.to(device=device, dtype=t.load_dtype or tensor.dtype))
     elif t.quantized:
-        value = quantize_four_bit(tensor.to(device), model.get_submodule(t.name.rpartition(".")[0]), spec)
+        mod_name = t.name.rpartition(".")[0]  # a mixed plan: the module's own method (TensorPlan.quantized)
+        value = quantize_four_bit(tensor.to(device), model.get_submodule(mod_name), spec.for_module(mod_name))
     else:
         value = tensor.to(device=device, dtype=t.dtype)
         if t.kind == "param":

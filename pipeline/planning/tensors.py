@@ -170,8 +170,8 @@ class _DtypeRules:
         self.keep_in_fp32 = list(keep_in_fp32 or ())
         self.spec = spec
         self.quantized_weights = {f"{m}.weight" for m in quantized_modules}
-        self.four_bit_biases = {f"{m}.bias" for m in quantized_modules} if spec.is_four_bit else set()
-        self.compute = policy_dtype(spec.compute_dtype, "quantization.compute_dtype") if spec.is_four_bit else None
+        self.four_bit_biases = {f"{m}.bias" for m in quantized_modules if spec.for_module(m).is_four_bit}
+        self.compute = policy_dtype(spec.compute_dtype, "quantization.compute_dtype") if self.four_bit_biases else None
         self.saved = saved
 
     def plan(self, name, kind, tensor, key, info, canonical, conv: Conversion | None = None) -> TensorPlan:
@@ -186,13 +186,12 @@ class _DtypeRules:
         if canonical != name:
             return TensorPlan(name, kind, shape, tensor.dtype, 0, None, tied_to=canonical)
         if name in self.quantized_weights:
-            nbytes = quantized_nbytes(shape, self.spec)
-            storage = quantized_storage_dtype(self.spec)
+            spec = self.spec.for_module(name.rpartition(".")[0])  # a mixed plan: this module's own method
+            nbytes = quantized_nbytes(shape, spec)
+            storage = quantized_storage_dtype(spec)
             src = conv.dtype if conv else SAFETENSORS_DTYPES[info.dtype] if info else tensor.dtype
-            load = self.target_dtype(name, src, from_checkpoint=True) if self.spec.is_int8 else None
-            return TensorPlan(
-                name, kind, shape, storage, nbytes, key, self.spec.method, conversion=conv, load_dtype=load
-            )
+            load = self.target_dtype(name, src, from_checkpoint=True) if spec.is_int8 else None
+            return TensorPlan(name, kind, shape, storage, nbytes, key, spec.method, conversion=conv, load_dtype=load)
         if name in self.four_bit_biases:  # Linear4bit casts its bias to the compute dtype at the first forward
             return TensorPlan(name, kind, shape, self.compute, math.prod(shape) * itemsize(self.compute), key)
         src = conv.dtype if conv else SAFETENSORS_DTYPES[info.dtype] if info else tensor.dtype

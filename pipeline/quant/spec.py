@@ -8,16 +8,19 @@ its fields here, its sizes to quant/sizes.py and its bitsandbytes glue to quant/
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..dtypes import POLICY_DTYPES
 from ..errors import UserError
+from ..names import matches
 from ..schema import QuantizationSchema
 
 _DEFAULT = QuantizationSchema()  # every default below is the schema's (pipeline/schema.py), written once there
 
 METHODS = ("none", "int8", "nf4", "fp4")
 FOUR_BIT = ("nf4", "fp4")
+KEEP = "keep"  # a `methods` value: the module stays unquantized
+MODULE_METHODS = ("int8", *FOUR_BIT, KEEP)
 BLOCKSIZES = (64, 128, 256, 512, 1024, 2048, 4096)
 SKIP = "skip"
 CPU_MATMULS = ("exact", "bitsandbytes")  # see quant/cpu_int8.py
@@ -42,6 +45,8 @@ class QuantSpec:
         _DEFAULT.cpu_matmul
     )  # int8 on the CPU: exact int32 on every CPU, or bitsandbytes' own kernel choice
     cpu_numerics: str = _DEFAULT.cpu_numerics  # int8 on the CPU: the same logits on every CPU, or torch's own kernels
+    # per-module methods (pattern, int8 | nf4 | fp4 | keep), first match wins; the others take `method` (quant/mixed.py)
+    methods: tuple[tuple[str, str], ...] = ()
 
     @property
     def enabled(self) -> bool:
@@ -59,15 +64,27 @@ class QuantSpec:
     def override_rules(self) -> dict[str, float | str]:
         return dict(self.overrides)
 
+    def method_of(self, module: str) -> str:
+        """The method of one module: the first `methods` pattern that matches it, else `method`."""
+        return next((m for p, m in self.methods if matches(module, p)), self.method)
+
+    def for_module(self, module: str) -> QuantSpec:
+        """This spec with `module`'s own method: what sizes, builds and quantizes that one module."""
+        method = self.method_of(module)
+        return self if method == self.method and not self.methods else replace(self, method=method, methods=())
+
     def to_json(self) -> dict:
         """The settings that apply to this method (plan.json `inputs.quantization`)."""
         if not self.enabled:
             return {"method": "none"}
         out: dict = {"method": self.method}
-        if self.is_int8:
+        used = {self.method, *(m for _, m in self.methods)}
+        if "int8" in used:
             out.update(threshold=self.threshold, cpu_matmul=self.cpu_matmul, cpu_numerics=self.cpu_numerics)
-        else:
+        if used & set(FOUR_BIT):
             out.update(compute_dtype=self.compute_dtype, double_quant=self.double_quant, blocksize=self.blocksize)
+        if self.methods:
+            out["methods"] = dict(self.methods)
         out.update(
             skip_modules=list(self.skip_modules),
             overrides=self.override_rules,
@@ -86,9 +103,15 @@ class QuantSpec:
         if method not in METHODS:
             raise UserError(f"quantization.method: unknown method {method!r}; choose one of {', '.join(METHODS)}")
         if method == "none":
+            if node.get("methods"):
+                raise UserError(
+                    "quantization.methods: per-module methods need quantization=int8, nf4 or fp4 (the method "
+                    "of the modules no pattern names); add quantization=int8 or drop quantization.methods"
+                )
             return cls()
-        kwargs: dict = {"method": method}
-        if method == "int8":
+        kwargs: dict = {"method": method, "methods": _methods(node.get("methods"))}
+        used = {method, *(m for _, m in kwargs["methods"])}
+        if "int8" in used:
             kwargs["threshold"] = _threshold(node.get("threshold", _DEFAULT.threshold), "quantization.threshold")
             kwargs["cpu_matmul"] = _choice(
                 node.get("cpu_matmul", _DEFAULT.cpu_matmul), "quantization.cpu_matmul", CPU_MATMULS
@@ -96,7 +119,7 @@ class QuantSpec:
             kwargs["cpu_numerics"] = _cpu_numerics(
                 node.get("cpu_numerics", _DEFAULT.cpu_numerics), kwargs["cpu_matmul"]
             )
-        else:
+        if used & set(FOUR_BIT):
             kwargs["compute_dtype"] = _dtype(
                 node.get("compute_dtype", _DEFAULT.compute_dtype), "quantization.compute_dtype", allow_null=False
             )
@@ -115,6 +138,21 @@ class QuantSpec:
             node.get("unquantized_dtype"), "quantization.unquantized_dtype", allow_null=True
         )
         return cls(**kwargs)
+
+
+def _methods(node) -> tuple[tuple[str, str], ...]:
+    """`quantization.methods`: module pattern -> int8, nf4, fp4 or keep (first match wins)."""
+    if node is not None and not hasattr(node, "items"):
+        raise UserError(
+            f"quantization.methods: {node!r} is not a mapping; use e.g. quantization.methods={{down_proj: int8}}"
+        )
+    out = []
+    for pattern, value in dict(node or {}).items():
+        method = str(value).lower()
+        if method not in MODULE_METHODS:
+            raise UserError(f"quantization.methods.{pattern}: {value!r}; choose one of {', '.join(MODULE_METHODS)}")
+        out.append((str(pattern), method))
+    return tuple(out)
 
 
 def _threshold(raw, key: str) -> float:

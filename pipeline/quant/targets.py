@@ -19,7 +19,7 @@ import torch
 
 from ..hf.quantizers import leaves_unconverted
 from ..names import matches
-from .spec import SKIP, QuantSpec
+from .spec import KEEP, SKIP, QuantSpec
 
 
 @dataclass
@@ -68,13 +68,18 @@ def select_quantized_modules(model: torch.nn.Module, spec: QuantSpec, *, tied_gr
                 reason = reason or f"overrides pattern {rule!r}: skip"
             elif reason is None:
                 out.thresholds[name] = overrides[rule]
+        kept = next((p for p, m in spec.methods if matches(name, p)), None)
+        if kept is not None:
+            used.add(kept)
+            if spec.method_of(name) == KEEP:
+                reason = reason or f"methods pattern {kept!r}: keep"
         if reason:
             out.skipped[name] = reason
         else:
             out.modules.append(name)
             if kind == "conv1d":
                 out.transposed.append(name)
-    for key, patterns in (("skip_modules", skip_modules), ("overrides", overrides)):
+    for key, patterns in (("skip_modules", skip_modules), ("overrides", overrides), ("methods", dict(spec.methods))):
         out.warnings += [f"quantization.{key} pattern {p!r} matches no Linear layer" for p in patterns if p not in used]
     return out
 

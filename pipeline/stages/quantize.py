@@ -13,6 +13,7 @@ from accelerate import init_empty_weights
 
 from ..quant.bnb import empty_module
 from ..quant.cpu_numerics import int8_on_cpu
+from ..quant.spec import FOUR_BIT
 from .context import LoadContext
 
 log = logging.getLogger(__name__)
@@ -29,7 +30,7 @@ def quantize(ctx: LoadContext) -> None:
         parent = ctx.model.get_submodule(parent_name) if parent_name else ctx.model
         old = getattr(parent, leaf)
         with init_empty_weights():
-            new = empty_module(old, spec, plan.int8_thresholds.get(name))
+            new = empty_module(old, spec.for_module(name), plan.int8_thresholds.get(name))
         new.requires_grad_(False)
         new.train(old.training)  # a fresh module is in training mode; bitsandbytes then skips LLM.int8 on the CPU
         setattr(parent, leaf, new)
@@ -42,6 +43,8 @@ def quantize(ctx: LoadContext) -> None:
         "unquantized_dtype": spec.unquantized_dtype,
         "warnings": list(plan.warnings),
     }
+    if spec.methods:  # a mixed plan (quantization.methods or auto): each module's method
+        report["methods"] = {m: plan.tensors[f"{m}.weight"].quantized for m in plan.quantized_modules}
     if spec.prequantized:
         report["prequantized"] = True  # loaded as saved (docs/quantization.md, pre-quantized checkpoints)
     if spec.is_int8:
@@ -52,7 +55,7 @@ def quantize(ctx: LoadContext) -> None:
             cpu_matmul=spec.cpu_matmul,
             cpu_numerics=spec.cpu_numerics if on_cpu else None,  # None: no int8 layer runs on the CPU
         )
-    else:
+    if not spec.is_int8 or any(m in FOUR_BIT for m in report.get("methods", {}).values()):
         report.update(compute_dtype=spec.compute_dtype, double_quant=spec.double_quant, blocksize=spec.blocksize)
     ctx.report["quantization"] = report
     log.info("%s: %d Linear layers quantized, %d skipped", spec.method, len(plan.quantized_modules), len(plan.skipped))
