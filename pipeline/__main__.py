@@ -153,16 +153,9 @@ def main() -> None:
         print(f"error: {exc or 'interrupted by the user (Ctrl-C)'}", file=sys.stderr)
         raise SystemExit(code) from None
     finally:
-        from .errors import RankLost
-        from .parallel.group import shutdown
+        from .parallel.group import end_process
 
-        try:
-            made = shutdown(finished)
-        except RankLost as exc:  # the last barrier: a rank stopped answering after this one's run
-            print(f"error: {exc}", file=sys.stderr)
-            made, code = True, exc.exit_code
-        if made and code is not None:
-            _exit_after_group(code)
+        end_process(finished, code)  # a torchrun rank ends here (its process group's teardown workaround)
         gc.freeze()  # the process ends here: no collector pass over what is still alive
     _end_sweep()  # outside the try: the jobs may have run in other processes (submitit, Ray), not as our task
 
@@ -175,18 +168,6 @@ def _end_sweep() -> None:
         failed, root = outcome["failed"], outcome["root"]
         print(f"error: {failed} sweep job(s) did not end ok; see {root}/summary.md", file=sys.stderr)
         raise SystemExit(1)
-
-
-def _exit_after_group(code: int) -> None:
-    """End a torchrun rank without C++ teardown: gloo's threads, still owned by the model's DTensors,
-    aborted the process at exit ("terminate called without an active exception", about 1 run in 10
-    even after a barrier). Everything the run writes is written and flushed by now."""
-    import logging
-
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -3,9 +3,10 @@
 LLM.int8's threshold acts at forward time (which activation columns take the
 fp16 path); the int8 weights and their scales do not depend on it. So when a
 job's config equals the previous job's in everything but
-`quantization.threshold` (and the validate stage's own settings), the loaded
-model is kept, each Linear8bitLt gets the new threshold, and only the stages
-after load_shards run again. Only within one process (Hydra's basic launcher
+`quantization.threshold` (and the keys of stages that only measure, such as
+validate: stages/traits.py), the loaded model is kept, its int8 layers get the new
+threshold (quant/bnb.py), and only the stages after the one that loads the weights
+run again. Only within one process (Hydra's basic launcher
 runs a sweep's jobs in one process; submitit runs a process per job and our Ray
 launcher a fresh worker per job, so they never reuse; a joblib or kept Ray worker
 that runs consecutive jobs reuses its own model), and only one model is held: a job
@@ -23,22 +24,25 @@ import shutil
 from omegaconf import OmegaConf
 
 from ..loading.hf_attributes import set_threshold
+from ..quant.bnb import set_int8_thresholds
 from ..stages.context import LoadContext
+from ..stages.traits import traits_of
 
 _last: dict = {}
 
 
-def reuse_key(cfg) -> str | None:
-    """What must be equal for the loaded weights to be reusable; None when reuse cannot apply."""
+def reuse_key(cfg, stages: list[tuple[str, object]]) -> str | None:
+    """What must be equal for the loaded weights to be reusable; None when reuse cannot apply.
+    `stages`: the bound (name, stage) pairs, whose traits say which loads and which only measures."""
     doc = OmegaConf.to_container(cfg, resolve=True)
     quant = doc.get("quantization") or {}
-    if quant.get("method") != "int8":
+    if quant.get("method") != "int8" or not any(traits_of(s).loads_weights for _, s in stages):
         return None
     quant.pop("threshold", None)
-    stages = doc.get("stages") or {}
-    if "load_shards" not in stages:
-        return None
-    stages.pop("validate", None)
+    nodes = doc.get("stages") or {}
+    for name, stage in stages:
+        if traits_of(stage).measures:
+            nodes.pop(name, None)
     doc.pop("name", None)
     return json.dumps(doc, sort_keys=True, default=str)
 
@@ -62,9 +66,7 @@ def take(key: str | None, fresh: LoadContext) -> tuple[LoadContext, list[str]] |
         return None
     old: LoadContext = _last["ctx"]
     spec = dataclasses.replace(old.quant, threshold=fresh.quant.threshold)
-    for name, module in old.model.named_modules():
-        if type(module).__name__ == "Linear8bitLt":
-            module.state.threshold = old.plan.int8_thresholds.get(name, spec.threshold)  # per-module overrides stay
+    set_int8_thresholds(old.model, old.plan.int8_thresholds, spec.threshold)  # per-module overrides stay
     set_threshold(old.model, spec.threshold)
     ctx = dataclasses.replace(old, cfg=fresh.cfg, run_dir=fresh.run_dir, report=fresh.report, quant=spec, artifacts={})
     for section in ("checkpoint", "model", "plan", "load", "quantization"):

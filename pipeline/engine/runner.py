@@ -17,11 +17,12 @@ from omegaconf.errors import OmegaConfBaseException
 
 from ..errors import OutOfMemory, PipelineError, UserError
 from ..hf.version import untested_warning
-from ..parallel.group import ensure_group, lost_rank
+from ..parallel import strategy_for
 from ..parallel.launch import parallel_spec
 from ..parallel.spec import env_rank
 from ..quant.spec import QuantSpec
 from ..stages.context import LoadContext
+from ..stages.traits import traits_of
 from ..startup import start_cuda, start_reading
 from .artifacts import write_json
 from .binding import bind_stage, grants_of
@@ -69,18 +70,18 @@ def run(cfg: DictConfig, run_dir: Path | str, *, reuse: bool = False) -> LoadRes
             if warning := untested_warning():
                 log.warning(warning)
             stages = bind_stages(cfg)
-            _check_reader_options(cfg)
-            _check_save_options(cfg, run_dir)
+            _precheck(stages, cfg, run_dir)
             ctx.quant = _quant_spec(cfg)
-            ctx.parallel = parallel_spec(cfg)
-            ensure_group(ctx.parallel)
-            reuse = reuse and not ctx.parallel.enabled
+            dry_run = not any(traits_of(stage).loads_weights for _, stage in stages)
+            ctx.parallel = strategy_for(parallel_spec(cfg, dry_run=dry_run))  # one process, or tensor parallel
+            ctx.parallel.join()
+            reuse = reuse and ctx.parallel.reusable
             ctx, done, key = _take_reused(ctx, stages) if reuse else (ctx, [], None)
             for i, (name, stage) in enumerate(stages):
                 if name in done:
                     continue
                 _run_stage(name, stage, ctx)
-                if key is not None and name == "load_shards":
+                if key is not None and traits_of(stage).loads_weights:
                     remember(key, ctx, [n for n, _ in stages[: i + 1]])
             report["status"] = "ok"
         except PipelineError as exc:
@@ -104,20 +105,12 @@ def run(cfg: DictConfig, run_dir: Path | str, *, reuse: bool = False) -> LoadRes
     return result
 
 
-def _check_reader_options(cfg: DictConfig) -> None:
-    """load_shards' reader keys, checked before any stage runs (imported here: after start_reading)."""
-    if "load_shards" in cfg.stages:
-        from ..loading.shards import check_reader_options
-
-        check_reader_options(cfg.stages.load_shards)
-
-
-def _check_save_options(cfg: DictConfig, run_dir: Path) -> None:
-    """The save's destination, checked (and a killed save's leftovers cleaned) before anything is loaded."""
-    if "save" in cfg.stages:
-        from ..stages.save import check_destination
-
-        check_destination(cfg, run_dir)
+def _precheck(stages, cfg: DictConfig, run_dir: Path) -> None:
+    """Each stage's own check of its keys (stages/traits.py), before any stage runs: a bad value costs no load."""
+    for _, stage in stages:
+        precheck = traits_of(stage).precheck
+        if precheck is not None:
+            precheck(cfg, run_dir, dict(stage.keywords))
 
 
 def _refuse_writes_into_checkpoint(cfg: DictConfig, run_dir: Path) -> None:
@@ -133,14 +126,13 @@ def start_context(cfg: DictConfig, run_dir: Path | str) -> LoadContext:
     """A fresh context for `cfg` (what run() starts from): empty report, validated quantization spec."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    return LoadContext(
-        cfg=cfg, run_dir=run_dir, report=new_report(), quant=_quant_spec(cfg), parallel=parallel_spec(cfg)
-    )
+    parallel = strategy_for(parallel_spec(cfg))
+    return LoadContext(cfg=cfg, run_dir=run_dir, report=new_report(), quant=_quant_spec(cfg), parallel=parallel)
 
 
 def _take_reused(ctx: LoadContext, stages) -> tuple[LoadContext, list[str], str | None]:
     """The context of the previous sweep job when only the threshold changed (and the stages it ran)."""
-    key = reuse_key(ctx.cfg)
+    key = reuse_key(ctx.cfg, stages)
     taken = reuse_take(key, ctx)
     if taken is None:
         return ctx, [], key
@@ -156,7 +148,7 @@ def _take_reused(ctx: LoadContext, stages) -> tuple[LoadContext, list[str], str 
 def _unexpected_error(exc: Exception, ctx: LoadContext, run_dir: Path) -> BaseException:
     """Out of memory is the user's to fix (exit 2, the model dropped); anything else is a bug of ours."""
     report = ctx.report
-    lost = lost_rank(exc, ctx.parallel)
+    lost = ctx.parallel.lost(exc)
     if lost is not None:  # tensor parallel: another rank stopped answering or ended
         log.error("%s\n%s", lost, traceback.format_exc(), extra={"file_only": True})  # the traceback: run.log
         report["status"], report["error"] = lost.status, str(lost)
@@ -230,7 +222,7 @@ def _write_artifacts(ctx: LoadContext) -> None:
     """Files a stage produced (plan.json...), written atomically into the run directory."""
     while ctx.artifacts:
         name, doc = ctx.artifacts.popitem()
-        if ctx.parallel.is_main:  # tensor parallel: rank 0 writes for all ranks
+        if ctx.parallel.writes_files:  # tensor parallel: rank 0 writes for all ranks
             write_json(ctx.run_dir / name, doc)
 
 

@@ -6,6 +6,9 @@ NCCL with one GPU per rank. Everything a rank tells another goes through here.
 
 from __future__ import annotations
 
+import logging
+import os
+import sys
 from datetime import timedelta
 
 import torch
@@ -103,3 +106,23 @@ def shutdown(finished: bool = True) -> bool:
             dist.destroy_process_group()
         return True
     return False
+
+
+def end_process(finished: bool, code: int | None) -> None:
+    """The CLI's last step: leave the process group, if this process joined one, and end the process with `code`.
+
+    Without C++ teardown (os._exit): gloo's threads, still owned by the model's DTensors, aborted
+    the process at exit ("terminate called without an active exception", about 1 run in 10 even
+    after the barrier). Everything the run writes is written and flushed by then. Returns when
+    there was no group (or no exit code yet: an exception still on its way up).
+    """
+    try:
+        made = shutdown(finished)
+    except RankLost as exc:  # the last barrier: a rank stopped answering after this one's run
+        print(f"error: {exc}", file=sys.stderr)
+        made, code = True, exc.exit_code
+    if made and code is not None:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)

@@ -31,11 +31,11 @@ def cli_overrides(parallel: ParallelSpec, run_dir: str) -> list[str]:
     return out
 
 
-def parallel_spec(cfg) -> ParallelSpec:
-    """The `parallel` group of a composed config against torchrun's environment; without load_shards, a dry run."""
+def parallel_spec(cfg, *, dry_run: bool = True) -> ParallelSpec:
+    """The `parallel` group of a composed config against torchrun's environment. The runner says whether its
+    stages read weights (dry_run=False: parallel=tensor then needs torchrun); agreeing on a directory needs not."""
     from omegaconf import OmegaConf
 
     node = cfg.get("parallel")
     node = OmegaConf.to_container(node, resolve=True) if node is not None else None
-    stages = list(cfg.get("stages") or {})
-    return ParallelSpec.from_config(node, dry_run="load_shards" not in stages)
+    return ParallelSpec.from_config(node, dry_run=dry_run)

@@ -119,7 +119,8 @@ def _timeout(value) -> float:
     except (TypeError, ValueError):
         seconds = float("nan")
     if not seconds > 0 or seconds == float("inf"):
-        raise UserError(f"parallel.timeout_s: {value!r} is not a positive number of seconds; give e.g. 60")
+        shown = f"{seconds:g}" if seconds == seconds else repr(value)  # as typed: the schema makes 0 a float
+        raise UserError(f"parallel.timeout_s: {shown} is not a positive number of seconds; give e.g. 60")
     return seconds
 
 

@@ -53,6 +53,15 @@ def empty_module(old: torch.nn.Module, spec: QuantSpec, threshold: float | None 
     return new
 
 
+def set_int8_thresholds(model: torch.nn.Module, thresholds: dict[str, float], threshold: float) -> None:
+    """A loaded int8 model's outlier threshold, changed in place (it acts at forward time; the int8 weights and
+    their scales do not depend on it): `threshold` everywhere except the per-module `thresholds`."""
+    bnb = import_bitsandbytes()
+    for name, module in model.named_modules():
+        if isinstance(module, bnb.nn.Linear8bitLt):
+            module.state.threshold = thresholds.get(name, threshold)
+
+
 def quantize_int8(weight: torch.Tensor):
     """LLM.int8 row-wise quantization on the weight's own device, exactly as Int8Params does it."""
     bnb = import_bitsandbytes()

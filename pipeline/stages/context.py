@@ -6,8 +6,7 @@ each other. `require` turns a missing earlier stage into a clear config error.
 | field | written by | read by |
 | --- | --- | --- |
 | cfg, run_dir, report | engine (run start) | every stage; report gains a section per stage |
-| parallel | engine (from the `parallel` group and torchrun's environment, before any stage) | plan, load_shards, validate |
-| rank_plans | plan (tensor parallel: every rank's plan; `plan` is this rank's) | load_shards, validate |
+| parallel | engine (the strategy for the `parallel` group and torchrun's environment, before any stage) | plan, load_shards, validate |
 | quant | engine (from the `quantization` group, validated before any stage); plan replaces it when the checkpoint is already quantized | plan, quantize, load_shards, validate, save, sweep reuse |
 | checkpoint_path, model, model_config, tied_groups, no_split, keep_in_fp32, floating | instantiate_empty (quantize swaps layers in model; load_shards fills it) | plan, quantize, load_shards, validate, save |
 | checkpoint, plan, dtype_policy | plan | quantize, load_shards, validate, save |
@@ -26,7 +25,7 @@ from omegaconf import DictConfig
 from ..checkpoint import Checkpoint
 from ..dtypes import DtypePolicy
 from ..errors import UserError
-from ..parallel import ParallelSpec
+from ..parallel.strategy import SingleProcess
 from ..planning import Plan
 from ..quant.spec import QuantSpec
 
@@ -37,8 +36,7 @@ class LoadContext:
     run_dir: Path
     report: dict
     quant: QuantSpec = field(default_factory=QuantSpec)
-    parallel: ParallelSpec = field(default_factory=ParallelSpec)  # rank and world; tensor parallel when enabled
-    rank_plans: list | None = None  # tensor parallel: every rank's plan (parallel/shard_plan.py RankPlan)
+    parallel: object = field(default_factory=SingleProcess)  # one process, or parallel/tensor.py's TensorParallel
     checkpoint_path: str | None = None  # after any built-in recipe ran
     model: torch.nn.Module | None = None
     model_config: object | None = None  # transformers PretrainedConfig, when there is one

@@ -14,17 +14,22 @@ import torch
 
 from ..loading.hf_attributes import set_hf_attributes
 from ..loading.offload import dispatch
-from ..loading.shards import ReaderOptions, load_tensors, target_devices
+from ..loading.shards import ReaderOptions, check_reader_options, load_tensors, target_devices
 from ..loading.streamer import machine_defaults
 from ..measure.memory import PeakAnonSampler
-from ..parallel.group import all_gather
-from ..parallel.hooks import distribute
 from ..startup.reader import summary as page_cache_summary
 from .context import LoadContext
+from .traits import stage
 
 log = logging.getLogger(__name__)
 
 
+def _precheck(cfg, run_dir, keys: dict) -> None:
+    """The reader keys, before any stage runs (imported with the stage: after the engine started reading)."""
+    check_reader_options(keys)
+
+
+@stage(precheck=_precheck, loads_weights=True)
 def load_shards(
     ctx: LoadContext,
     *,
@@ -47,8 +52,6 @@ def load_shards(
     model.eval()  # a loaded model is for inference, as from_pretrained returns it
     if plan.needs_dispatch:
         ctx.offload = dispatch(model, plan, ctx.checkpoint)
-    if ctx.parallel.enabled:  # the shards as transformers' tensor-parallel forward expects them, hooks installed
-        distribute(model, plan, ctx.parallel)
     set_hf_attributes(model, plan.device_map, ctx.quant, plan.quantized_modules)
     ctx.loaded = True
     seconds = stats.seconds
@@ -72,8 +75,7 @@ def load_shards(
         "missing_keys": plan.missing,
         "unexpected_keys": plan.unexpected,
     }
-    if ctx.parallel.enabled:
-        _gather_ranks(ctx)
+    ctx.parallel.loaded(model, plan, ctx.report)  # tensor parallel: DTensors and forward hooks; every rank's load
     _log_read_ahead(ctx.report["load"]["page_cache"])
     log.info(
         "loaded %d bytes in %.2f s (%.2f GB/s)", stats.bytes_read, seconds, stats.bytes_read / max(seconds, 1e-9) / 1e9
@@ -91,14 +93,6 @@ def _log_read_ahead(ahead: dict | None) -> None:
         ahead["started_s_before"],
         state,
     )
-
-
-def _gather_ranks(ctx: LoadContext) -> None:
-    """Tensor parallel: every rank's bytes read (its slices only) beside its plan, in rank 0's report."""
-    load = ctx.report["load"]
-    mine = {k: load[k] for k in ("seconds", "bytes_read", "peak_host_anon_bytes", "peak_gpu_bytes")}
-    for rank, row in enumerate(all_gather(mine, ctx.parallel)):
-        ctx.report["parallel"]["ranks"][rank].update(row)
 
 
 def _reader_shape(threads, chunk_mib, staging_mib) -> dict:

@@ -12,11 +12,8 @@ import logging
 from ..checkpoint import open_checkpoint
 from ..dtypes import DtypePolicy
 from ..errors import UserError
-from ..parallel.inputs import check_inputs
-from ..parallel.shard_plan import plan_table as rank_table
-from ..parallel.shard_plan import shard_plans
 from ..planning import build_plan
-from ..planning.device_map import CapsTooSmall, resolve_max_memory
+from ..planning.device_map import CapsTooSmall
 from ..planning.document import plan_document, plan_table
 from ..planning.fits import fit_hint
 from ..quant.prequantized import prequantized_selection, read_saved_quantization
@@ -45,12 +42,11 @@ def plan(
     ctx.report["checkpoint"] = checkpoint.summary()
     spec, selection = _quantization(ctx, checkpoint)
     policy = DtypePolicy(spec.unquantized_dtype or dtype, dict(dtype_overrides or {}))
-    parallel = ctx.parallel
-    placed, device_map, caps = _placement(ctx, checkpoint, spec, strategy, device_map, max_memory)
-    result = _build(ctx, checkpoint, policy, spec, selection, (placed, device_map, caps), dtype, bool(allow_missing))
-    if parallel.enabled:
-        ctx.rank_plans = shard_plans(ctx.model, result, checkpoint, parallel, spec, max_memory)
-        result = ctx.rank_plans[parallel.rank].plan
+    planned = ctx.parallel.plan(  # one process: the configured placement; tensor parallel: this rank's shards
+        lambda *placement: _build(ctx, checkpoint, policy, spec, selection, placement, dtype, bool(allow_missing)),
+        strategy=strategy, device_map=device_map, max_memory=max_memory, checkpoint=checkpoint, spec=spec, model=model,
+    )  # fmt: skip
+    result = planned.plan
     ctx.plan, ctx.quant, ctx.dtype_policy = result, spec, policy
     doc = plan_document(
         result,
@@ -68,8 +64,8 @@ def plan(
         "device_map": result.device_map,
         "predicted_bytes": result.predicted_bytes,
     }
-    if parallel.enabled:
-        _parallel_sections(ctx, doc)
+    doc.update(planned.document)
+    ctx.report.update(planned.report)
     ctx.artifacts[output] = doc  # the engine writes it into the run directory
     _log_plan(result, strategy)
 
@@ -96,34 +92,6 @@ def _build(ctx: LoadContext, checkpoint, policy, spec, selection, placement, dty
         overrides = policy.overrides
         hint = fit_hint(ctx.model, checkpoint, dtype=dtype, overrides=overrides, spec=spec, caps=caps, **parts)
         raise UserError(f"{e}; {hint}") from None
-
-
-def _placement(ctx: LoadContext, checkpoint, spec, strategy: str, device_map, max_memory):
-    """(strategy, map, caps) for build_plan. Tensor parallel: the rank's own device, no caps here (they apply
-    to each rank's shards, checked by the shard plan), after refusing what cannot be combined with it."""
-    parallel = ctx.parallel
-    if parallel.enabled:
-        check_inputs(
-            parallel, strategy=strategy, device_map=device_map, max_memory=max_memory, checkpoint=checkpoint, spec=spec
-        )
-        return "explicit", {"": parallel.device_of(parallel.rank)}, {}
-    caps = resolve_max_memory(max_memory) if strategy not in ("cpu", "explicit") or max_memory else {}
-    return strategy, device_map, caps
-
-
-def _parallel_sections(ctx: LoadContext, doc: dict) -> None:
-    """plan.json and report.json get every rank's plan; the log prints one line per rank."""
-    ranks = ctx.rank_plans
-    base = {"mode": "tensor", "world_size": ctx.parallel.world_size, "backend": ctx.parallel.backend}
-    doc["parallel"] = {**base, "ranks": [r.to_json() for r in ranks]}
-    ctx.report["parallel"] = {
-        **base,
-        "ranks": [
-            {"rank": r.rank, "device": r.device, "predicted_bytes": r.predicted_bytes, "read_bytes": r.read_bytes}
-            for r in ranks
-        ],
-    }
-    log.info("tensor parallel over %d ranks (%s):\n%s", len(ranks), ctx.parallel.backend, rank_table(ranks))
 
 
 def _quantization(ctx: LoadContext, checkpoint):

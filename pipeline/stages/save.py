@@ -34,6 +34,7 @@ from ..errors import UserError
 from ..quant.formats.hf_config import bnb_quantization_config, unconverted_modules
 from ..quant.formats.ours import METADATA_KEY
 from .context import LoadContext
+from .traits import stage
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,16 @@ COPIED = (
 )
 
 
+def _precheck(cfg, run_dir, keys: dict) -> None:
+    """The save's destination, checked before any stage runs (nothing loaded yet; a killed save's leftovers cleaned)."""
+    source = cfg.checkpoint.get("path") or ""
+    if not source and cfg.checkpoint.get("builtin"):
+        source = os.path.join(cache_dir(), str(cfg.checkpoint.builtin))
+    homes = checkpoint_homes(str(source)) if source else []
+    _checked_destination(keys.get("path"), bool(keys.get("overwrite", False)), homes, str(run_dir))
+
+
+@stage(precheck=_precheck)
 def save(ctx: LoadContext, *, path: str | None = None, max_shard_mib: int = 2048, overwrite: bool = False) -> None:
     ctx.require("loaded", "save", "load_shards")
     dest = _destination(ctx, path, overwrite)
@@ -112,16 +123,6 @@ def _config_json(ctx: LoadContext) -> dict:
         skip = unconverted_modules(ctx.model, ctx.plan.quantized_modules)
         config["quantization_config"] = bnb_quantization_config(ctx.quant, skip)
     return config
-
-
-def check_destination(cfg, run_dir) -> None:
-    """The save's destination, checked before any stage runs (nothing loaded yet): the runner calls this."""
-    node = cfg.stages.get("save") or {}
-    source = cfg.checkpoint.get("path") or ""
-    if not source and cfg.checkpoint.get("builtin"):
-        source = os.path.join(cache_dir(), str(cfg.checkpoint.builtin))
-    homes = checkpoint_homes(str(source)) if source else []
-    _checked_destination(node.get("path"), bool(node.get("overwrite", False)), homes, str(run_dir))
 
 
 def _destination(ctx: LoadContext, path: str | None, overwrite: bool) -> str:

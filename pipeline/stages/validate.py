@@ -10,8 +10,6 @@ loaded model's logits error against it, forward throughput and a greedy continua
 
 from __future__ import annotations
 
-import torch
-
 from ..errors import CheckFailed, UserError
 from ..measure import single_process
 from ..measure.cache import metric_cache
@@ -20,11 +18,12 @@ from ..measure.memory import device_str
 from ..measure.metrics import METRICS, Costs, MetricSettings, measure_quality
 from ..measure.quality import input_device
 from ..measure.reference import streamed_reference
-from ..parallel.group import all_gather, broadcast
 from ..quant.cpu_numerics import measured_portably
 from .context import LoadContext
+from .traits import stage
 
 
+@stage(measures=True)
 def validate(
     ctx: LoadContext,
     *,
@@ -63,15 +62,12 @@ def validate(
             check,
             settings,
             quantized=ctx.quant.enabled,
-            make_reference=lambda: _reference(ctx) if ctx.parallel.is_main else None,
+            make_reference=ctx.parallel.reference(lambda: _reference(ctx)),  # tensor parallel: rank 0's only
             reference_dtype=ctx.dtype_policy.name,
-            cache=_cache(ctx, settings),
+            cache=ctx.parallel.cache(lambda: _cache(ctx, settings)),  # tensor parallel: none
             costs=costs,
         )
-    if ctx.parallel.enabled and not meta:
-        _against_single_process(ctx, check, single_process_tolerance, found.get("logits_rel_error"), settings.portable)
-    if ctx.parallel.enabled:
-        _merge_ranks(ctx, check, measured, plan_error)
+    _across_processes(ctx, check, (measured, plan_error), found, bool(meta), settings, single_process_tolerance)
     ctx.report["validation"] = {
         "checks": check.results,
         "failures": check.failures,
@@ -109,52 +105,21 @@ def _reference(ctx: LoadContext):
     )
 
 
-def _against_single_process(ctx: LoadContext, check: CheckLog, tolerance: float, known_error, portable: bool) -> None:
-    """Tensor parallel: every rank runs the sharded forward; rank 0 compares it with the single-process model."""
-    logits = single_process.sharded_logits(ctx.model, portable)
-    found = None
-    if ctx.parallel.is_main:
-        found = single_process.compare(
-            logits,
-            lambda: _reference(ctx),
-            ctx.model,
-            quantized=ctx.quant.enabled,
-            tolerance=tolerance,
-            known_error=known_error,
-            portable=portable,
-        )
-        if ctx.parallel.save_logits:
-            torch.save(logits, ctx.run_dir / "logits.pt")
-    found = broadcast(found, ctx.parallel)  # every rank records the same checks, so every rank exits alike
-    if found.get("matches") is not None:
-        why = (
-            f"gathered logits differ from the single-process model by {found['max_abs_diff']:.3g} "
-            f"(tolerance {tolerance:g} x {found['max_abs_reference']:.3g})"
-        )
-        check("matches_single_process", found["matches"], why)
-    ctx.report["parallel"]["logits"] = found
-
-
-def _merge_ranks(ctx: LoadContext, check: CheckLog, measured: dict, plan_error: dict) -> None:
-    """Every rank's checks and memory in the report; a check holds only if it holds on every rank."""
-    mine = {"checks": check.results, "failures": check.failures, "measured": measured, "error": plan_error}
-    rows = all_gather(mine, ctx.parallel)
-    merged = {name: all(r["checks"].get(name, True) for r in rows) for name in check.results}
-    failures: dict[str, str] = {}
-    for rank, row in enumerate(rows):
-        entry = ctx.report["parallel"]["ranks"][rank]
-        entry["measured_bytes"] = sum(row["measured"].values())
-        entry["plan_error"] = max(row["error"].values(), key=abs, default=0.0)
-        entry["checks_passed"] = all(row["checks"].values())
-        for name, why in row["failures"].items():
-            failures[name] = f"{failures[name]}; rank {rank}: {why}" if name in failures else f"rank {rank}: {why}"
-    check.results, check.failures = merged, failures
+def _across_processes(ctx: LoadContext, check: CheckLog, memory, found: dict, meta: bool, settings, tolerance):
+    """The strategy's part. Tensor parallel: the gathered logits against the single-process model (no forward
+    while tensors are on meta), then every rank's checks merged; one process: nothing."""
+    model = ctx.model
+    ctx.parallel.validate(
+        check, ctx.report, measured=memory[0], plan_error=memory[1], run_dir=ctx.run_dir,
+        forward=None if meta else lambda: single_process.sharded_logits(model, settings.portable),
+        compare=lambda logits: single_process.compare(
+            logits, lambda: _reference(ctx), model, quantized=ctx.quant.enabled, tolerance=tolerance,
+            known_error=found.get("logits_rel_error"), portable=settings.portable,
+        ),
+    )  # fmt: skip
 
 
 def _cache(ctx: LoadContext, settings: MetricSettings):
-    """None under tensor parallel: a hit on one rank and a miss on another would part their collectives."""
-    if ctx.parallel.enabled:
-        return None
     device = device_str(input_device(ctx.model))
     node = ctx.cfg.checkpoint.get("model") if "checkpoint" in ctx.cfg else None
     return metric_cache(

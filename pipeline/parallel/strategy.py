@@ -1,0 +1,57 @@
+"""How the run's processes share the load: one process (here) or tensor parallel (tensor.py), one object.
+
+Stages call the strategy on `ctx.parallel` where a tensor-parallel run differs from one
+process (the plan, the loaded shards, validation) and never ask which one it is; the engine
+builds it from the `parallel` group (strategy_for, in __init__.py) and asks it only about the
+process group, who writes the run's files, sweep reuse and a lost rank. For one process every
+call is what a plain load does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+from ..planning import Plan
+from ..planning.device_map import resolve_max_memory
+from .spec import ParallelSpec
+
+
+class Planned(NamedTuple):
+    plan: Plan  # what this process loads
+    document: dict  # sections this strategy adds to plan.json (tensor parallel: "parallel")
+    report: dict  # and to report.json
+
+
+class SingleProcess:
+    """One process loads the whole model where the plan puts it."""
+
+    spec = ParallelSpec()
+    writes_files = True  # report.json and the stages' artifacts
+    reusable = True  # a sweep may keep the loaded model for the next job (engine/reuse.py)
+
+    def join(self) -> None:
+        """No process group."""
+
+    def lost(self, exc: BaseException):
+        """No other rank to lose."""
+        return None
+
+    def plan(self, build: Callable[..., Plan], *, strategy, device_map, max_memory, **_) -> Planned:
+        """`build(strategy, map, caps)` with the configured placement; caps apply unless the map is fixed."""
+        caps = resolve_max_memory(max_memory) if strategy not in ("cpu", "explicit") or max_memory else {}
+        return Planned(build(strategy, device_map, caps), {}, {})
+
+    def loaded(self, model, plan: Plan, report: dict) -> None:
+        """The loaded model is ready as it is."""
+
+    def reference(self, make: Callable):
+        """The unquantized reference's maker: this process builds it."""
+        return make
+
+    def cache(self, make: Callable):
+        """The metric cache (measure/cache.py) this process may answer from."""
+        return make()
+
+    def validate(self, check, report: dict, **_) -> None:
+        """Nothing to merge: this process's checks are the run's."""
