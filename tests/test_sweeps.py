@@ -106,3 +106,63 @@ def test_optuna_finds_the_lowest_memory_within_the_quality_bound(tiny, tmp_path)
     ]
     best = yaml.safe_load((root / "optimization_results.yaml").read_text())
     assert best["best_value"] == pytest.approx(min(within))
+
+
+def _tiny_sweep(tiny, tmp_path, env=None):
+    """A real multirun over two checkpoints (one missing) x two thresholds: 2 ok jobs, 2 failed, no tokenizer."""
+    root = tmp_path / "sweep"
+    p = run_cli(
+        "-m",
+        f"checkpoint.path={tiny('llama')},{tmp_path / 'missing'}",
+        "quantization=int8",
+        "quantization.threshold=0.0,6.0",
+        f"hydra.sweep.dir={root}",
+        env=env,
+    )
+    assert p.returncode == 1, p.stderr[-3000:]  # the two jobs of the missing checkpoint
+    return root, p
+
+
+def test_without_matplotlib_the_sweep_says_no_plots_and_writes_none(tiny, tmp_path):
+    shadow = tmp_path / "shadow" / "matplotlib"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise ImportError('No module named matplotlib')\n")
+    root, p = _tiny_sweep(tiny, tmp_path, env={"PYTHONPATH": str(shadow.parent)})
+    said = [line for line in p.stdout.splitlines() if line.startswith("sweep summary:")]
+    assert said == [
+        f"sweep summary: {root / 'summary.csv'}, {root / 'summary.md'}; "
+        "no plots: matplotlib is not installed (pip install matplotlib)"
+    ]
+    assert "plots in" not in p.stdout + p.stderr
+    assert not list(root.glob("*.png")) and len(_rows(root)) == 4
+
+
+def test_plots_join_only_runs_that_differ_in_the_swept_key(tiny, tmp_path):
+    """One line per setting of the other keys; failed jobs an x at the axes' edge, never a value of 0; no tokenizer:
+    the logits error is the quality plot."""
+    from pipeline.sweeps.plots import FAILED_Y, draw
+    from pipeline.sweeps.summary import collect_rows, swept_keys
+
+    root, p = _tiny_sweep(tiny, tmp_path)
+    assert f"sweep summary: {root / 'summary.csv'}, {root / 'summary.md'} and 4 plot(s) in {root}" in p.stdout
+    assert sorted(f.name for f in root.glob("*.png")) == sorted(
+        f"{kind}_vs_{key}.png"
+        for kind in ("load_and_memory", "logits_error")
+        for key in ("checkpoint_path", "quantization_threshold")
+    )  # no tokenizer: no perplexity (quality_vs_*) plot
+    rows = collect_rows(root)
+    figures = dict(draw(rows, swept_keys(rows), ["bytes_cpu"]))
+    (ax,) = figures["logits_error_vs_quantization_threshold"].axes
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    llama = f"checkpoint.path={tiny('llama').name}"
+    assert set(lines) == {llama, "failed job (no value)"}  # the missing checkpoint's jobs have no line of their own
+    assert list(lines[llama].get_xdata()) == [0.0, 6.0] and all(0 < y < 0.1 for y in lines[llama].get_ydata())
+    failed = lines["failed job (no value)"]
+    assert list(failed.get_xdata()) == [0.0, 6.0] and list(failed.get_ydata()) == [FAILED_Y, FAILED_Y]
+    assert failed.get_transform() == ax.get_xaxis_transform()  # axes coordinates: the bottom edge, not y=0
+    assert [t.get_text() for t in ax.texts] == ["failed", "failed"]
+    memory = figures["load_and_memory_vs_checkpoint_path"].axes[1]
+    by_threshold = {line.get_label(): line for line in memory.get_lines()}
+    assert set(by_threshold) == {"cpu, quantization.threshold=0.0", "cpu, quantization.threshold=6.0",
+                                 "failed job (no value)"}  # fmt: skip
+    assert all(len(by_threshold[k].get_xdata()) == 1 for k in by_threshold if k.startswith("cpu"))

@@ -11,12 +11,11 @@ from __future__ import annotations
 import csv
 import io
 import json
-import logging
 from pathlib import Path
 
 from hydra.experimental.callback import Callback
 
-log = logging.getLogger(__name__)
+from .plots import plot
 
 BASE_COLUMNS = [
     "job",
@@ -60,9 +59,18 @@ def summarize(root: Path) -> list[dict]:
     rows = collect_rows(root)
     outcome.update(root=str(root), failed=sum(r.get("status") != "ok" for r in rows))
     if rows:
-        write_summary(root, rows)
-        print(f"sweep summary: {root / 'summary.csv'}, {root / 'summary.md'} and plots in {root}")
+        plots = write_summary(root, rows)
+        print(f"sweep summary: {root / 'summary.csv'}, {root / 'summary.md'}{_plots_said(root, plots)}")
     return rows
+
+
+def _plots_said(root: Path, plots: list[Path] | None) -> str:
+    """What the summary line says of plots: only what was written."""
+    if plots is None:
+        return "; no plots: matplotlib is not installed (pip install matplotlib)"
+    if not plots:
+        return "; no plots: no key took more than one value"
+    return f" and {len(plots)} plot(s) in {root}"
 
 
 def _quoted(value: str) -> str:
@@ -117,7 +125,8 @@ def collect_rows(root: Path) -> list[dict]:
     return rows
 
 
-def write_summary(root: Path, rows: list[dict]) -> None:
+def write_summary(root: Path, rows: list[dict]) -> list[Path] | None:
+    """summary.csv, summary.md and the plots; the plots written, None when matplotlib is not installed."""
     swept = swept_keys(rows)
     devices = sorted({k for r in rows for k in r if k.startswith("bytes_")})
     columns = BASE_COLUMNS[:2] + swept + BASE_COLUMNS[2:] + devices
@@ -131,9 +140,10 @@ def write_summary(root: Path, rows: list[dict]) -> None:
     md += ["| " + " | ".join(_md(row[c]) for c in columns) + " |" for row in table]
     _atomic(root / "summary.md", "\n".join(md) + "\n")
     try:
-        plot(root, rows, swept, devices)
+        import matplotlib  # noqa: F401  (an optional dependency: the `sweep` extra)
     except ImportError:
-        log.warning("matplotlib is not installed: summary.csv and summary.md written, no plots")
+        return None
+    return plot(root, rows, swept, devices)
 
 
 def swept_keys(rows: list[dict]) -> list[str]:
@@ -159,80 +169,3 @@ def _atomic(path: Path, text: str) -> None:
     from ..engine.artifacts import write_text
 
     write_text(path, text)
-
-
-def _numeric(values: list[str]):
-    try:
-        return [float(v) for v in values]
-    except (TypeError, ValueError):
-        return None
-
-
-def plot(root: Path, rows: list[dict], swept: list[str], devices: list[str]) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    made = []
-    for key in swept:
-        labels = [r["_swept"].get(key, "") for r in rows]
-        xs = _numeric(labels)
-        order = sorted(range(len(rows)), key=lambda i: xs[i] if xs else i)
-        x = [xs[i] for i in order] if xs else list(range(len(order)))
-        ok = [rows[i].get("status") == "ok" for i in order]
-        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-        _series(axes[0], x, [rows[i].get("load_seconds") for i in order], ok, "load seconds")
-        axes[0].set_ylabel("load_shards seconds")
-        for dev in devices:
-            _series(
-                axes[1], x, [(rows[i].get(dev) or 0) / 2**20 or None for i in order], ok, dev.removeprefix("bytes_")
-            )
-        axes[1].set_ylabel("MiB per device")
-        for ax in axes:
-            ax.set_xlabel(key)
-            if not xs:
-                ax.set_xticks(x, [labels[i] for i in order], rotation=20)
-            ax.grid(alpha=0.3)
-            if ax.get_legend_handles_labels()[0]:
-                ax.legend(fontsize=8)
-        fig.suptitle(f"load time and memory vs {key}" + ("  (x: failed job)" if not all(ok) else ""))
-        fig.tight_layout()
-        path = root / f"load_and_memory_vs_{key.replace('.', '_')}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        made.append(path)
-        if any(rows[i].get("perplexity") for i in order):
-            fig, ax = plt.subplots(figsize=(6, 4))
-            _series(ax, x, [rows[i].get("perplexity") for i in order], ok, "perplexity (loaded)")
-            _series(
-                ax,
-                x,
-                [rows[i].get("reference_perplexity") for i in order],
-                ok,
-                "perplexity (unquantized reference)",
-                style="--",
-            )
-            ax.set_xlabel(key)
-            ax.set_ylabel("perplexity on the evaluation text")
-            if not xs:
-                ax.set_xticks(x, [labels[i] for i in order], rotation=20)
-            ax.grid(alpha=0.3)
-            if ax.get_legend_handles_labels()[0]:
-                ax.legend(fontsize=8)
-            ax.set_title(f"quality vs {key}")
-            fig.tight_layout()
-            path = root / f"quality_vs_{key.replace('.', '_')}.png"
-            fig.savefig(path, dpi=110)
-            plt.close(fig)
-            made.append(path)
-    return made
-
-
-def _series(ax, x, y, ok, label, style="-o"):
-    pts = [(a, b) for a, b, good in zip(x, y, ok, strict=False) if good and b is not None]
-    if pts:
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], style if style != "--" else "--s", label=label)
-    bad = [a for a, good in zip(x, ok, strict=False) if not good]
-    if bad:
-        ax.plot(bad, [0] * len(bad), "rx", label=f"{label}: failed" if label else "failed")
