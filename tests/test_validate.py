@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import re
 import shutil
 
 import pytest
@@ -140,3 +141,47 @@ def test_int8_reference_metrics(arch, tiny, tmp_path):
     assert 0 < m["logits_rel_error"] < 0.1
     if arch == "t5":
         assert m["output_cosine_to_reference"] > 0.99
+
+
+def _progress(log_text: str, step: str) -> list[tuple[int, int, str]]:
+    """(done, total, tail) of every progress line of one step of validate in run.log."""
+    found = re.findall(rf"validate {step}: \w+ (\d+)/(\d+), [\d.]+ s, (.+)", log_text)
+    return [(int(d), int(t), tail) for d, t, tail in found]
+
+
+def test_long_steps_of_validate_log_their_progress(tiny, tmp_path):
+    """Reference and perplexity count layers, greedy text counts tokens; interval 0 logs every step."""
+    from test_metric_cache import _tokenizer  # the real byte-level tokenizer those tests save beside the weights
+
+    ck = tmp_path / "ck"
+    shutil.copytree(tiny("llama"), ck)
+    _tokenizer(ck)
+    overrides = [f"checkpoint.path={ck}", "quantization=int8", "stages.validate.max_eval_tokens=32"]
+    load(
+        [*overrides, "stages.validate.progress_interval=0", "stages.validate.max_new_tokens=4"], run_dir=tmp_path / "a"
+    )
+    text = (tmp_path / "a" / "run.log").read_text()
+    assert _progress(text, "perplexity") == [(1, 3, _eta(text, "perplexity", 0)), (2, 3, _eta(text, "perplexity", 1)),
+                                             (3, 3, "done")]  # fmt: skip
+    reference = _progress(text, "reference")  # the tiny Llama's 3 layers: fixed inputs' forward, then the text's
+    assert [(d, t) for d, t, _ in reference] == [(d, 6) for d in range(1, 7)] and reference[-1][2] == "done"
+    greedy = _progress(text, "greedy")
+    assert [(d, t) for d, t, _ in greedy] == [(d, 4) for d in range(1, len(greedy) + 1)]
+    assert greedy[-1][2] in ("done", "done (stopped early)")
+    # Steps shorter than the interval: the first line and the last, nothing between.
+    load([*overrides, "stages.validate.progress_interval=3600"], run_dir=tmp_path / "b")
+    text = (tmp_path / "b" / "run.log").read_text()
+    assert _progress(text, "reference") == [(1, 6, _eta(text, "reference", 0)), (6, 6, "done")]
+    assert [d for d, *_ in _progress(text, "perplexity")] == [1, 3]
+
+
+def _eta(text: str, step: str, line: int) -> str:
+    """The tail of a progress line that is not the last: an ETA in seconds."""
+    tail = _progress(text, step)[line][2]
+    assert re.fullmatch(r"ETA [\d.]+ s", tail), tail
+    return tail
+
+
+def test_a_negative_progress_interval_is_a_user_error(tiny, tmp_path):
+    with pytest.raises(UserError, match=r"stages.validate.progress_interval: -1.0 .* give a number >= 0"):
+        load([f"checkpoint.path={tiny('llama')}", "stages.validate.progress_interval=-1.0"], run_dir=tmp_path / "r")

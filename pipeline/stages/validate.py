@@ -37,6 +37,7 @@ def validate(
     max_new_tokens: int = 12,
     trust_remote_code: bool = False,
     weights_finite_sample: int | None = None,
+    progress_interval: float = 2.0,
 ) -> None:
     plan = ctx.require("plan", "validate", "plan")
     ctx.require("loaded", "validate", "load_shards")
@@ -44,6 +45,7 @@ def validate(
     settings = MetricSettings(
         _switches(metrics, METRICS, "metrics"), eval_text, max_eval_tokens, prompt, max_new_tokens, trust_remote_code,
         portable=measured_portably(ctx.quant, plan.tensors.values()),  # the same figures on every CPU (issue 30)
+        progress_interval=progress_interval,  # seconds between progress lines of the reference, perplexity, greedy
     )  # fmt: skip
     model = ctx.model
     meta = check_tensors(model, plan, ctx.tied_groups, ctx.offload, check, ctx.floating)
