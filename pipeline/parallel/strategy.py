@@ -24,34 +24,26 @@ class Planned(NamedTuple):
 
 
 class SingleProcess:
-    """One process loads the whole model where the plan puts it."""
+    """One process loads the whole model where the plan puts it: every call is what a plain load does."""
 
-    spec = ParallelSpec()
     writes_files = True  # report.json and the stages' artifacts
     reusable = True  # a sweep may keep the loaded model for the next job (engine/reuse.py)
 
-    def join(self) -> None:
-        """No process group."""
+    def join(self) -> None: ...  # no process group
 
-    def lost(self, exc: BaseException):
-        """No other rank to lose."""
-        return None
+    def lost(self, exc: BaseException) -> None: ...  # no other rank to lose
 
     def plan(self, build: Callable[..., Plan], *, strategy, device_map, max_memory, **_) -> Planned:
         """`build(strategy, map, caps)` with the configured placement; caps apply unless the map is fixed."""
         caps = resolve_max_memory(max_memory) if strategy not in ("cpu", "explicit") or max_memory else {}
         return Planned(build(strategy, device_map, caps), {}, {})
 
-    def loaded(self, model, plan: Plan, report: dict) -> None:
-        """The loaded model is ready as it is."""
+    def loaded(self, model, plan: Plan, report: dict) -> None: ...
 
-    def reference(self, make: Callable):
-        """The unquantized reference's maker: this process builds it."""
+    def reference(self, make: Callable) -> Callable:  # the unquantized reference's maker
         return make
 
-    def cache(self, make: Callable):
-        """The metric cache (measure/cache.py) this process may answer from."""
+    def cache(self, make: Callable):  # the metric cache (measure/cache.py)
         return make()
 
-    def validate(self, check, report: dict, **_) -> None:
-        """Nothing to merge: this process's checks are the run's."""
+    def validate(self, check, report: dict, **_) -> None: ...  # this process's checks are the run's
