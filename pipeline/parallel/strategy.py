@@ -14,7 +14,6 @@ from typing import NamedTuple
 
 from ..planning import Plan
 from ..planning.device_map import resolve_max_memory
-from .spec import ParallelSpec
 
 
 class Planned(NamedTuple):
