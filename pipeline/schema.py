@@ -56,9 +56,10 @@ class QuantizationSchema:
     # Never quantized: the output head, tied weights, modules the model keeps in fp32, and these patterns.
     skip_modules: list[str] = field(default_factory=list)
     overrides: Any = None  # pattern -> threshold (int8) or skip; first match wins
-    methods: Any = (
-        None  # pattern -> int8, nf4, fp4 or keep: per-module methods (first match wins; docs/quantization.md)
-    )
+    # Per-module methods, pattern -> int8, nf4, fp4 or keep (first match wins; docs/quantization.md).
+    methods: Any = None
+    # quantization=auto: the largest perplexity increase allowed on the evaluation text (1% or 0.01).
+    budget: Optional[str] = None  # noqa: UP045
     # Layers the plan puts on the CPU while a GPU runs the model: the method's name quantizes them in CPU
     # memory and runs them there; keep leaves them in their load dtype, streamed to the GPU. Disk: always kept.
     offloaded: str = "keep"

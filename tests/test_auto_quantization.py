@@ -59,3 +59,60 @@ def test_mixed_methods_load_exactly(tiny, tmp_path):
 def test_bad_methods_are_exit_2(overrides, match, tiny, tmp_path):
     with pytest.raises(UserError, match=match):
         load([f"checkpoint.path={tiny('llama')}", "+experiment=dry_run", *overrides], run_dir=tmp_path / "r")
+
+
+@pytest.fixture
+def ck(tiny, tmp_path):
+    """The tiny Llama with a real byte-level tokenizer: the budget's perplexity can be measured."""
+    import shutil
+
+    from test_metric_cache import _tokenizer
+
+    dest = tmp_path / "ck"
+    shutil.copytree(tiny("llama"), dest)
+    _tokenizer(dest)
+    return dest
+
+
+def test_auto_meets_its_budget_and_says_how(ck, tmp_path, monkeypatch):
+    """quantization=auto: every module's method and sensitivity reported, each module its method's class, plan
+    error 0, the confirmed perplexity within the budget; a second run takes the sensitivities from the cache."""
+    monkeypatch.setenv("MODEL_LOADER_METRICS_CACHE", str(tmp_path / "cache"))
+    args = [f"checkpoint.path={ck}", "quantization=auto", "quantization.budget=2%", "quantization.compute_dtype=fp32"]
+    r = load(args, run_dir=tmp_path / "r")
+    assert r.report["status"] == "ok"
+    auto = r.report["auto"]
+    assert set(auto["modules"]) == {f"model.layers.{i}.{p}" for i in range(3) for p in _LINEARS}
+    assert auto["confirmed_perplexity"] <= auto["reference_perplexity"] * 1.02
+    assert sum(auto["counts"].values()) == 21 and auto["sensitivities_cached"] is False
+    classes = _classes(r.model)
+    for name, entry in auto["modules"].items():
+        assert set(entry["sensitivity"]) == {"int8", "nf4"}
+        assert classes.get(name, "keep") == {"nf4": "4bit"}.get(entry["method"], entry["method"])
+    v = r.report["validation"]
+    assert v["plan_error"] == {"cpu": 0.0} and all(v["checks"].values())
+    again = load(args, run_dir=tmp_path / "r2")
+    assert again.report["auto"]["sensitivities_cached"] is True
+    assert again.report["auto"]["modules"] == auto["modules"]
+
+
+_LINEARS = [f"self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj", "o_proj")]
+_LINEARS += [f"mlp.{p}" for p in ("gate_proj", "up_proj", "down_proj")]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        (["quantization=auto", "quantization.budget=abc"], r"^quantization\.budget: 'abc' is not a perplexity"),
+        (["quantization=auto", "quantization.budget=null"], r"^quantization\.budget: quantization=auto needs"),
+        (["quantization=int8", "quantization.budget=1%"], r"^quantization\.budget: '1%' is for quantization=auto"),
+    ],
+)
+def test_bad_budgets_are_exit_2(overrides, match, tiny, tmp_path):
+    with pytest.raises(UserError, match=match):
+        load([f"checkpoint.path={tiny('llama')}", "+experiment=dry_run", *overrides], run_dir=tmp_path / "r")
+
+
+def test_auto_without_a_tokenizer_is_exit_2(tiny, tmp_path):
+    with pytest.raises(UserError, match=r"^quantization=auto: the budget is a perplexity on the evaluation text"):
+        load([f"checkpoint.path={tiny('llama')}", "quantization=auto"], run_dir=tmp_path / "r")

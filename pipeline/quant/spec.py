@@ -17,7 +17,7 @@ from ..schema import QuantizationSchema
 
 _DEFAULT = QuantizationSchema()  # every default below is the schema's (pipeline/schema.py), written once there
 
-METHODS = ("none", "int8", "nf4", "fp4")
+METHODS = ("none", "int8", "nf4", "fp4", "auto")  # auto: per-module methods from a budget (measure/auto_plan.py)
 FOUR_BIT = ("nf4", "fp4")
 KEEP = "keep"  # a `methods` value: the module stays unquantized
 MODULE_METHODS = ("int8", *FOUR_BIT, KEEP)
@@ -47,6 +47,7 @@ class QuantSpec:
     cpu_numerics: str = _DEFAULT.cpu_numerics  # int8 on the CPU: the same logits on every CPU, or torch's own kernels
     # per-module methods (pattern, int8 | nf4 | fp4 | keep), first match wins; the others take `method` (quant/mixed.py)
     methods: tuple[tuple[str, str], ...] = ()
+    budget: float | None = None  # auto: the largest relative perplexity increase allowed (0.01: 1%)
 
     @property
     def enabled(self) -> bool:
@@ -85,6 +86,8 @@ class QuantSpec:
             out.update(compute_dtype=self.compute_dtype, double_quant=self.double_quant, blocksize=self.blocksize)
         if self.methods:
             out["methods"] = dict(self.methods)
+        if self.budget is not None:
+            out["budget"] = self.budget
         out.update(
             skip_modules=list(self.skip_modules),
             overrides=self.override_rules,
@@ -110,7 +113,8 @@ class QuantSpec:
                 )
             return cls()
         kwargs: dict = {"method": method, "methods": _methods(node.get("methods"))}
-        used = {method, *(m for _, m in kwargs["methods"])}
+        kwargs["budget"] = _budget(node.get("budget"), method)
+        used = {method, *(m for _, m in kwargs["methods"])} | ({"int8", "nf4"} if method == "auto" else set())
         if "int8" in used:
             kwargs["threshold"] = _threshold(node.get("threshold", _DEFAULT.threshold), "quantization.threshold")
             kwargs["cpu_matmul"] = _choice(
@@ -138,6 +142,24 @@ class QuantSpec:
             node.get("unquantized_dtype"), "quantization.unquantized_dtype", allow_null=True
         )
         return cls(**kwargs)
+
+
+def _budget(raw, method: str) -> float | None:
+    """`quantization.budget`: a relative perplexity increase, `1%` or 0.01; quantization=auto needs one."""
+    if raw is None:
+        if method == "auto":
+            raise UserError("quantization.budget: quantization=auto needs a quality budget; add quantization.budget=1%")
+        return None
+    if method != "auto":
+        raise UserError(f"quantization.budget: {raw!r} is for quantization=auto; drop it or use quantization=auto")
+    text = str(raw).strip()
+    try:
+        value = float(text[:-1]) / 100 if text.endswith("%") else float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < 10:  # also NaN
+        raise UserError(f"quantization.budget: {raw!r} is not a perplexity increase; use e.g. quantization.budget=1%")
+    return value
 
 
 def _methods(node) -> tuple[tuple[str, str], ...]:

@@ -12,6 +12,7 @@ import logging
 from ..checkpoint import open_checkpoint
 from ..dtypes import DtypePolicy
 from ..errors import UserError
+from ..measure.auto_plan import choose_methods
 from ..planning import build_plan
 from ..planning.device_map import CapsTooSmall
 from ..planning.document import plan_document, plan_table
@@ -42,6 +43,8 @@ def plan(
     ctx.report["checkpoint"] = checkpoint.summary()
     spec, selection = _quantization(ctx, checkpoint)
     policy = DtypePolicy(spec.unquantized_dtype or dtype, dict(dtype_overrides or {}))
+    if spec.method == "auto":  # per-module methods from measured sensitivities (measure/auto_plan.py)
+        spec, selection, ctx.report["auto"] = choose_methods(ctx, checkpoint, policy, spec, selection)
     planned = ctx.parallel.plan(  # one process: the configured placement; tensor parallel: this rank's shards
         lambda *placement: _build(ctx, checkpoint, policy, spec, selection, placement, dtype, bool(allow_missing)),
         strategy=strategy, device_map=device_map, max_memory=max_memory, checkpoint=checkpoint, spec=spec, model=model,
@@ -65,6 +68,8 @@ def plan(
         "predicted_bytes": result.predicted_bytes,
     }
     doc.update(planned.document)
+    if "auto" in ctx.report:
+        doc["auto"] = ctx.report["auto"]
     ctx.report.update(planned.report)
     ctx.artifacts[output] = doc  # the engine writes it into the run directory
     _log_plan(result, strategy)

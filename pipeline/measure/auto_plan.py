@@ -1,0 +1,162 @@
+"""quantization=auto: per-module methods chosen from measured sensitivities, confirmed by perplexity.
+
+Runs in the plan stage, before any weight is loaded: the unquantized reference is streamed from the
+checkpoint (measure/reference.py), one forward on the evaluation text measures every module's
+sensitivity (measure/sensitivity.py) and two more the all-int8 and all-nf4 perplexities that
+calibrate the additive model (quant/mixed.py); the allocation is then confirmed by the simulated
+perplexity of the chosen plan (the real bitsandbytes modules, on the same text) and corrected while
+it misses the budget. The measurements are cached (keyed like the reference: the shards' bytes).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from dataclasses import replace
+
+from ..dtypes import itemsize
+from ..errors import UserError
+from ..planning import build_plan
+from ..quant import mixed
+from ..quant.sizes import quantized_nbytes
+from ..quant.spec import QuantSpec
+from ..quant.targets import QuantSelection, select_quantized_modules
+from . import cache, quality
+from .reference import streamed_reference
+from .sensitivity import measure_sensitivity, simulated_perplexity
+
+log = logging.getLogger(__name__)
+MAX_TOKENS = 512  # as validate's perplexity (stages.validate.metrics.max_eval_tokens default)
+MAX_ROUNDS = 4  # confirmations (one simulated forward each) before giving up
+
+
+def choose_methods(ctx, checkpoint, policy, spec: QuantSpec, selection: QuantSelection):
+    """(the resolved spec: int8 with per-module methods, its selection, the `auto` section of plan.json and
+    report.json)."""
+    start = time.perf_counter()
+    ref, ids = _reference(ctx, checkpoint, policy)
+    measured, cached = _measurements(ctx, checkpoint, policy, spec, ref, ids, selection.modules)
+    errors, base = measured["errors"], measured["reference_perplexity"]
+    totals = {k: math.log(measured[f"all_{k}_perplexity"] / base) for k in ("int8", "nf4")}
+    cost = mixed.costs(errors, totals)
+    nbytes = {m: _module_bytes(ref.get_submodule(m).weight, spec) for m in selection.modules}
+    target = math.log1p(spec.budget)
+    methods, rounds = mixed.allocate(cost, nbytes, target), []
+    for _ in range(MAX_ROUNDS):
+        ppl = simulated_perplexity(ref, methods, spec, ids)
+        rounds.append({"predicted": _ppl(base, mixed.predicted(methods, cost)), "measured": round(ppl, 4)})
+        if math.log(ppl / base) <= target:
+            break
+        miss = math.log(ppl / base) - mixed.predicted(methods, cost)
+        methods = mixed.upgrade(methods, cost, nbytes, target - miss)
+    else:
+        raise UserError(
+            f"quantization.budget: {spec.budget:.2%} not met after {MAX_ROUNDS} corrections (best measured "
+            f"{min(r['measured'] for r in rounds) / base - 1:+.2%}); raise quantization.budget or use quantization=none"
+        )
+    doc = {
+        "budget": spec.budget,
+        "reference_perplexity": round(base, 4),
+        "all_int8_perplexity": round(measured["all_int8_perplexity"], 4),
+        "all_nf4_perplexity": round(measured["all_nf4_perplexity"], 4),
+        "rounds": rounds,
+        "predicted_perplexity": rounds[-1]["predicted"],
+        "confirmed_perplexity": rounds[-1]["measured"],
+        "module_bytes": mixed.total_bytes(methods, nbytes),
+        "counts": {k: sum(v == k for v in methods.values()) for k in mixed.ORDER},
+        "modules": {m: {"method": k, "sensitivity": errors[m]} for m, k in methods.items()},
+        "sensitivities_cached": cached,
+        "seconds": round(time.perf_counter() - start, 2),
+    }
+    others = tuple((m, k) for m, k in methods.items() if k != "int8")
+    resolved = replace(spec, method="int8", methods=others, budget=None)
+    kept = dict(tied_groups=ctx.tied_groups, keep_in_fp32=ctx.keep_in_fp32)
+    return resolved, select_quantized_modules(ctx.model, resolved, **kept), doc
+
+
+def _ppl(base: float, log_increase: float) -> float:
+    return round(base * math.exp(log_increase), 4)
+
+
+def _module_bytes(weight, spec: QuantSpec) -> dict[str, int]:
+    """One module's weight bytes under each choice (keep: its planned dtype)."""
+    shape = tuple(weight.shape)
+    return {
+        "keep": math.prod(shape) * itemsize(weight.dtype),
+        "int8": quantized_nbytes(shape, replace(spec, method="int8", methods=())),
+        "nf4": quantized_nbytes(shape, replace(spec, method="nf4", methods=())),
+    }
+
+
+def _reference(ctx, checkpoint, policy):
+    """The streamed unquantized model and the evaluation text's token ids (exit 2 when either cannot be had)."""
+    trust = bool(ctx.cfg.checkpoint.get("trust_remote_code", False)) if ctx.cfg is not None else False
+    tokenizer = quality.load_tokenizer(ctx.checkpoint_path, trust) if ctx.checkpoint_path else None
+    if tokenizer is None or not quality.is_causal_lm(ctx.model):
+        raise UserError(
+            "quantization=auto: the budget is a perplexity on the evaluation text, which needs a causal LM with "
+            "a tokenizer; this checkpoint has none: use quantization=int8 or nf4"
+        )
+    parts = dict(tied_groups=ctx.tied_groups, keep_in_fp32=ctx.keep_in_fp32, no_split=ctx.no_split)
+    unquantized = build_plan(
+        ctx.model, checkpoint, policy=policy, spec=QuantSpec(), selection=QuantSelection([]),
+        strategy="explicit", explicit_map={"": "disk"}, max_memory={}, assemble_from_disk=True, **parts,
+    )  # fmt: skip
+    ref = streamed_reference(ctx.model, checkpoint, unquantized, policy, QuantSpec(), **parts)
+    if ref is None:
+        raise UserError("quantization=auto: the checkpoint cannot be streamed unquantized (safetensors only)")
+    ids = tokenizer(quality.eval_text(None), return_tensors="pt").input_ids[:, :MAX_TOKENS]
+    return ref, ids.to(quality.input_device(ref))
+
+
+def _measurements(ctx, checkpoint, policy, spec, ref, ids, modules) -> tuple[dict, bool]:
+    """Sensitivities and the unquantized, all-int8 and all-nf4 perplexities: from the cache, else measured."""
+    path = _cache_path(ctx, checkpoint, policy, spec)
+    try:
+        entry = json.loads(path.read_text()) if path is not None and path.exists() else None
+    except (OSError, ValueError):
+        entry = None
+    if isinstance(entry, dict) and set(entry.get("errors", {})) == set(modules):
+        return entry, True
+    errors, base = measure_sensitivity(ref, modules, spec, ids)
+    entry = {"errors": errors, "reference_perplexity": base}
+    for k in ("int8", "nf4"):
+        entry[f"all_{k}_perplexity"] = simulated_perplexity(ref, dict.fromkeys(modules, k), spec, ids)
+    if path is not None:
+        _write(path, json.dumps(entry).encode())
+    return entry, False
+
+
+def _cache_path(ctx, checkpoint, policy, spec):
+    root = cache.cache_root()
+    if root is None:
+        return None
+    content, _ = cache.content_digest(checkpoint.files)  # the reference's key: the shards' bytes
+    key = {
+        "content": content,
+        "side_files": cache.side_files(checkpoint.directory, checkpoint.files),
+        "model": cache.model_identity(ctx.model, None),
+        "policy": {"name": policy.name, "overrides": dict(policy.overrides)},
+        "eval_text": cache.text_hash(quality.eval_text(None)),
+        "tokens": MAX_TOKENS,
+        "quantization": replace(spec, budget=None).to_json(),
+        "versions": cache.library_versions(True),
+        "code": cache.code_version(),
+    }
+    return root / "sensitivity" / f"{cache.digest(key)}.json"
+
+
+def _write(path, data: bytes) -> None:
+    """Atomic and best effort, like the metric cache's writes: a cache that cannot be written costs a warning."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except OSError as exc:
+        log.warning("sensitivity cache: could not write %s (%s); measured figures not kept", path, exc)

@@ -1,0 +1,112 @@
+"""Each quantizable module's sensitivity, measured on the evaluation text's own activations.
+
+Sensitivity of module i under a method: the relative output error ||W x - Q(W) x|| / ||W x||,
+where x are the module's real inputs in the unquantized model and Q(W) x is computed by the
+real bitsandbytes module the load would build (Linear8bitLt with the threshold, Linear4bit nf4).
+Forward hooks build one module's quantized copy at a time and drop it after, so memory stays one
+module above the model's; on a streamed model (weights offloaded) the weight is read back from the
+offload hook's weights map. The same hooks can replace outputs by the quantized ones (`methods`),
+which gives the perplexity of a mixed plan before it is loaded (docs/quantization.md, quantization=auto).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import torch
+from accelerate import init_empty_weights
+
+from ..quant.bnb import empty_module, quantize_four_bit, quantize_int8
+from ..quant.spec import KEEP, QuantSpec
+from ..quant.targets import candidate_kind
+
+MEASURED = ("int8", "nf4")
+
+
+def quantized_copy(module: torch.nn.Module, weight: torch.Tensor, bias, spec: QuantSpec) -> torch.nn.Module:
+    """The bitsandbytes module the load builds for `module` under `spec`, with `weight` quantized now."""
+    with init_empty_weights():
+        new = empty_module(module, spec)
+    if candidate_kind(module) == "conv1d":
+        weight = weight.t()  # Conv1D keeps (in, out); bitsandbytes holds (out, in), as transformers converts it
+    if spec.is_int8:
+        new._parameters["weight"] = quantize_int8(weight)
+    else:
+        new._parameters["weight"] = quantize_four_bit(weight, new, spec)
+    if bias is not None:
+        new._parameters["bias"] = torch.nn.Parameter(bias.detach(), requires_grad=False)
+    return new.eval()  # a module in training mode skips LLM.int8 on the CPU
+
+
+def _loaded(module: torch.nn.Module):
+    """(weight, bias) as the forward saw them: in memory, or read back through accelerate's offload hook."""
+    if module.weight.device.type != "meta":
+        return module.weight, module.bias
+    hook = getattr(module, "_hf_hook", None)
+    hooks = getattr(hook, "hooks", None) or [hook]
+    weights = next(h.weights_map for h in hooks if getattr(h, "weights_map", None) is not None)
+    return weights["weight"], (weights["bias"] if module.bias is not None else None)
+
+
+class QuantizedOutputs:
+    """Forward hooks on `modules`: each module's output error under every method of `measured`, and, for the
+    modules `methods` assigns one, its output replaced by that method's (a mixed plan, simulated)."""
+
+    def __init__(self, model, modules, spec: QuantSpec, measured=(), methods: dict[str, str] | None = None):
+        self.model, self.modules, self.spec = model, list(modules), spec
+        self.measured, self.methods = tuple(measured), dict(methods or {})
+        self.sums = {m: {k: [0.0, 0.0] for k in self.measured} for m in self.modules}
+        self._handles = []
+
+    def __enter__(self):
+        for name in self.modules:
+            module = self.model.get_submodule(name)
+            self._handles.append(
+                module.register_forward_hook(lambda mod, args, out, n=name: self._hook(n, mod, args, out))
+            )
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+    def _hook(self, name, module, args, output):
+        assigned = self.methods.get(name, KEEP)
+        wanted = [*self.measured, *([assigned] if assigned != KEEP else [])]
+        if not wanted:
+            return None
+        weight, bias = _loaded(module)
+        x, ref = args[0], output.float()
+        outs = {}
+        for method in dict.fromkeys(wanted):
+            copy = quantized_copy(module, weight.to(x.device), bias, replace(self.spec, method=method, methods=()))
+            outs[method] = copy(x).to(output.dtype)
+            del copy
+        for method in self.measured:
+            acc = self.sums[name][method]
+            acc[0] += float((outs[method].float() - ref).pow(2).sum())
+            acc[1] += float(ref.pow(2).sum())
+        return outs.get(self.methods.get(name))
+
+    def errors(self) -> dict[str, dict[str, float]]:
+        """module -> {method: relative output error} over everything the hooks saw."""
+        return {n: {m: math.sqrt(e / r) if r > 0 else 0.0 for m, (e, r) in by.items()} for n, by in self.sums.items()}
+
+
+def text_perplexity(model, ids: torch.Tensor) -> float:
+    with torch.inference_mode():
+        return math.exp(model(input_ids=ids, labels=ids).loss.float().item())
+
+
+def measure_sensitivity(model, modules, spec: QuantSpec, ids: torch.Tensor) -> tuple[dict, float]:
+    """({module: {int8: error, nf4: error}}, the unquantized perplexity) from one forward on `ids`."""
+    with QuantizedOutputs(model, modules, spec, measured=MEASURED) as hooks:
+        ppl = text_perplexity(model, ids)
+    return hooks.errors(), ppl
+
+
+def simulated_perplexity(model, methods: dict[str, str], spec: QuantSpec, ids: torch.Tensor) -> float:
+    """The perplexity of the model with each module of `methods` quantized by its method (keep: as is)."""
+    with QuantizedOutputs(model, list(methods), spec, methods=methods):
+        return text_perplexity(model, ids)
