@@ -12,7 +12,10 @@ from pathlib import Path
 import pytest
 from helpers import REPO, run_cli
 
+import pipeline.conf
+
 MODEL_LOADER = Path(sys.executable).parent / "model-loader"  # the console script pyproject installs
+CONF = Path(pipeline.conf.__file__).parent  # the config package, wherever it lives
 
 pytestmark = pytest.mark.skipif(not MODEL_LOADER.exists(), reason="the package is not installed in this venv")
 
@@ -28,7 +31,10 @@ def test_help_lists_groups_with_choices_and_keys_with_defaults():
     out = proc.stdout
     assert out.startswith("model-loader:") and "Usage: model-loader" in out
     groups = dict(line.split(None, 1) for line in out.split("Config groups")[1].split("\n\n")[0].splitlines()[1:])
-    assert groups["quantization"].split(", ") == ["fp4", "int8*", "nf4", "none"]  # no internal _base
+    presets = sorted(p.stem for p in (CONF / "quantization").glob("*.yaml"))
+    shown = [p + "*" if p == "int8" else p for p in presets if not p.startswith("_")]
+    assert groups["quantization"].split(", ") == shown  # the YAML presets; internals (_schema, _base) never
+    assert not any(c.startswith("_") for line in groups.values() for c in line.split(", "))
     assert "auto*" in groups["dtype"] and "smollm2*" in groups["checkpoint"] and "hydra" not in groups
     assert "  quantization.threshold = 6.0" in out and "  checkpoint.path = null" in out  # from the composed config
     assert "--config-dir /path/to/conf --config-name myjob" in out
@@ -75,7 +81,8 @@ def test_bash_completion_is_registered_for_model_loader_and_completes_groups():
     assert registered.startswith("complete ") and registered.split()[-1] == "model-loader"
     assert "python" not in registered
     assert "quantization=" in groups.split()
-    assert set(choices.split()) == {"quantization=fp4", "quantization=int8", "quantization=nf4", "quantization=none"}
+    presets = {p.stem for p in (CONF / "quantization").glob("*.yaml") if not p.stem.startswith("_")}
+    assert set(choices.split()) == {f"quantization={p}" for p in presets} and "int8" in presets
 
 
 def test_completion_from_python_dash_m_points_to_model_loader():

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -77,7 +80,7 @@ def _torch_imported_after(code: str) -> bool:
 def test_the_startup_package_imports_neither_torch_nor_transformers():
     # Every module of it, the CLI's own (which compose the config) too: all of it runs before torch's import.
     modules = sorted(p.stem for p in (REPO / "pipeline" / "startup").glob("*.py") if p.stem != "__init__")
-    assert {"command", "usage", "prefetch", "reader", "cuda_context"} <= set(modules)
+    assert {"command", "usage", "prefetch", "reader", "readahead_process", "cuda_context"} <= set(modules)
     code = "import pipeline.startup, " + ", ".join(f"pipeline.startup.{m}" for m in modules)
     script = f"import sys\n{code}\nprint(sorted({{'torch', 'transformers'}} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, check=True)
@@ -101,7 +104,7 @@ def test_cli_reads_cold_shards_while_the_model_code_is_imported(tmp_path):
     read_ahead = report["load"]["page_cache"]
     assert read_ahead["files"] == len(shards)
     assert read_ahead["bytes"] == sum(s.stat().st_size for s in shards)
-    assert set(read_ahead) >= {"started_s_before", "finished_before"}
+    assert read_ahead["priority"] == "idle" and read_ahead["yielded_s"] >= 0.0
     stages = {s["name"]: s["seconds"] for s in report["stages"]}
     # Started before instantiate_empty (the model-class import and the skeleton) began.
     assert read_ahead["started_s_before"] >= stages["instantiate_empty"] + stages["plan"]
@@ -156,32 +159,167 @@ def test_cuda_context_module_is_harmless_without_a_gpu():
     assert not _torch_imported_after(code)
 
 
-def test_a_bad_read_ahead_setting_stops_the_run_before_any_stage(tmp_path):
+@contextlib.contextmanager
+def _busy_disk(tmp_path: Path):
+    """This process keeps reading from the disk (64 KiB cold reads, back to back, in a thread),
+    as an import's page faults and metadata reads do: what an idle reader yields to."""
+    path = tmp_path / "busy.bin"
+    with open(path, "wb") as fh:
+        fh.write(os.urandom(16 * 2**20))
+        os.fsync(fh.fileno())
+    stop, reads = threading.Event(), [0]
+
+    def read():
+        fd = os.open(path, os.O_RDONLY)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+        offset = path.stat().st_size
+        while not stop.is_set():
+            if offset >= path.stat().st_size:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                offset = 0
+            os.pread(fd, 2**16, offset)
+            offset += 2**16
+            reads[0] += 1
+        os.close(fd)
+
+    thread = threading.Thread(target=read, daemon=True)
+    thread.start()
+    try:
+        yield reads
+    finally:
+        stop.set()
+        thread.join(10)
+
+
+def _row(path: Path) -> dict:
+    with page_cache._lock:
+        return dict(page_cache.READ_AHEAD[str(path)])
+
+
+def test_an_idle_read_ahead_reads_gently_in_its_own_process(tmp_path):
+    # Its own process: the reads never wait for this process' GIL (held by the imports)...
+    path = _cold_file(tmp_path, 24)
+    thread = page_cache.warm([str(path)], priority="idle")
+    readers = list(page_cache._readers)
+    assert len(readers) == 1 and readers[0].pid != os.getpid()
+    thread.join(60)
+    row = _row(path)
+    # ...one 4 MiB request at a time (an import's read waits behind one at most), every byte cached.
+    assert (row["gentle_reads"], row["fast_reads"]) == (6, 0)
+    assert _resident(path) > 0.99 and page_cache._readers == []
+    if os.uname().machine == "x86_64":
+        assert row["io_class"] == 3  # Linux's idle I/O class, read back by the reader
+
+
+def test_an_idle_read_ahead_yields_to_this_process_reads_until_the_load_hurries_it(tmp_path):
+    path = _cold_file(tmp_path, 96)
+    with _busy_disk(tmp_path) as reads:
+        while reads[0] < 10:
+            time.sleep(0.01)
+        thread = page_cache.warm([str(path)], priority="idle")
+        time.sleep(0.5)  # each gentle read waits up to 0.1 s for a pause in this process' reads
+        page_cache.hurry()  # the load starts and waits on the bytes
+        thread.join(60)
+    row = _row(path)
+    # Gentle and yielding while the process read; after the hurry, 64 MiB reads at normal class.
+    assert row["gentle_reads"] >= 1 and row["fast_reads"] >= 1 and row["yielded_s"] > 0.1
+    assert row["gentle_reads"] * 4 + row["fast_reads"] * 64 >= 96
+    assert _resident(path) > 0.99
+    if os.uname().machine == "x86_64":
+        assert row["io_class"] == 0
+    done = page_cache.summary([str(path)])
+    assert done["raised_at_load"] is True and done["priority"] == "idle" and done["yielded_s"] > 0.1
+
+
+def test_a_read_ahead_the_load_overtook_reads_at_full_speed(tmp_path):
+    path = _cold_file(tmp_path, 128)
+    with _busy_disk(tmp_path):
+        thread = page_cache.warm([str(path)], priority="idle")
+        page_cache.hurry()  # the load began before the reader's first read
+        thread.join(60)
+    row = _row(path)
+    assert row["fast_reads"] >= 1 and row["gentle_reads"] * 4 + row["fast_reads"] * 64 >= 128
+    assert _resident(path) > 0.99
+
+
+def _idle_reader_of_this_process(path: Path) -> subprocess.Popen:
+    """The reader process run by hand on one file, yielding to this process, past its first word."""
+    argv = [sys.executable, "-I", "-S", page_cache._CHILD, str(os.getpid()), "idle", str(path)]
+    reader = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    assert reader.stdout.readline().startswith(b"class")
+    return reader
+
+
+def test_the_reader_stops_when_this_process_closes_its_pipe(tmp_path):
+    # A run that ends (or dies) before its read-ahead did leaves no reader behind on the disk.
+    path = _cold_file(tmp_path, 256)
+    with _busy_disk(tmp_path):
+        reader = _idle_reader_of_this_process(path)
+        reader.stdin.close()
+        assert reader.wait(10) == 0
+    assert reader.stdout.read() == b""  # stopped before it finished the file
+    assert _resident(path) < 0.5
+
+
+def test_the_reader_says_how_long_it_yielded_as_soon_as_it_is_hurried(tmp_path):
+    # The report's yielded_s is known when the load starts, not only once the last file is read.
+    path = _cold_file(tmp_path, 64)
+    with _busy_disk(tmp_path):
+        reader = _idle_reader_of_this_process(path)
+        time.sleep(0.3)
+        reader.stdin.write(b"h")
+        reader.stdin.flush()
+        lines = [reader.stdout.readline().split() for _ in range(3)]
+        reader.stdin.close()
+        assert reader.wait(30) == 0
+    assert lines[0][0] == b"class" and lines[1][0] == b"yielded" and lines[2][0] == b"file"
+    assert 0.1 < float(lines[1][1]) <= float(lines[2][5])
+    gentle, fast = int(lines[2][3]), int(lines[2][4])
+    assert gentle >= 1 and fast >= 1 and gentle * 4 + fast * 64 >= 64
+
+
+def test_no_reader_no_read_ahead(tmp_path, monkeypatch):
+    # Where no reader process can start, nothing is claimed: the load reads the bytes itself.
+    path = _cold_file(tmp_path, 8)
+    monkeypatch.setattr(page_cache.sys, "executable", "")
+    assert page_cache.warm([str(path)], priority="idle") is None
+    monkeypatch.undo()
+    assert page_cache.summary([str(path)]) is None
+    page_cache.warm([str(path)]).join(60)
+    assert _resident(path) > 0.99
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("stages.load_shards.readahead_priority=fast", "stages.load_shards.readahead_priority"),
+        ("stages.load_shards.readahead=maybe", "stages.load_shards.readahead"),
+    ],
+)
+def test_bad_read_ahead_settings_stop_the_run_before_any_stage(tmp_path, override, key):
     import torch
 
     ckpt = make_checkpoint("llama", tmp_path / "ckpt", torch.float32)
     run = tmp_path / "run"
-    proc = run_cli(
-        f"checkpoint.path={ckpt}", "quantization=none", f"hydra.run.dir={run}", "stages.load_shards.readahead=maybe"
-    )
+    proc = run_cli(f"checkpoint.path={ckpt}", "quantization=none", f"hydra.run.dir={run}", override)
     assert proc.returncode == 2, proc.stderr
     line = proc.stderr.strip().splitlines()[-1]
-    assert "stages.load_shards.readahead" in line and "true or false" in line
+    assert key in line and ("choose one of idle, normal" in line or "true or false" in line)
     report = json.loads((run / "report.json").read_text())
     assert report["status"] == "error" and report["stages"] == []
 
 
-def test_the_log_says_whether_the_read_ahead_was_done_when_the_load_began(caplog):
+def test_the_log_says_whether_the_read_ahead_was_done_or_raised_when_the_load_began(caplog):
     import logging
 
     from pipeline.stages.load_shards import _log_read_ahead
 
-    row = {"files": 3, "bytes": 13_476_865_040, "started_s_before": 14.0}
+    row = {"files": 3, "bytes": 13_476_865_040, "started_s_before": 14.0, "priority": "idle"}
     with caplog.at_level(logging.INFO, logger="pipeline"):
-        _log_read_ahead({**row, "finished_before": True, "read_s": 7.3})
-        _log_read_ahead({**row, "finished_before": False})
+        _log_read_ahead({**row, "finished_before": True, "read_s": 7.3, "raised_at_load": False})
+        _log_read_ahead({**row, "finished_before": False, "raised_at_load": True})
         _log_read_ahead(None)  # nothing was cold: nothing to say
     lines = [r.getMessage() for r in caplog.records if "page cache" in r.getMessage()]
     assert len(lines) == 2
     assert lines[0].endswith("(done in 7.3 s)") and "13.48 GB" in lines[0]
-    assert lines[1].endswith("(still reading when it began)")
+    assert lines[1].endswith("(still reading when it began, then at full speed)")

@@ -23,6 +23,7 @@ from ..errors import UserError
 from ..planning import Plan, TensorPlan
 from ..planning.slices import piece_bytes
 from ..quant.spec import QuantSpec
+from ..startup.reader import PRIORITIES
 from .assemble import Assembler, assemble_slices
 from .assign import finish_skeleton_tensors, place, tie
 from .progress import progress_bar, tick
@@ -41,6 +42,7 @@ class ReaderOptions:
     temp_mib: float = 1024
     readahead: bool = True
     progress: bool | None = None
+    readahead_priority: str = "idle"
 
     def check(self) -> None:
         key = "stages.load_shards"
@@ -49,6 +51,11 @@ class ReaderOptions:
         if not isinstance(self.readahead, bool):
             raise UserError(
                 f"{key}.readahead: {self.readahead!r} is not true or false; set {key}.readahead=true or false"
+            )
+        if self.readahead_priority not in PRIORITIES:
+            raise UserError(
+                f"{key}.readahead_priority: unknown priority {self.readahead_priority!r}; "
+                f"choose one of {', '.join(PRIORITIES)}"
             )
 
 

@@ -17,6 +17,7 @@ from ..loading.offload import dispatch
 from ..loading.shards import ReaderOptions, check_reader_options, load_tensors, target_devices
 from ..loading.streamer import machine_defaults
 from ..measure.memory import PeakAnonSampler
+from ..startup.reader import hurry
 from ..startup.reader import summary as page_cache_summary
 from .context import LoadContext
 from .traits import stage
@@ -40,12 +41,14 @@ def load_shards(
     staging_mib: float | None = None,
     temp_mib: float = 1024,
     readahead: bool = True,
+    readahead_priority: str = "idle",
 ) -> None:
     plan = ctx.require("plan", "load_shards", "plan")
-    options = ReaderOptions(reader, threads, chunk_mib, staging_mib, temp_mib, readahead, progress)
+    options = ReaderOptions(reader, threads, chunk_mib, staging_mib, temp_mib, readahead, progress, readahead_priority)
     options.check()
     devices = target_devices(plan)
     started = time.perf_counter()
+    hurry()  # a read-ahead still at idle I/O priority: the load waits on its bytes now
     with PeakAnonSampler() as sampler:
         stats = load_tensors(ctx.model, plan, ctx.checkpoint, ctx.quant, devices, options)
     model = ctx.model
@@ -85,7 +88,12 @@ def load_shards(
 def _log_read_ahead(ahead: dict | None) -> None:
     if not ahead:
         return
-    state = f"done in {ahead['read_s']:.1f} s" if ahead["finished_before"] else "still reading when it began"
+    if ahead["finished_before"]:
+        state = f"done in {ahead['read_s']:.1f} s"
+    elif ahead.get("raised_at_load"):
+        state = "still reading when it began, then at full speed"
+    else:
+        state = "still reading when it began"
     log.info(
         "page cache: %d cold shard(s), %.2f GB, read ahead from %.1f s before the load (%s)",
         ahead["files"],

@@ -29,34 +29,11 @@ def begin(args: list[str]) -> None:
     raise_on_signals()  # Hydra's start and torch's import too: SIGTERM ends in one line, exit 143
 
 
-_CONFIG_FLAGS = {
-    "-cd": "config_dir",
-    "--config-dir": "config_dir",
-    "-cn": "config_name",
-    "--config-name": "config_name",
-}
-
-
-def split_args(args: list[str]) -> tuple[list[str], dict] | None:
-    """(overrides, config options) as Hydra reads `args`; None when a flag only Hydra handles is there."""
-    overrides, options, rest = [], {}, list(args)
-    while rest:
-        arg = rest.pop(0)
-        flag, eq, value = arg.partition("=")
-        if flag in _CONFIG_FLAGS:
-            options[_CONFIG_FLAGS[flag]] = value if eq else (rest.pop(0) if rest else "")
-        elif arg in ("-m", "--multirun"):
-            options["multirun"] = True
-        elif arg.startswith("-"):
-            return None
-        else:
-            overrides.append(arg)
-    return overrides, options
-
-
 def preflight(args: list[str]) -> None:
     """Compose once before Hydra does, so a bad override or config file ends in one clear line and exit 2,
     and Hydra's own callbacks, launcher and sweeper are checked before Hydra instantiates them."""
+    from .usage import split_args
+
     split = split_args(args)
     if split is None or not (args or _near_the_cache()):
         return  # --cfg, --info...: Hydra's own; no overrides and far from the cache: nothing to check

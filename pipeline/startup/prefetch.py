@@ -30,18 +30,23 @@ def start_cuda(cfg) -> None:
 
 
 def start_reading(cfg) -> None:
-    """Read the cold shards into the page cache (startup/reader.py), each file once per process;
-    none when stages.load_shards.readahead is false.
+    """Read the cold shards into the page cache in a reader process (startup/reader.py), each
+    file once per process, at stages.load_shards.readahead_priority (idle by default: the
+    imports' own page faults go first); none when stages.load_shards.readahead is false.
 
     Called by the runner once torch is imported, before the model code is: on the H200 host a
     read started before torch's import (whose CUDA libraries are gigabytes of cold page faults)
     made the cold bf16 7B run 1.2-3.7 s slower than one started after it (docs/benchmarks.md);
     on the 2-core machine the two starts were within 0.3 s."""
     try:
-        if (cfg.stages.get("load_shards") or {}).get("readahead", True) is not False:
-            from .reader import warm
+        node = cfg.stages.get("load_shards") or {}
+        if node.get("readahead", True) is False:
+            return
+        from .reader import PRIORITIES, warm
 
-            warm(shard_files(cfg))
+        priority = node.get("readahead_priority", "idle")
+        if priority in PRIORITIES:  # anything else: the stages' check says so, before any stage runs
+            warm(shard_files(cfg), priority=priority)
     except Exception:  # noqa: BLE001 - an optimisation never fails a run
         log.debug("page-cache read-ahead skipped", exc_info=True)
 

@@ -1,86 +1,136 @@
-"""Cold shards read into the page cache by a thread while the process imports and builds the skeleton.
+"""Getting cold shards into the page cache while the process does other things (imports, skeleton).
 
-Stdlib only. Real reads, not `posix_fadvise(WILLNEED)`: Linux serves one WILLNEED call only up
-to the device's read-ahead limit (8 MiB of a 64 MiB call on both our machines) and drops the
-rest silently. One daemon thread reads each cold shard front to back, 64 MiB at a time into one
-reused buffer (a read releases the GIL, so the imports beside it go on); nothing is kept but
-the page cache. Files already cached, files this process took before and files beyond half of
-the available memory (they would push out what was read before them) are left alone.
-No pacing: the A/B that removed the idle-priority reader process is in docs/benchmarks.md.
+No torch here: the runner starts this before the model code is imported and the skeleton is
+built, so the disk works while Python does (docs/design.md, "Reads overlapped with imports").
+The pacing below stayed after issue 30's A/B: without it a cold H100 host's run took 32.2 s
+instead of 27.6 s (docs/benchmarks.md, "The read-ahead's pacing, A/B").
+
+Why real reads and not `posix_fadvise(WILLNEED)` over large ranges: Linux serves one WILLNEED
+call only up to max(read_ahead_kb, max_sectors_kb) of the device (a 64 MiB call read 8 MiB on
+both our machines' disks, 1.25 MiB on a typical NVMe queue) and drops the rest silently, which
+left the earlier prefetch reading almost nothing. One reader reads each shard front to back,
+in its own process (startup/readahead_process.py: no GIL shared with the imports), into one
+reused buffer; nothing is kept but the cache. At normal priority it reads 64 MiB at a time with
+the kernel's normal read-ahead: the H200 host's "one sequential read" reference and the fastest
+read there (1.65 GB/s against 1.32 for 4 MiB reads, bench/gentle_read_rate.py; the 2-core
+machine's disk gave 1.9-2.0 GB/s once and 0.84 against 1.44 GB/s in a later run).
+
+Why at idle priority (`priority="idle"`, the default): while it reads, this process imports
+transformers and the model code, whose thousands of small cold reads wait on the same disk,
+each queued behind the read-ahead's requests (H200 host: transformers' import_utils 0.8 s
+alone, 5.5-6.8 s beside 64 MiB reads). So at idle the reader keeps one 4 MiB request in flight,
+goes only once this process' own storage reads have paused, and asks for the idle I/O class;
+`hurry()` puts it back to 64 MiB reads at normal priority once the load itself waits on the
+bytes (docs/benchmarks.md has the measurements).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import threading
 import time
 
-BUFFER = 64 * 2**20
 _lock = threading.Lock()
-READ_AHEAD: dict[str, dict] = {}  # file -> {bytes, started, finished}: what this process read ahead
+READ_AHEAD: dict[str, dict] = {}  # file -> {bytes, started, priority, finished, ...}: what this process read ahead
+_readers: list = []  # subprocess.Popen of each reader still running, for hurry()
+_CHILD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "readahead_process.py")
+PRIORITIES = ("idle", "normal")
 
 
-def warm(paths: list[str], budget_fraction: float = 0.5) -> threading.Thread | None:
-    """Start a thread reading each of `paths` that is cold and not yet taken; the thread (join it to
-    wait for the reads), or None when there is nothing to read."""
+def warm(paths: list[str], budget_fraction: float = 0.5, priority: str = "normal") -> threading.Thread | None:
+    """Start a reader process reading, front to back, each of `paths` that is not yet in the page
+    cache, at `priority` ("idle" or "normal"); files another warmer of this process already
+    took, and files beyond `budget_fraction` of the available memory (they would push out what
+    was read before them) are left alone. Returns the thread that follows the reader (join it
+    to wait for the reads); None when there is nothing to read or no reader could start."""
+    if priority not in PRIORITIES:
+        raise ValueError(f"priority {priority!r}: one of {PRIORITIES}")
     budget = int(available_memory() * budget_fraction)
-    cold: list[str] = []
     with _lock:
-        for path in map(os.path.abspath, paths):
+        cold: list[str] = []
+        for path in paths:
+            path = os.path.abspath(path)
+            if path in READ_AHEAD:
+                continue
             with contextlib.suppress(OSError):
                 size = os.path.getsize(path)
-                if path not in READ_AHEAD and size <= budget and resident_fraction(path) < 0.9:
+                if size <= budget and resident_fraction(path) < 0.9:
                     cold.append(path)
                     budget -= size
-                    READ_AHEAD[path] = {"bytes": size, "started": time.perf_counter()}
-    if not cold:
-        return None
-    thread = threading.Thread(target=_read, args=(cold,), name="read_ahead", daemon=True)
+                    READ_AHEAD[path] = {"bytes": size, "priority": priority}
+        if not cold:
+            return None
+        reader = _spawn(cold, priority)
+        if reader is None:
+            for path in cold:
+                del READ_AHEAD[path]
+            return None
+        started = time.perf_counter()
+        for path in cold:
+            READ_AHEAD[path]["started"] = started
+        _readers.append(reader)
+    thread = threading.Thread(target=_follow, args=(reader, cold), name="page_cache", daemon=True)
     thread.start()
     return thread
 
 
-def _read(paths: list[str]) -> None:
-    view = memoryview(bytearray(BUFFER))
-    for path in paths:
-        with contextlib.suppress(OSError):  # gone or unreadable: load_shards says so with its name
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                offset = 0
-                while (got := os.preadv(fd, [view], offset)) > 0:
-                    offset += got
-            finally:
-                os.close(fd)
-        with _lock:
-            READ_AHEAD[path]["finished"] = time.perf_counter()
+def _spawn(files: list[str], priority: str):
+    """The reader process (`python -I -S readahead_process.py`), or None where none can start."""
+    if not sys.executable or not os.path.exists(_CHILD):
+        return None
+    import subprocess
+
+    argv = [sys.executable, "-I", "-S", _CHILD, str(os.getpid()), priority, *files]
+    try:
+        return subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    except OSError:
+        return None
 
 
-def summary(paths: list[str], now: float | None = None) -> dict | None:
-    """What was read ahead of `now` (the load's start) for these files, for the report: files, bytes,
-    how long before `now` the first read started, whether all were read by then and how long that
-    took; None when none of them was read ahead."""
-    now = time.perf_counter() if now is None else now
+def _follow(reader, files: list[str]) -> None:
+    """Record what the reader says (its I/O class, each file as it finishes), then reap it."""
+    with reader.stdout:
+        for line in reader.stdout:
+            word, *rest = line.split()
+            with _lock:
+                if word == b"class":
+                    for path in files:
+                        READ_AHEAD[path]["io_class"] = int(rest[0])
+                elif word == b"yielded":
+                    for path in files:
+                        READ_AHEAD[path]["yielded_s"] = float(rest[0])
+                elif word == b"file":
+                    index, finished, gentle, fast, yielded = rest
+                    READ_AHEAD[files[int(index)]].update(
+                        finished=float(finished),
+                        gentle_reads=int(gentle),
+                        fast_reads=int(fast),
+                        yielded_s=float(yielded),
+                    )
+    reader.wait()
     with _lock:
-        rows = [READ_AHEAD[p] for p in dict.fromkeys(map(os.path.abspath, paths)) if p in READ_AHEAD]
-        if not rows:
-            return None
-        started = min(r["started"] for r in rows)
-        done = all("finished" in r for r in rows)
-        out = {
-            "files": len(rows),
-            "bytes": sum(r["bytes"] for r in rows),
-            "started_s_before": round(now - started, 3),
-            "finished_before": done and max(r["finished"] for r in rows) <= now,
-        }
-        if done:
-            out["read_s"] = round(max(r["finished"] for r in rows) - started, 3)
-        return out
+        _readers.remove(reader)
+
+
+def hurry() -> None:
+    """Back to full-speed reads at normal I/O priority for every reader of this process: called
+    when the load starts and waits on the bytes itself."""
+    with _lock:
+        for reader in _readers:
+            with contextlib.suppress(OSError, ValueError):
+                reader.stdin.write(b"h")
+                reader.stdin.flush()
+        for row in READ_AHEAD.values():
+            if row.get("priority") == "idle" and "finished" not in row:
+                row["hurried"] = time.perf_counter()
 
 
 def available_memory() -> int:
-    """Bytes the kernel could give without swapping (MemAvailable: free memory plus the page cache
-    it can drop); free pages where /proc/meminfo is not there; 0 if neither can be told."""
+    """Bytes the kernel could give without swapping (MemAvailable: free memory plus the page
+    cache it can drop), so a machine whose cache is full of other files still reads ahead;
+    free pages where /proc/meminfo is not there; 0 if neither can be told."""
     try:
         with open("/proc/meminfo") as fh:
             for line in fh:
@@ -94,10 +144,39 @@ def available_memory() -> int:
         return 0
 
 
+def summary(paths: list[str], now: float | None = None) -> dict | None:
+    """What was read ahead of `now` (the load's start) for these files, for the report: files,
+    bytes, how long before `now` the first read started, whether all were read by then (and
+    how long reading them took), the I/O priority it started at, whether the load found it
+    still at idle and raised it (`hurry`), and how long it waited for this process' own reads
+    (`yielded_s`, as of its last word: a finished file or the hurry); None when none of them
+    was read ahead."""
+    now = time.perf_counter() if now is None else now
+    with _lock:
+        rows = [READ_AHEAD[p] for p in dict.fromkeys(os.path.abspath(p) for p in paths) if p in READ_AHEAD]
+        if not rows:
+            return None
+        started = min(r["started"] for r in rows)
+        done = all("finished" in r for r in rows)
+        out = {
+            "files": len(rows),
+            "bytes": sum(r["bytes"] for r in rows),
+            "started_s_before": round(now - started, 3),
+            "finished_before": done and max(r["finished"] for r in rows) <= now,
+        }
+        if done:
+            out["read_s"] = round(max(r["finished"] for r in rows) - started, 3)
+        out["priority"] = rows[0].get("priority", "normal")
+        out["raised_at_load"] = any("hurried" in r for r in rows)
+        out["yielded_s"] = round(max(r.get("yielded_s", 0.0) for r in rows), 3)
+        return out
+
+
 def resident_fraction(path: str, samples: int = 16, window: int = 2**20) -> float:
     """Share of sampled pages of the file that are in the page cache (mincore on `samples`
     small windows spread over the file); 0.0 where it cannot be told."""
     import ctypes
+    import mmap
 
     if not hasattr(os, "posix_fadvise"):
         return 0.0
@@ -110,33 +189,29 @@ def resident_fraction(path: str, samples: int = 16, window: int = 2**20) -> floa
         fd = os.open(path, os.O_RDONLY)
     except (OSError, AttributeError):
         return 0.0
+    page = mmap.PAGESIZE
     try:
         size = os.fstat(fd).st_size
-        return 1.0 if size == 0 else _sampled(libc, fd, size, samples, window)
+        if size == 0:
+            return 1.0
+        resident = total = 0
+        for i in range(samples):
+            start = (size * i // samples) // page * page
+            length = min(window, size - start)
+            if length <= 0:
+                continue
+            addr = libc.mmap(None, length, mmap.PROT_READ, mmap.MAP_SHARED, fd, start)
+            if addr in (None, ctypes.c_void_p(-1).value):
+                return 0.0
+            try:
+                pages = (length + page - 1) // page
+                vec = ctypes.create_string_buffer(pages)
+                if libc.mincore(addr, length, vec) != 0:
+                    return 0.0
+                resident += pages - vec.raw.count(0)  # bit 0 set = resident
+                total += pages
+            finally:
+                libc.munmap(addr, length)
+        return resident / total if total else 0.0
     finally:
         os.close(fd)
-
-
-def _sampled(libc, fd: int, size: int, samples: int, window: int) -> float:
-    import ctypes
-    import mmap
-
-    page, resident, total = mmap.PAGESIZE, 0, 0
-    for i in range(samples):
-        start = (size * i // samples) // page * page
-        length = min(window, size - start)
-        if length <= 0:
-            continue
-        addr = libc.mmap(None, length, mmap.PROT_READ, mmap.MAP_SHARED, fd, start)
-        if addr in (None, ctypes.c_void_p(-1).value):
-            return 0.0
-        try:
-            pages = (length + page - 1) // page
-            vec = ctypes.create_string_buffer(pages)
-            if libc.mincore(addr, length, vec) != 0:
-                return 0.0
-            resident += pages - vec.raw.count(0)  # bit 0 set = resident
-            total += pages
-        finally:
-            libc.munmap(addr, length)
-    return resident / total if total else 0.0

@@ -15,6 +15,31 @@ import sys
 _COMPLETION = ("-sc", "--shell-completion")
 
 
+_CONFIG_FLAGS = {
+    "-cd": "config_dir",
+    "--config-dir": "config_dir",
+    "-cn": "config_name",
+    "--config-name": "config_name",
+}
+
+
+def split_args(args: list[str]) -> tuple[list[str], dict] | None:
+    """(overrides, config options) as Hydra reads `args`; None when a flag only Hydra handles is there."""
+    overrides, options, rest = [], {}, list(args)
+    while rest:
+        arg = rest.pop(0)
+        flag, eq, value = arg.partition("=")
+        if flag in _CONFIG_FLAGS:
+            options[_CONFIG_FLAGS[flag]] = value if eq else (rest.pop(0) if rest else "")
+        elif arg in ("-m", "--multirun"):
+            options["multirun"] = True
+        elif arg.startswith("-"):
+            return None
+        else:
+            overrides.append(arg)
+    return overrides, options
+
+
 def command_name() -> str:
     """How the user ran us: `model-loader` (the console script) or `python -m pipeline`."""
     argv0 = sys.argv[0]
@@ -57,7 +82,6 @@ def help_text(args: list[str]) -> str:
     """The help for the config that `args` (their --config-dir/--config-name, overrides) compose."""
     from ..engine.compose import compose_config
     from ..errors import UserError
-    from .command import split_args
 
     kept = [a for a in args if a not in ("--help", "-h")]
     overrides, options = split_args(kept) or ([], {})
