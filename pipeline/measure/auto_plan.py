@@ -44,15 +44,19 @@ def choose_methods(ctx, checkpoint, policy, spec: QuantSpec, selection: QuantSel
     totals = {k: math.log(measured[f"all_{k}_perplexity"] / base) for k in ("int8", "nf4")}
     cost = mixed.costs(errors, totals)
     nbytes = {m: _module_bytes(ref.get_submodule(m).weight, spec) for m in selection.modules}
-    target = math.log1p(spec.budget)
+    target = budget = math.log1p(spec.budget)
     methods, rounds = mixed.allocate(cost, nbytes, target), []
     for _ in range(MAX_ROUNDS):
         ppl = simulated_perplexity(ref, methods, spec, ids)
         rounds.append({"predicted": _ppl(base, mixed.predicted(methods, cost)), "measured": round(ppl, 4)})
-        if math.log(ppl / base) <= target:
+        log.info("auto: plan %s: perplexity predicted %s, measured %s (unquantized %.4f)", _counts(methods),
+                 rounds[-1]["predicted"], rounds[-1]["measured"], base)  # fmt: skip
+        if math.log(ppl / base) <= budget:
             break
-        miss = math.log(ppl / base) - mixed.predicted(methods, cost)
-        methods = mixed.upgrade(methods, cost, nbytes, target - miss)
+        # the modules' errors compound (the model under-predicts): scale the target by the measured/predicted ratio
+        scale = math.log(ppl / base) / max(mixed.predicted(methods, cost), 1e-9)
+        target /= scale
+        methods = mixed.upgrade(methods, cost, nbytes, target)
     else:
         raise UserError(
             f"quantization.budget: {spec.budget:.2%} not met after {MAX_ROUNDS} corrections (best measured "
@@ -67,7 +71,7 @@ def choose_methods(ctx, checkpoint, policy, spec: QuantSpec, selection: QuantSel
         "predicted_perplexity": rounds[-1]["predicted"],
         "confirmed_perplexity": rounds[-1]["measured"],
         "module_bytes": mixed.total_bytes(methods, nbytes),
-        "counts": {k: sum(v == k for v in methods.values()) for k in mixed.ORDER},
+        "counts": _counts(methods),
         "modules": {m: {"method": k, "sensitivity": errors[m]} for m, k in methods.items()},
         "sensitivities_cached": cached,
         "seconds": round(time.perf_counter() - start, 2),
@@ -76,6 +80,10 @@ def choose_methods(ctx, checkpoint, policy, spec: QuantSpec, selection: QuantSel
     resolved = replace(spec, method="int8", methods=others, budget=None)
     kept = dict(tied_groups=ctx.tied_groups, keep_in_fp32=ctx.keep_in_fp32)
     return resolved, select_quantized_modules(ctx.model, resolved, **kept), doc
+
+
+def _counts(methods: dict[str, str]) -> dict[str, int]:
+    return {k: sum(v == k for v in methods.values()) for k in mixed.ORDER}
 
 
 def _ppl(base: float, log_increase: float) -> float:
@@ -122,10 +130,12 @@ def _measurements(ctx, checkpoint, policy, spec, ref, ids, modules) -> tuple[dic
         entry = None
     if isinstance(entry, dict) and set(entry.get("errors", {})) == set(modules):
         return entry, True
+    log.info("auto: measuring %d modules' sensitivity on %d tokens (streamed reference)", len(modules), ids.shape[1])
     errors, base = measure_sensitivity(ref, modules, spec, ids)
     entry = {"errors": errors, "reference_perplexity": base}
     for k in ("int8", "nf4"):
         entry[f"all_{k}_perplexity"] = simulated_perplexity(ref, dict.fromkeys(modules, k), spec, ids)
+        log.info("auto: every module %s: perplexity %.4f (unquantized %.4f)", k, entry[f"all_{k}_perplexity"], base)
     if path is not None:
         _write(path, json.dumps(entry).encode())
     return entry, False
