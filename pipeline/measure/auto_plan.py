@@ -39,31 +39,18 @@ def choose_methods(ctx, checkpoint, policy, spec: QuantSpec, selection: QuantSel
     report.json)."""
     start = time.perf_counter()
     ref, ids = _reference(ctx, checkpoint, policy)
-    measured, cached = _measurements(ctx, checkpoint, policy, spec, ref, ids, selection.modules)
-    errors, base = measured["errors"], measured["reference_perplexity"]
-    totals = {k: math.log(measured[f"all_{k}_perplexity"] / base) for k in ("int8", "nf4")}
-    cost = mixed.costs(errors, totals)
-    nbytes = {m: _module_bytes(ref.get_submodule(m).weight, spec) for m in selection.modules}
-    target = budget = math.log1p(spec.budget)
-    methods, rounds = mixed.allocate(cost, nbytes, target), []
-    for _ in range(MAX_ROUNDS):
-        ppl = simulated_perplexity(ref, methods, spec, ids)
-        rounds.append({"predicted": _ppl(base, mixed.predicted(methods, cost)), "measured": round(ppl, 4)})
-        log.info("auto: plan %s: perplexity predicted %s, measured %s (unquantized %.4f)", _counts(methods),
-                 rounds[-1]["predicted"], rounds[-1]["measured"], base)  # fmt: skip
-        if math.log(ppl / base) <= budget:
-            break
-        # the modules' errors compound (the model under-predicts): scale the target by the measured/predicted ratio
-        scale = math.log(ppl / base) / max(mixed.predicted(methods, cost), 1e-9)
-        target /= scale
-        methods = mixed.upgrade(methods, cost, nbytes, target)
-    else:
-        raise UserError(
-            f"quantization.budget: {spec.budget:.2%} not met after {MAX_ROUNDS} corrections (best measured "
-            f"{min(r['measured'] for r in rounds) / base - 1:+.2%}); raise quantization.budget or use quantization=none"
-        )
+    # the numerics validate will measure the loaded model under (int8 on the CPU: portable, quant/cpu_numerics.py)
+    portable = spec.cpu_numerics == "portable" and quality.input_device(ref).type == "cpu"
+    with quality.measuring(ref, portable):
+        measured, cached = _measurements(ctx, checkpoint, policy, spec, ref, ids, selection.modules, portable)
+        errors, base = measured["errors"], measured["reference_perplexity"]
+        totals = {k: math.log(measured[f"all_{k}_perplexity"] / base) for k in ("int8", "nf4")}
+        cost = mixed.costs(errors, totals)
+        nbytes = {m: _module_bytes(ref.get_submodule(m).weight, spec) for m in selection.modules}
+        methods, rounds = _confirmed(ref, ids, spec, cost, nbytes, base)
     doc = {
         "budget": spec.budget,
+        "numerics": "portable" if portable else "native",
         "reference_perplexity": round(base, 4),
         "all_int8_perplexity": round(measured["all_int8_perplexity"], 4),
         "all_nf4_perplexity": round(measured["all_nf4_perplexity"], 4),
@@ -80,6 +67,27 @@ def choose_methods(ctx, checkpoint, policy, spec: QuantSpec, selection: QuantSel
     resolved = replace(spec, method="int8", methods=others, budget=None)
     kept = dict(tied_groups=ctx.tied_groups, keep_in_fp32=ctx.keep_in_fp32)
     return resolved, select_quantized_modules(ctx.model, resolved, **kept), doc
+
+
+def _confirmed(ref, ids, spec: QuantSpec, cost, nbytes, base: float):
+    """(methods, rounds): the allocation, its simulated perplexity measured and the target corrected while it
+    misses the budget; exit 2 after MAX_ROUNDS misses."""
+    target = budget = math.log1p(spec.budget)
+    methods, rounds = mixed.allocate(cost, nbytes, target), []
+    for _ in range(MAX_ROUNDS):
+        ppl = simulated_perplexity(ref, methods, spec, ids)
+        rounds.append({"predicted": _ppl(base, mixed.predicted(methods, cost)), "measured": round(ppl, 4)})
+        log.info("auto: plan %s: perplexity predicted %s, measured %s (unquantized %.4f)", _counts(methods),
+                 rounds[-1]["predicted"], rounds[-1]["measured"], base)  # fmt: skip
+        if math.log(ppl / base) <= budget:
+            return methods, rounds
+        # the modules' errors compound (the model under-predicts): scale the target by the measured/predicted ratio
+        target /= math.log(ppl / base) / max(mixed.predicted(methods, cost), 1e-9)
+        methods = mixed.upgrade(methods, cost, nbytes, target)
+    raise UserError(
+        f"quantization.budget: {spec.budget:.2%} not met after {MAX_ROUNDS} corrections (best measured "
+        f"{min(r['measured'] for r in rounds) / base - 1:+.2%}); raise quantization.budget or use quantization=none"
+    )
 
 
 def _counts(methods: dict[str, str]) -> dict[str, int]:
@@ -121,9 +129,9 @@ def _reference(ctx, checkpoint, policy):
     return ref, ids.to(quality.input_device(ref))
 
 
-def _measurements(ctx, checkpoint, policy, spec, ref, ids, modules) -> tuple[dict, bool]:
+def _measurements(ctx, checkpoint, policy, spec, ref, ids, modules, portable: bool) -> tuple[dict, bool]:
     """Sensitivities and the unquantized, all-int8 and all-nf4 perplexities: from the cache, else measured."""
-    path = _cache_path(ctx, checkpoint, policy, spec)
+    path = _cache_path(ctx, checkpoint, policy, spec, portable)
     try:
         entry = json.loads(path.read_text()) if path is not None and path.exists() else None
     except (OSError, ValueError):
@@ -141,7 +149,7 @@ def _measurements(ctx, checkpoint, policy, spec, ref, ids, modules) -> tuple[dic
     return entry, False
 
 
-def _cache_path(ctx, checkpoint, policy, spec):
+def _cache_path(ctx, checkpoint, policy, spec, portable: bool):
     root = cache.cache_root()
     if root is None:
         return None
@@ -153,6 +161,8 @@ def _cache_path(ctx, checkpoint, policy, spec):
         "policy": {"name": policy.name, "overrides": dict(policy.overrides)},
         "eval_text": cache.text_hash(quality.eval_text(None)),
         "tokens": MAX_TOKENS,
+        "portable": portable,
+        "numerics": cache.numerics(spec, "cpu"),
         "quantization": replace(spec, budget=None).to_json(),
         "versions": cache.library_versions(True),
         "code": cache.code_version(),
