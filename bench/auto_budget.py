@@ -3,7 +3,7 @@
 Each configuration is loaded by pipeline.load (validate's perplexity on the evaluation text, plan and measured
 bytes), then the held-out text's perplexity is measured on the same loaded model with validate's own function.
 One JSON line per configuration after the machine record. Usage:
-  .venv/bin/python bench/auto_budget.py > bench/results/auto_budget.jsonl
+  cd bench && ../.venv/bin/python auto_budget.py [RUN_ROOT [CONFIG...]] > results/auto_budget.jsonl
 """
 
 from __future__ import annotations
@@ -55,5 +55,8 @@ def measure(name: str, overrides: list[str], run_root: str) -> dict:
 if __name__ == "__main__":
     root = sys.argv[1] if len(sys.argv) > 1 else "runs/auto_budget"
     print(json.dumps({"machine": machine()}), flush=True)
+    wanted = sys.argv[2:] or list(CONFIGS)  # e.g. "auto 1%": only those configurations
     for name, overrides in CONFIGS.items():
+        if name not in wanted:
+            continue
         print(json.dumps(measure(name, overrides, root)), flush=True)
