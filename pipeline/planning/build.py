@@ -42,9 +42,8 @@ def build_plan(
     allow_missing: bool = False,
 ) -> Plan:
     """The plan for `model` from `checkpoint`'s headers; `main_device` overrides the execution device.
-    `assemble_from_disk`: tensors built from several checkpoint tensors may be planned on disk (the streamed
-    reference assembles them at forward time, loading/offload.py); `allow_missing`: model tensors the checkpoint
-    lacks are initialised as transformers does; else each is exit 2."""
+    `assemble_from_disk`: fused tensors may be planned on disk (the streamed reference assembles them at
+    forward time); `allow_missing`: tensors the checkpoint lacks are initialised, as transformers does."""
     saved = getattr(selection, "stats", {})  # pre-quantized: weight name -> its stats keys
     sized = functools.partial(
         plan_tensors,
@@ -64,9 +63,8 @@ def build_plan(
     tensors = assign_devices(planned.tensors, dmap)
     main = main_device or offload_policy.main_device(t.device for t in tensors.values())
     _refuse_offloaded_tensor_entries(dmap, tensors, main)
-    modules, skipped, tensors = _demote_offloaded(
-        tensors, selection, spec, main, resize=sized, dmap=dmap, key=_placement_key(strategy)
-    )
+    key = _placement_key(strategy)
+    modules, skipped, tensors = _demote_offloaded(tensors, selection, spec, main, resize=sized, dmap=dmap, key=key)
     tensors = _buffers_on_execution_device(tensors, modules, main)
     plan = Plan(
         strategy=strategy,
