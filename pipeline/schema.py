@@ -54,7 +54,7 @@ class QuantizationSchema:
     cpu_matmul: str = "exact"  # exact or bitsandbytes (docs/quantization.md)
     cpu_numerics: str = "portable"  # portable or native (docs/quantization.md)
     # Never quantized: the output head, tied weights, modules the model keeps in fp32, and these patterns.
-    skip_modules: list[str] = field(default_factory=list)
+    skip_modules: Any = field(default_factory=list)  # a list of patterns; checked by quant/spec.py (one line)
     overrides: Any = None  # pattern -> threshold (int8) or skip; first match wins
     # Per-module methods, pattern -> int8, nf4, fp4 or keep (first match wins; docs/quantization.md).
     methods: Any = None

@@ -183,7 +183,7 @@ def _threshold(raw, key: str) -> float:
     except (TypeError, ValueError):
         raise UserError(f"{key}: {raw!r} is not a number; use e.g. {key}=6.0") from None
     if value < 0 or value != value:
-        raise UserError(f"{key}: {raw} is negative; use 0 (no outlier path) or a positive value such as 6.0")
+        raise UserError(f"{key}: {value:g} is negative; use 0 (no outlier path) or a positive value such as 6.0")
     return value
 
 
