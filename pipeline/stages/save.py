@@ -62,6 +62,7 @@ def _precheck(cfg, run_dir, keys: dict) -> None:
 @stage(precheck=_precheck)
 def save(ctx: LoadContext, *, path: str | None = None, max_shard_mib: int = 2048, overwrite: bool = False) -> None:
     ctx.require("loaded", "save", "load_shards")
+    _refuse_mixed(ctx)
     dest = _destination(ctx, path, overwrite)
     tensors = _tensors_to_save(ctx)
     files = write_checkpoint_dir(
@@ -80,6 +81,18 @@ def save(ctx: LoadContext, *, path: str | None = None, max_shard_mib: int = 2048
         "bytes": sum(t.numel() * t.element_size() for t in tensors.values()),
     }
     log.info("saved %d tensors to %s", len(tensors), dest)
+
+
+def _refuse_mixed(ctx: LoadContext) -> None:
+    """A plan with per-module methods has no saved format yet: refused before a byte is written, never saved
+    as if one method applied (transformers' quantization_config holds one method plus skipped modules)."""
+    used = {ctx.quant.method_of(m) for m in ctx.plan.quantized_modules}
+    if ctx.quant.method == "auto" or used - {ctx.quant.method}:
+        raise UserError(
+            f"stages.save: the plan quantizes modules with {len(used)} methods ({', '.join(sorted(used))}) per "
+            "quantization.methods or quantization=auto; such a model cannot be saved yet: drop save from stages, "
+            "or use one method with quantization.skip_modules"
+        )
 
 
 def _our_metadata(ctx: LoadContext) -> dict:
