@@ -89,6 +89,10 @@ GROUPS: dict[str, type] = {
     "parallel": ParallelSchema,
 }
 # Keys of the root config besides the groups (config.yaml documents them).
+# Keys that grant a permission (run pickle code, accept a partial checkpoint, run the checkpoint's code):
+# from the command line only a word that plainly says yes or no grants or withholds one, never `2` or `maybe`.
+PERMISSIONS = ("checkpoint.allow_pickle", "checkpoint.allow_missing", "checkpoint.trust_remote_code")
+PLAIN_BOOLEANS = {"true", "false", "yes", "no", "on", "off", "1", "0"}
 ROOT_KEYS = ("name", "allow_targets", "sweep_reuse", "sweep_objective", "stages", "hydra", "defaults")
 
 
@@ -123,8 +127,14 @@ def check_keys(cfg, overrides=()) -> None:
     known_root = set(ROOT_KEYS) | set(GROUPS) | set(_choices(cfg))
     for override in map(str, overrides):
         key = override.lstrip("+").split("=", 1)[0].strip()
+        _check_permission(key, override.split("=", 1)[1] if "=" in override else "")
         if override.startswith("+") and not any(c in key for c in "./@") and key not in known_root:
             raise UserError(f"{key}: unknown key; {closest(key, set(ROOT_KEYS[:4]) | set(GROUPS))}")
+
+
+def _check_permission(key: str, raw: str) -> None:
+    if key in PERMISSIONS and raw.strip().strip("'\"").lower() not in PLAIN_BOOLEANS:
+        raise UserError(f"{key}: {raw.strip()!r} is not true or false; set {key}=true or {key}=false")
 
 
 def _choices(cfg) -> list[str]:

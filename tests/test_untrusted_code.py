@@ -149,7 +149,7 @@ def test_torch_load_through_torch_nn_never_unpickles(tiny, tmp_path, evil_pickle
 @pytest.mark.parametrize(
     "target, why",
     [
-        ("pipeline.stages.plan._placement", "not a stage function"),
+        ("pipeline.stages.plan._log_plan", "not a stage function"),
         ("pipeline.stages.save.torch.load", "not a stage function"),
         ("transformers.LlamaForCausalLM.from_pretrained", "from_pretrained of a model class"),
         ("transformers.AutoModelForCausalLM.from_pretrained", "from_pretrained of a model class"),
@@ -240,10 +240,19 @@ def test_stage_key_cannot_trust_what_checkpoint_key_does_not(remote_ck, tmp_path
     assert not marker.exists()
 
 
-def test_trust_key_must_be_a_boolean(remote_ck, tmp_path):
+@pytest.mark.parametrize("value", ["maybe", "2", "'yes please'"])
+def test_trust_key_must_be_a_boolean(remote_ck, tmp_path, value):
+    ck, marker = remote_ck
+    p = cli(f"checkpoint.path={ck}", f"checkpoint.trust_remote_code={value}", f"hydra.run.dir={tmp_path / 'r'}")
+    refused(p, "checkpoint.trust_remote_code", "is not true or false")
+    assert not marker.exists()
+
+
+def test_quoted_false_withholds_trust(remote_ck, tmp_path):
+    """A string 'false' is truthy in Python; the typed contract reads it as false, so nothing is imported."""
     ck, marker = remote_ck
     p = cli(f"checkpoint.path={ck}", "checkpoint.trust_remote_code='false'", f"hydra.run.dir={tmp_path / 'r'}")
-    refused(p, "checkpoint.trust_remote_code", "not a boolean")
+    refused(p, "nothing from the checkpoint is imported unless you trust it")
     assert not marker.exists()
 
 
