@@ -116,24 +116,3 @@ def test_bad_budgets_are_exit_2(overrides, match, tiny, tmp_path):
 def test_auto_without_a_tokenizer_is_exit_2(tiny, tmp_path):
     with pytest.raises(UserError, match=r"^quantization=auto: the budget is a perplexity on the evaluation text"):
         load([f"checkpoint.path={tiny('llama')}", "quantization=auto"], run_dir=tmp_path / "r")
-
-
-def test_a_mixed_plan_is_never_saved_as_one_method(tiny, tmp_path):
-    """No saved format holds int8 and nf4 side by side yet: save refuses in one line and writes nothing."""
-    from pipeline.errors import UserError
-
-    dest = tmp_path / "saved"
-    overrides = [
-        f"checkpoint.path={tiny('llama')}",
-        "quantization=int8",
-        "quantization.methods={mlp: nf4}",
-        "stages=[instantiate_empty,plan,quantize,load_shards,save]",
-        f"stages.save.path={dest}",
-    ]
-    with pytest.raises(UserError) as err:
-        load(overrides, run_dir=tmp_path / "r")
-    assert str(err.value).startswith("stages.save: the plan quantizes modules with 2 methods (int8, nf4)")
-    assert "\n" not in str(err.value) and not dest.exists()
-    kept = [*overrides[:2], "quantization.methods={o_proj: keep}", *overrides[3:]]  # one method + skips: saved
-    r = load(kept, run_dir=tmp_path / "k")
-    assert r.report["save"]["tensors"] > 0 and dest.exists()

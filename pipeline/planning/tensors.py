@@ -177,9 +177,10 @@ class _DtypeRules:
     def plan(self, name, kind, tensor, key, info, canonical, conv: Conversion | None = None) -> TensorPlan:
         if info and name in self.saved and name in self.quantized_weights:  # pre-quantized: as saved
             stats_bytes, shape = self.saved[name]
-            check_saved_shape(info, shape, self.spec.method)
+            method = self.spec.method_of(name.rpartition(".")[0])  # a saved mixed plan: the module's own
+            check_saved_shape(info, shape, method)
             dtype = SAFETENSORS_DTYPES[info.dtype]
-            return TensorPlan(name, kind, shape, dtype, info.nbytes + stats_bytes, key, self.spec.method)
+            return TensorPlan(name, kind, shape, dtype, info.nbytes + stats_bytes, key, method)
         _check_shape(name, tensor, key, info, conv)
         _check_dtype(name, tensor, key, info, conv)
         shape = conv.shape if conv else tuple(info.shape) if info else tuple(tensor.shape)

@@ -5,19 +5,21 @@ stats lie; here that becomes the run's spec and layers, in model names. The meth
 checkpoint's: a `quantization=` of another method is refused (exit 2, at plan time);
 `quantization=none` loads the checkpoint as saved, as transformers' from_pretrained does.
 Settings that act at forward time (the int8 threshold, the 4-bit compute dtype) are the
-run's when it names the same method, else the checkpoint's.
+run's when it names the same method, else the checkpoint's. A saved mixed plan
+(formats/mixed_plan.py) gives each module its saved method; the run may name any method it
+holds, and its threshold or compute dtype applies where it uses that kind.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from ..errors import UserError
 from ..hf.conversions import map_keys
 from .formats import SavedQuantization, read_saved_quantization
-from .spec import QuantSpec
+from .spec import FOUR_BIT, QuantSpec
 from .targets import QuantSelection
 
 __all__ = ["SavedSelection", "prequantized_selection", "read_saved_quantization"]
@@ -40,11 +42,12 @@ def prequantized_selection(
     Saved weight keys reach model names through the same mapping the planner uses (transformers' renames).
     """
     _refuse_contradiction(saved, requested)
-    same = requested.method == saved.method
+    same = requested.enabled and requested.method in _saved_kinds(saved)  # the run names a method it holds
+    threshold, compute_dtype = _forward_settings(saved, requested)
     spec = QuantSpec(
         method=saved.method,
-        threshold=requested.threshold if same and saved.method == "int8" else saved.threshold,
-        compute_dtype=(requested.compute_dtype if same else saved.compute_dtype) or "fp32",
+        threshold=threshold,
+        compute_dtype=compute_dtype,
         double_quant=saved.double_quant,
         blocksize=saved.blocksize,
         offloaded=saved.method,
@@ -60,10 +63,10 @@ def prequantized_selection(
     modules, skipped = [], {}
     for name, module in layers.items():
         if name in modules_of:
-            _check_layer(name, module, saved)
+            _check_layer(name, module, saved, modules_of[name])
             modules.append(name)
         elif isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D":
-            skipped[name] = f"not {saved.method} in the saved checkpoint"
+            skipped[name] = f"not {saved.kinds} in the saved checkpoint"
     unmatched = sorted(set(saved.weights) - set(to_model))
     if unmatched:
         raise UserError(
@@ -79,13 +82,33 @@ def prequantized_selection(
         shapes={f"{m}.weight": _bnb_shape(layers[m]) for m in modules},
         stats_keys=saved.stats_keys,
     )
+    if saved.methods:  # a saved mixed plan: each module its saved method, by its exact model name
+        spec = replace(spec, methods=tuple((m, saved.methods[modules_of[m]]) for m in modules))
     return spec, selection
 
 
+def _saved_kinds(saved: SavedQuantization) -> set[str]:
+    return set(saved.methods.values()) or {saved.method}
+
+
+def _forward_settings(saved: SavedQuantization, requested: QuantSpec) -> tuple[float, str]:
+    """The int8 threshold and the 4-bit compute dtype (they act at forward time): the run's where the run
+    uses that kind and the checkpoint holds it, else the checkpoint's."""
+    if saved.methods:
+        run = {requested.method, *(m for _, m in requested.methods)} if requested.enabled else set()
+        held = run & _saved_kinds(saved)
+        int8, four = "int8" in held, bool(held & set(FOUR_BIT))
+    else:
+        four = requested.method == saved.method
+        int8 = four and saved.method == "int8"
+    threshold = requested.threshold if int8 else saved.threshold
+    return threshold, (requested.compute_dtype if four else saved.compute_dtype) or "fp32"
+
+
 def _refuse_contradiction(saved: SavedQuantization, requested: QuantSpec) -> None:
-    if requested.enabled and requested.method != saved.method:
+    if requested.enabled and requested.method not in _saved_kinds(saved):
         raise UserError(
-            f"quantization={requested.method}: the checkpoint is already {saved.method} ({saved.origin}) and loads "
+            f"quantization={requested.method}: the checkpoint is already {saved.kinds} ({saved.origin}) and loads "
             f"as saved; use quantization={saved.method} (or quantization=none), or load an unquantized checkpoint"
         )
 
@@ -96,10 +119,10 @@ def _bnb_shape(module) -> tuple[int, ...]:
     return shape if isinstance(module, torch.nn.Linear) else shape[::-1]
 
 
-def _check_layer(name: str, module, saved: SavedQuantization) -> None:
+def _check_layer(name: str, module, saved: SavedQuantization, saved_name: str) -> None:
     if not (isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D"):
         raise UserError(
-            f"{saved.origin}: {name} is saved {saved.method} but the model's {name} is a "
+            f"{saved.origin}: {name} is saved {saved.methods.get(saved_name, saved.method)} but the model's {name} is a "
             f"{type(module).__name__}, not a Linear or Conv1D; loading it quantized is not supported"
         )
 
@@ -107,6 +130,8 @@ def _check_layer(name: str, module, saved: SavedQuantization) -> None:
 def _ignored_settings(requested: QuantSpec) -> list[str]:
     """Layer choices of the run that a saved checkpoint has already made (said once, as a warning)."""
     out = []
+    if requested.methods:
+        out.append("quantization.methods: ignored, the checkpoint's layers load with the methods they were saved with")
     if requested.skip_modules or any(v == "skip" for _, v in requested.overrides):
         out.append("quantization.skip_modules/overrides skip: ignored, the checkpoint's layers are quantized as saved")
     if requested.offloaded == "keep":

@@ -6,7 +6,10 @@ Quantized layers are written by bitsandbytes' own serializer in transformers' ke
 config.json gains the `quantization_config` transformers writes (quant/formats/hf_config.py)
 and the dtype the unquantized tensors were saved in. So transformers' from_pretrained and
 this pipeline both load the directory as saved, bit for bit. Per-module thresholds, which
-transformers has no field for, are kept in our safetensors metadata.
+transformers has no field for, are kept in our safetensors metadata. A plan with several
+methods (quantization.methods, quantization=auto) writes the same tensors per module and our
+own quantization_config (quant/formats/mixed_plan.py), which this pipeline reads back bit for
+bit and transformers refuses.
 
 Save never destroys what it did not write: the destination must lie apart from the source
 checkpoint (and where its files really are) and from the run directory, a non-empty one is
@@ -21,6 +24,7 @@ import json
 import logging
 import os
 from collections import Counter
+from dataclasses import replace
 
 import torch
 
@@ -32,6 +36,7 @@ from ..checkpoint.writer import write_checkpoint_dir
 from ..dtypes import dtype_name
 from ..errors import UserError
 from ..quant.formats.hf_config import bnb_quantization_config, unconverted_modules
+from ..quant.formats.mixed_plan import mixed_quantization_config
 from ..quant.formats.ours import METADATA_KEY
 from .context import LoadContext
 from .traits import stage
@@ -62,7 +67,6 @@ def _precheck(cfg, run_dir, keys: dict) -> None:
 @stage(precheck=_precheck)
 def save(ctx: LoadContext, *, path: str | None = None, max_shard_mib: int = 2048, overwrite: bool = False) -> None:
     ctx.require("loaded", "save", "load_shards")
-    _refuse_mixed(ctx)
     dest = _destination(ctx, path, overwrite)
     tensors = _tensors_to_save(ctx)
     files = write_checkpoint_dir(
@@ -83,24 +87,9 @@ def save(ctx: LoadContext, *, path: str | None = None, max_shard_mib: int = 2048
     log.info("saved %d tensors to %s", len(tensors), dest)
 
 
-def _refuse_mixed(ctx: LoadContext) -> None:
-    """A plan with per-module methods has no saved format yet: refused before a byte is written, never saved
-    as if one method applied (transformers' quantization_config holds one method plus skipped modules)."""
-    used = {ctx.quant.method_of(m) for m in ctx.plan.quantized_modules}
-    if ctx.quant.method == "auto" or used - {ctx.quant.method}:
-        raise UserError(
-            f"stages.save: the plan quantizes modules with {len(used)} methods ({', '.join(sorted(used))}) per "
-            "quantization.methods or quantization=auto; such a model cannot be saved yet: drop save from stages, "
-            "or use one method with quantization.skip_modules"
-        )
-
-
 def _our_metadata(ctx: LoadContext) -> dict:
     """How the checkpoint was made, with per-module thresholds under their checkpoint module names."""
-    modules = {
-        n: (ctx.plan.tensors[f"{n}.weight"].source or f"{n}.weight").rpartition(".")[0]
-        for n in ctx.plan.quantized_modules
-    }
+    modules = _saved_modules(ctx)
     return {
         "quantization": {
             "method": ctx.quant.method,
@@ -133,9 +122,35 @@ def _config_json(ctx: LoadContext) -> dict:
             config["torch_dtype"] = name
     config.pop("quantization_config", None)
     if ctx.quant.enabled:
-        skip = unconverted_modules(ctx.model, ctx.plan.quantized_modules)
-        config["quantization_config"] = bnb_quantization_config(ctx.quant, skip)
+        config["quantization_config"] = _quantization_config(ctx)
     return config
+
+
+def _quantization_config(ctx: LoadContext) -> dict:
+    """transformers' own BitsAndBytesConfig when one method covers every quantized module (kept ones listed as
+    skipped), so transformers reads it; else our mixed-plan format (quant/formats/mixed_plan.py), which it refuses."""
+    skip = unconverted_modules(ctx.model, ctx.plan.quantized_modules)
+    modules = _saved_modules(ctx)
+    methods = {modules[m]: ctx.plan.tensors[f"{m}.weight"].quantized for m in ctx.plan.quantized_modules}
+    used = set(methods.values())
+    if len(used) > 1:
+        thresholds = {modules[m]: t for m, t in ctx.plan.int8_thresholds.items() if methods[modules[m]] == "int8"}
+        return mixed_quantization_config(ctx.quant, methods, thresholds, skip)
+    one = replace(ctx.quant, method=used.pop(), methods=()) if used else ctx.quant
+    return bnb_quantization_config(one, skip)
+
+
+def _saved_modules(ctx: LoadContext) -> dict[str, str]:
+    """Quantized module (model name) -> the module name its tensors are saved under (_saved_key's)."""
+    return {
+        n: _saved_key(f"{n}.weight", ctx.plan.tensors[f"{n}.weight"]).rpartition(".")[0]
+        for n in ctx.plan.quantized_modules
+    }
+
+
+def _saved_key(name: str, t) -> str:
+    """A tensor's key in the save: its checkpoint name, or its model name when transformers converts it."""
+    return name if t.conversion is not None else t.source or name
 
 
 def _destination(ctx: LoadContext, path: str | None, overwrite: bool) -> str:
@@ -211,7 +226,7 @@ def _tensors_to_save(ctx: LoadContext) -> dict[str, torch.Tensor]:
     for name, t in ctx.plan.tensors.items():
         if t.tied_to or (t.kind == "buffer" and t.source is None):
             continue  # tied copies and buffers the model makes itself are not checkpoint tensors
-        key = name if t.conversion is not None else t.source or name  # a fused tensor under its model name
+        key = _saved_key(name, t)  # a fused tensor under its model name
         if t.quantized:
             out.update(_quantized_layer(ctx.model.get_submodule(name.rpartition(".")[0]), key.rpartition(".")[0]))
             continue

@@ -35,9 +35,15 @@ class SavedQuantization:
     blocksize: int = 64
     thresholds: dict[str, float] = field(default_factory=dict)  # checkpoint module name -> its own threshold
     config: dict | None = None  # the raw quantization_config, when there is one
+    methods: dict[str, str] = field(default_factory=dict)  # a saved mixed plan: module -> method (mixed_plan.py)
 
     def with_thresholds(self, thresholds: dict[str, float]) -> SavedQuantization:
         return replace(self, thresholds=dict(thresholds))
+
+    @property
+    def kinds(self) -> str:
+        """The saved method(s), as messages name them: "int8", or "int8/nf4" for a mixed plan."""
+        return "/".join(sorted(set(self.methods.values()))) if self.methods else self.method
 
     @property
     def stats_keys(self) -> set[str]:
