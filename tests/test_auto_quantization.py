@@ -116,3 +116,92 @@ def test_bad_budgets_are_exit_2(overrides, match, tiny, tmp_path):
 def test_auto_without_a_tokenizer_is_exit_2(tiny, tmp_path):
     with pytest.raises(UserError, match=r"^quantization=auto: the budget is a perplexity on the evaluation text"):
         load([f"checkpoint.path={tiny('llama')}", "quantization=auto"], run_dir=tmp_path / "r")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """The tiny Llama trained on the evaluation text until it predicts it well (loss about 1.8): quantization
+    error shows in its perplexity (a random model's perplexity is the vocabulary's, whatever the weights)."""
+    from helpers import make_checkpoint
+    from test_metric_cache import _tokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pipeline.measure import quality
+
+    src, dest = tmp_path_factory.mktemp("untrained"), tmp_path_factory.mktemp("trained")
+    make_checkpoint("llama", src)
+    _tokenizer(src)
+    tokenizer = AutoTokenizer.from_pretrained(src)
+    ids = tokenizer(quality.eval_text(None), return_tensors="pt").input_ids[:, :512]
+    model = AutoModelForCausalLM.from_pretrained(src)
+    torch.manual_seed(0)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(80):
+        model(ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.save_pretrained(dest, max_shard_size=200_000)
+    tokenizer.save_pretrained(dest)
+    return dest
+
+
+def _ppl(ck, tmp_path, name, *args):
+    r = load([f"checkpoint.path={ck}", "quantization.compute_dtype=fp32", *args], run_dir=tmp_path / name)
+    assert r.report["status"] == "ok" and all(r.report["validation"]["checks"].values())
+    return r, r.report["validation"]["metrics"]["perplexity"]
+
+
+def test_auto_under_caps_is_the_best_plan_that_fits(trained, tmp_path):
+    """Caps that all-int8 (179.8 KiB) cannot meet and all-nf4 (144.0 KiB) can: auto without a quality budget
+    fills the caps with the upgrades that buy the most perplexity per byte, and beats all-nf4."""
+    _, nf4 = _ppl(trained, tmp_path, "nf4", "quantization=nf4")
+    int8, _ = _ppl(trained, tmp_path, "int8", "quantization=int8")
+    assert int8.report["plan"]["predicted_bytes"]["cpu"] > 170 * 1024
+    caps = ["quantization=auto", "quantization.budget=null", "memory.max_memory={cpu: 170KiB}"]
+    r, auto = _ppl(trained, tmp_path, "auto", *caps)
+    a = r.report["auto"]
+    assert a["caps"] is True and a["budget"] is None
+    assert a["counts"]["nf4"] > 0 and a["counts"]["int8"] + a["counts"]["keep"] > 0
+    assert 144 * 1024 < r.report["plan"]["predicted_bytes"]["cpu"] <= 170 * 1024
+    assert r.report["validation"]["plan_error"] == {"cpu": 0.0}
+    assert auto < nf4, (auto, nf4)
+    assert a["confirmed_perplexity"] == a["rounds"][-1]["measured"]
+
+
+def test_auto_budget_that_cannot_fit_the_caps_names_the_best_that_does(trained, tmp_path):
+    with pytest.raises(UserError) as e:
+        load(
+            [
+                f"checkpoint.path={trained}",
+                "quantization=auto",
+                "quantization.budget=0.1%",
+                "quantization.compute_dtype=fp32",
+                "memory.max_memory={cpu: 150KiB}",
+            ],
+            run_dir=tmp_path / "r",
+        )
+    message = str(e.value)
+    assert "\n" not in message
+    assert message.startswith("quantization.budget: the smallest plan within 0.10% takes ")
+    assert "more than memory.max_memory holds; the best plan that fits (" in message and "measures +" in message
+
+
+def test_auto_with_caps_below_all_nf4_is_exit_2_at_plan_time(trained, tmp_path):
+    with pytest.raises(UserError, match=r"^memory\.max_memory\.cpu: .* missing: .*; quantization=auto: not even every"):
+        load(
+            [
+                f"checkpoint.path={trained}",
+                "quantization=auto",
+                "quantization.budget=null",
+                "memory.max_memory={cpu: 100KiB}",
+                "+experiment=dry_run",
+            ],
+            run_dir=tmp_path / "r",
+        )
+
+
+def test_auto_without_budget_or_caps_is_exit_2_before_any_measurement(trained, tmp_path):
+    with pytest.raises(
+        UserError, match=r"^quantization\.budget: quantization=auto needs a quality budget, memory caps"
+    ):
+        load([f"checkpoint.path={trained}", "quantization=auto", "quantization.budget=null"], run_dir=tmp_path / "r")

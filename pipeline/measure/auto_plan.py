@@ -25,6 +25,7 @@ from ..quant import mixed
 from ..quant.sizes import quantized_nbytes
 from ..quant.spec import QuantSpec
 from ..quant.targets import QuantSelection, select_quantized_modules
+from ..sizes import format_bytes
 from . import cache, quality
 from .reference import streamed_reference
 from .sensitivity import measure_sensitivity, simulated_perplexity
@@ -34,9 +35,15 @@ MAX_TOKENS = 512  # as validate's perplexity (stages.validate.metrics.max_eval_t
 MAX_ROUNDS = 4  # confirmations (one simulated forward each) before giving up
 
 
-def choose_methods(ctx, checkpoint, policy, spec: QuantSpec, selection: QuantSelection):
+def choose_methods(ctx, checkpoint, policy, spec: QuantSpec, selection: QuantSelection, caps_error=None):
     """(the resolved spec: int8 with per-module methods, its selection, the `auto` section of plan.json and
-    report.json)."""
+    report.json). `caps_error(spec, selection)`: None when that plan holds in the memory caps the user gave, else
+    why not (one line); None instead of the function: no caps given."""
+    if spec.budget is None and caps_error is None:
+        raise UserError(
+            "quantization.budget: quantization=auto needs a quality budget, memory caps or both; "
+            "add quantization.budget=1% or memory.max_memory={...}"
+        )
     start = time.perf_counter()
     ref, ids = _reference(ctx, checkpoint, policy)
     # the numerics validate will measure the loaded model under (int8 on the CPU: portable, quant/cpu_numerics.py)
@@ -47,9 +54,11 @@ def choose_methods(ctx, checkpoint, policy, spec: QuantSpec, selection: QuantSel
         totals = {k: math.log(measured[f"all_{k}_perplexity"] / base) for k in ("int8", "nf4")}
         cost = mixed.costs(errors, totals)
         nbytes = {m: _module_bytes(ref.get_submodule(m).weight, spec) for m in selection.modules}
-        methods, rounds = _confirmed(ref, ids, spec, cost, nbytes, base)
+        error = None if caps_error is None else (lambda methods: caps_error(*_resolved(ctx, spec, methods)))
+        methods, rounds = _chosen(ref, ids, spec, cost, nbytes, base, error)
     doc = {
         "budget": spec.budget,
+        "caps": caps_error is not None,
         "numerics": "portable" if portable else "native",
         "reference_perplexity": round(base, 4),
         "all_int8_perplexity": round(measured["all_int8_perplexity"], 4),
@@ -63,10 +72,39 @@ def choose_methods(ctx, checkpoint, policy, spec: QuantSpec, selection: QuantSel
         "sensitivities_cached": cached,
         "seconds": round(time.perf_counter() - start, 2),
     }
+    return (*_resolved(ctx, spec, methods), doc)
+
+
+def _resolved(ctx, spec: QuantSpec, methods: dict[str, str]):
+    """The plan's spec (int8 with every other module's method named) and its selection."""
     others = tuple((m, k) for m, k in methods.items() if k != "int8")
     resolved = replace(spec, method="int8", methods=others, budget=None)
     kept = dict(tied_groups=ctx.tied_groups, keep_in_fp32=ctx.keep_in_fp32)
-    return resolved, select_quantized_modules(ctx.model, resolved, **kept), doc
+    return resolved, select_quantized_modules(ctx.model, resolved, **kept)
+
+
+def _chosen(ref, ids, spec: QuantSpec, cost, nbytes, base: float, caps_error):
+    """(methods, rounds). A quality budget: the smallest plan within it (and within the caps, else exit 2 naming
+    the best plan that fits); caps only: the best plan that fits, its perplexity measured once."""
+    fits = None if caps_error is None else (lambda methods: caps_error(methods) is None)
+    if spec.budget is not None:
+        methods, rounds = _confirmed(ref, ids, spec, cost, nbytes, base)
+        if fits is None or fits(methods):
+            return methods, rounds
+    best = mixed.best_fitting(cost, nbytes, fits)
+    if best is None:
+        smallest = dict.fromkeys(cost, mixed.ORDER[0])
+        raise UserError(f"{caps_error(smallest)}; quantization=auto: not even every module nf4 fits")
+    ppl = simulated_perplexity(ref, best, spec, ids)
+    if spec.budget is not None:
+        raise UserError(
+            f"quantization.budget: the smallest plan within {spec.budget:.2%} takes "
+            f"{format_bytes(mixed.total_bytes(methods, nbytes))} of weights, more than memory.max_memory holds; "
+            f"the best plan that fits ({format_bytes(mixed.total_bytes(best, nbytes))}) measures "
+            f"{ppl / base - 1:+.2%}: raise quantization.budget to that, or the caps"
+        )
+    log.info("auto: best plan within the caps %s: perplexity %.4f (unquantized %.4f)", _counts(best), ppl, base)
+    return best, [{"predicted": _ppl(base, mixed.predicted(best, cost)), "measured": round(ppl, 4)}]
 
 
 def _confirmed(ref, ids, spec: QuantSpec, cost, nbytes, base: float):

@@ -145,10 +145,9 @@ class QuantSpec:
 
 
 def _budget(raw, method: str) -> float | None:
-    """`quantization.budget`: a relative perplexity increase, `1%` or 0.01; quantization=auto needs one."""
+    """`quantization.budget`: a relative perplexity increase, `1%` or 0.01 (quantization=auto without one takes the
+    best plan within the memory caps: the plan stage checks that caps were given)."""
     if raw is None:
-        if method == "auto":
-            raise UserError("quantization.budget: quantization=auto needs a quality budget; add quantization.budget=1%")
         return None
     if method != "auto":
         raise UserError(f"quantization.budget: {raw!r} is for quantization=auto; drop it or use quantization=auto")

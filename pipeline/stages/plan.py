@@ -43,12 +43,23 @@ def plan(
     ctx.report["checkpoint"] = checkpoint.summary()
     spec, selection = _quantization(ctx, checkpoint)
     policy = DtypePolicy(spec.unquantized_dtype or dtype, dict(dtype_overrides or {}))
-    if spec.method == "auto":  # per-module methods from measured sensitivities (measure/auto_plan.py)
-        spec, selection, ctx.report["auto"] = choose_methods(ctx, checkpoint, policy, spec, selection)
+    chosen = [spec, selection]
+
+    def build(*placement):
+        if chosen[0].method == "auto":  # per-module methods from measured sensitivities (measure/auto_plan.py)
+
+            def caps_error(s, sel):  # only the caps the user gave bound the search
+                return _caps_error(ctx, checkpoint, policy, s, sel, placement, bool(allow_missing))
+
+            found = choose_methods(ctx, checkpoint, policy, *chosen, caps_error if max_memory else None)
+            chosen[:], ctx.report["auto"] = found[:2], found[2]
+        return _build(ctx, checkpoint, policy, *chosen, placement, dtype, bool(allow_missing))
+
     planned = ctx.parallel.plan(  # one process: the configured placement; tensor parallel: this rank's shards
-        lambda *placement: _build(ctx, checkpoint, policy, spec, selection, placement, dtype, bool(allow_missing)),
-        strategy=strategy, device_map=device_map, max_memory=max_memory, checkpoint=checkpoint, spec=spec, model=model,
+        build, strategy=strategy, device_map=device_map, max_memory=max_memory, checkpoint=checkpoint, spec=spec,
+        model=model,
     )  # fmt: skip
+    spec = chosen[0]
     result = planned.plan
     ctx.plan, ctx.quant, ctx.dtype_policy = result, spec, policy
     doc = plan_document(
@@ -77,26 +88,40 @@ def plan(
 
 def _build(ctx: LoadContext, checkpoint, policy, spec, selection, placement, dtype: str, allow_missing: bool):
     """build_plan; caps that cannot hold the model end in exit 2 naming the keys that would make it fit."""
-    placed, device_map, caps = placement
-    parts = dict(tied_groups=ctx.tied_groups, keep_in_fp32=ctx.keep_in_fp32)
     try:
-        return build_plan(
-            ctx.model,
-            checkpoint,
-            policy=policy,
-            spec=spec,
-            selection=selection,
-            no_split=ctx.no_split,
-            strategy=placed,
-            explicit_map=device_map,
-            max_memory=caps,
-            allow_missing=allow_missing,
-            **parts,
-        )
+        return _placed(ctx, checkpoint, policy, spec, selection, placement, allow_missing)
     except CapsTooSmall as e:
-        overrides = policy.overrides
-        hint = fit_hint(ctx.model, checkpoint, dtype=dtype, overrides=overrides, spec=spec, caps=caps, **parts)
+        parts = dict(tied_groups=ctx.tied_groups, keep_in_fp32=ctx.keep_in_fp32)
+        caps = placement[2]
+        hint = fit_hint(ctx.model, checkpoint, dtype=dtype, overrides=policy.overrides, spec=spec, caps=caps, **parts)
         raise UserError(f"{e}; {hint}") from None
+
+
+def _caps_error(ctx: LoadContext, checkpoint, policy, spec, selection, placement, allow_missing: bool) -> str | None:
+    """Why this quantization does not fit the caps (one line), or None when it does: quantization=auto's test."""
+    try:
+        _placed(ctx, checkpoint, policy, spec, selection, placement, allow_missing)
+    except CapsTooSmall as e:
+        return str(e)
+    return None
+
+
+def _placed(ctx: LoadContext, checkpoint, policy, spec, selection, placement, allow_missing: bool):
+    placed, device_map, caps = placement
+    return build_plan(
+        ctx.model,
+        checkpoint,
+        policy=policy,
+        spec=spec,
+        selection=selection,
+        no_split=ctx.no_split,
+        strategy=placed,
+        explicit_map=device_map,
+        max_memory=caps,
+        allow_missing=allow_missing,
+        tied_groups=ctx.tied_groups,
+        keep_in_fp32=ctx.keep_in_fp32,
+    )
 
 
 def _quantization(ctx: LoadContext, checkpoint):
