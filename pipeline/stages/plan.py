@@ -14,12 +14,13 @@ from ..dtypes import DtypePolicy
 from ..errors import UserError
 from ..measure.auto_plan import choose_methods
 from ..planning import build_plan
-from ..planning.device_map import CapsTooSmall
+from ..planning.device_map import CapsTooSmall, ExplicitMap
 from ..planning.document import plan_document, plan_table
 from ..planning.fits import fit_hint
 from ..quant.prequantized import prequantized_selection, read_saved_quantization
 from ..quant.targets import QuantSelection, select_quantized_modules
-from ..sizes import format_bytes
+from ..schema import CheckpointSchema, DeviceMapSchema, DtypeSchema
+from ..sizes import MaxMemory, format_bytes
 from .context import LoadContext
 
 log = logging.getLogger(__name__)
@@ -28,15 +29,17 @@ log = logging.getLogger(__name__)
 def plan(
     ctx: LoadContext,
     *,
-    dtype: str = "auto",
-    dtype_overrides: dict | None = None,
-    strategy: str = "auto",
-    device_map: dict | None = None,
-    max_memory: dict | None = None,
-    allow_pickle: bool = False,
-    allow_missing: bool = False,
+    dtype: str = DtypeSchema.name,
+    dtype_overrides: dict | None = DtypeSchema.overrides,
+    strategy: str = DeviceMapSchema.strategy,
+    explicit_map: ExplicitMap = ExplicitMap(),
+    max_memory: MaxMemory = MaxMemory(),
+    allow_pickle: bool = CheckpointSchema.allow_pickle,
+    allow_missing: bool = CheckpointSchema.allow_missing,
     output: str = "plan.json",
 ) -> None:
+    """`explicit_map` and `max_memory` arrive parsed (engine/binding.py calls their `parse` when the stages are
+    bound); the caps are resolved once, by the parallel strategy, and handed to build_plan."""
     model = ctx.require("model", "plan", "instantiate_empty")
     checkpoint = open_checkpoint(ctx.checkpoint_path, allow_pickle=allow_pickle)
     ctx.checkpoint = checkpoint
@@ -47,7 +50,7 @@ def plan(
         spec, selection, ctx.report["auto"] = choose_methods(ctx, checkpoint, policy, spec, selection)
     planned = ctx.parallel.plan(  # one process: the configured placement; tensor parallel: this rank's shards
         lambda *placement: _build(ctx, checkpoint, policy, spec, selection, placement, dtype, bool(allow_missing)),
-        strategy=strategy, device_map=device_map, max_memory=max_memory, checkpoint=checkpoint, spec=spec, model=model,
+        strategy=strategy, explicit_map=explicit_map, max_memory=max_memory, checkpoint=checkpoint, spec=spec, model=model,
     )  # fmt: skip
     result = planned.plan
     ctx.plan, ctx.quant, ctx.dtype_policy = result, spec, policy
@@ -77,7 +80,7 @@ def plan(
 
 def _build(ctx: LoadContext, checkpoint, policy, spec, selection, placement, dtype: str, allow_missing: bool):
     """build_plan; caps that cannot hold the model end in exit 2 naming the keys that would make it fit."""
-    placed, device_map, caps = placement
+    placed, explicit_map, caps = placement
     parts = dict(tied_groups=ctx.tied_groups, keep_in_fp32=ctx.keep_in_fp32)
     try:
         return build_plan(
@@ -88,7 +91,7 @@ def _build(ctx: LoadContext, checkpoint, policy, spec, selection, placement, dty
             selection=selection,
             no_split=ctx.no_split,
             strategy=placed,
-            explicit_map=device_map,
+            explicit_map=explicit_map,
             max_memory=caps,
             allow_missing=allow_missing,
             **parts,
