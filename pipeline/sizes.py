@@ -1,14 +1,18 @@
-"""Memory sizes and max_memory maps, normalised in one place.
+"""Memory sizes, and `memory.max_memory` parsed once into typed values.
 
 YAML gives GPU keys as ints (`0:`) while command-line overrides give strings
 (`+memory.max_memory.0=`); values come as ints, "20GiB" (binary) or "500MB"
-(decimal). Everything downstream sees {"0": bytes, "cpu": bytes, "disk": bytes}.
+(decimal). `MaxMemory.parse` turns the user's map into a `MaxMemory` (what was asked:
+sizes, `auto` devices, or nothing) when the stages are bound; the plan resolves it into
+`Caps` (device -> bytes), which everything downstream reads.
 """
 
 from __future__ import annotations
 
 import math
 import re
+from collections.abc import Mapping
+from dataclasses import dataclass
 
 from .errors import UserError
 
@@ -67,20 +71,64 @@ def device_order(key: str) -> tuple:
     return (1, 0) if key == "cpu" else (2, 0)
 
 
-def normalize_max_memory(max_memory, where: str = "memory.max_memory") -> dict[str, int | str] | None:
-    """{"0": bytes, "cpu": bytes}; a value "auto" stays "auto" (read free memory later)."""
-    if max_memory is None:
-        return None
-    if not hasattr(max_memory, "items"):
-        raise UserError(f"{where}: expected a mapping of device -> size, got {max_memory!r}")
-    out: dict[str, int | str] = {}
-    for key, value in max_memory.items():
-        dk = device_key(key, where)
-        if isinstance(value, str) and value.strip().lower() == "auto":
-            out[dk] = "auto"
-        else:
-            out[dk] = parse_size(value, f"{where}.{key}")
-    return dict(sorted(out.items(), key=lambda kv: device_order(kv[0])))
+@dataclass(frozen=True, eq=False)
+class FrozenMap(Mapping):
+    """A read-only mapping for a parsed config value: no stage can change what the plan was made from."""
+
+    items_: tuple = ()
+
+    def __getitem__(self, key):
+        return dict(self.items_)[key]
+
+    def __iter__(self):
+        return (k for k, _ in self.items_)
+
+    def __len__(self) -> int:
+        return len(self.items_)
+
+    def __hash__(self) -> int:
+        return hash(self.items_)
+
+
+class Caps(FrozenMap):
+    """Resolved memory caps: device ("0", "cpu", "disk") -> bytes, in the order devices are filled."""
+
+    @classmethod
+    def of(cls, sizes: Mapping) -> Caps:
+        """From device keys already normalised (device_key) and sizes in bytes."""
+        return cls(tuple(sorted(((str(k), int(v)) for k, v in sizes.items()), key=lambda kv: device_order(kv[0]))))
+
+
+@dataclass(frozen=True)
+class MaxMemory:
+    """`memory.max_memory` as the user gave it, parsed once: sizes in bytes, devices capped at their free
+    memory (`auto`, read at plan time), and whether a map was given at all (null: every device's free memory)."""
+
+    sizes: Caps = Caps()
+    auto: tuple[str, ...] = ()
+    given: bool = False
+
+    @classmethod
+    def parse(cls, value, key: str = "memory.max_memory") -> MaxMemory:
+        """The one parser of caps; UserError (exit 2) naming `key` and the fix on a bad device or size."""
+        if value is None:
+            return cls()
+        if not hasattr(value, "items"):
+            raise UserError(f"{key}: expected a mapping of device -> size, got {value!r}")
+        parsed: dict[str, int | None] = {}  # None: auto
+        for device, size in value.items():
+            auto = isinstance(size, str) and size.strip().lower() == "auto"
+            parsed[device_key(device, key)] = None if auto else parse_size(size, f"{key}.{device}")
+        free = sorted((d for d, v in parsed.items() if v is None), key=device_order)
+        return cls(Caps.of({d: v for d, v in parsed.items() if v is not None}), tuple(free), True)
+
+    @property
+    def devices(self) -> tuple[str, ...]:
+        """Every device the map names, sized or auto, in fill order."""
+        return tuple(sorted((*self.sizes, *self.auto), key=device_order))
+
+    def __bool__(self) -> bool:
+        return bool(self.devices)
 
 
 def format_bytes(n: float) -> str:

@@ -10,7 +10,7 @@ from pipeline.engine.compose import compose_config
 from pipeline.engine.runner import bind_stages
 from pipeline.errors import UserError
 from pipeline.quant.spec import QuantSpec
-from pipeline.sizes import normalize_max_memory
+from pipeline.sizes import MaxMemory
 
 CONF = Path(__file__).resolve().parents[1] / "pipeline" / "conf"
 GROUPS = ["checkpoint", "dtype", "device_map", "memory", "quantization"]
@@ -72,7 +72,7 @@ def test_bad_threshold(bad, match):
 
 def test_memory_caps_from_the_command_line_normalise_like_yaml():
     cfg = compose_config(["memory=gpu0_20gib", "+memory.max_memory.1=10GiB"])
-    caps = normalize_max_memory(OmegaConf.to_container(cfg.memory.max_memory))
+    caps = MaxMemory.parse(OmegaConf.to_container(cfg.memory.max_memory)).sizes
     assert caps == {"0": 20 * 2**30, "1": 10 * 2**30, "cpu": 64 * 2**30}
 
 

@@ -1,7 +1,7 @@
 import pytest
 
 from pipeline.errors import UserError
-from pipeline.sizes import device_key, format_bytes, normalize_max_memory, parse_size
+from pipeline.sizes import Caps, MaxMemory, device_key, format_bytes, parse_size
 
 
 @pytest.mark.parametrize(
@@ -30,20 +30,21 @@ def test_parse_size_rejects_and_names_key(bad):
 
 
 def test_max_memory_keys_from_yaml_and_cli_are_the_same():
-    from_yaml = normalize_max_memory({0: "1GiB", 1: 2**30, "cpu": "2GiB"})
-    from_cli = normalize_max_memory(
+    from_yaml = MaxMemory.parse({0: "1GiB", 1: 2**30, "cpu": "2GiB"}).sizes
+    from_cli = MaxMemory.parse(
         {
             "1": "1GiB",
             "0": "1GiB",
             "cpu": "2GiB",
         }
-    )
+    ).sizes
+    assert isinstance(from_cli, Caps)
     assert from_yaml == from_cli == {"0": 2**30, "1": 2**30, "cpu": 2 * 2**30}
     assert list(from_cli) == ["0", "1", "cpu"]
 
 
 def test_auto_cap_is_kept_for_later():
-    assert normalize_max_memory({"cpu": "auto"}) == {"cpu": "auto"}
+    assert MaxMemory.parse({"cpu": "auto"}) == MaxMemory(Caps(), ("cpu",), given=True)
 
 
 @pytest.mark.parametrize("key,expected", [(0, "0"), ("3", "3"), ("cuda:1", "1"), ("CPU", "cpu"), ("disk", "disk")])
@@ -53,7 +54,7 @@ def test_device_key(key, expected):
 
 def test_unknown_device_key():
     with pytest.raises(UserError, match="unknown device key 'gpu0'"):
-        normalize_max_memory({"gpu0": "1GiB"})
+        MaxMemory.parse({"gpu0": "1GiB"})
 
 
 def test_format_bytes():

@@ -295,7 +295,12 @@ def _type_hints(fn) -> dict:
 def check_value(value, hint, key: str):
     """`value` as the annotation `hint` asks, or UserError naming `key`: a bad YAML value is exit 2 when the
     stages are bound, before any stage runs. Numbers in stage signatures are counts, sizes and tolerances:
-    finite and >= 0. A number given for a string is that string (Hydra reads `prompt=2024` as an int)."""
+    finite and >= 0. A number given for a string is that string (Hydra reads `prompt=2024` as an int).
+    A type with a `parse(value, key)` (sizes.MaxMemory, device_map.ExplicitMap: what the schema cannot type)
+    is parsed here, once, so the stage receives the typed value and never a raw map."""
+    parse = getattr(hint, "parse", None)
+    if isinstance(hint, type) and callable(parse):
+        return parse(value, key)
     options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
     for option in options:
         if _fits(value, option):

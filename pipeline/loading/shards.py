@@ -35,6 +35,8 @@ READERS = ("auto", "stream", "safetensors")
 
 @dataclass(frozen=True)
 class ReaderOptions:
+    """The reader keys of stages.load_shards and their one default each (the stage's signature reads them here)."""
+
     reader: str = "auto"
     threads: int | None = None  # None (the YAML's null): from the machine (streamer.machine_defaults)
     chunk_mib: float = 16
@@ -42,7 +44,7 @@ class ReaderOptions:
     temp_mib: float = 1024
     readahead: bool = True
     progress: bool | None = None
-    readahead_priority: str = "idle"
+    readahead_priority: str = PRIORITIES[0]
 
     def check(self) -> None:
         key = "stages.load_shards"

@@ -9,28 +9,29 @@ from __future__ import annotations
 
 from ..errors import UserError
 from ..quant.spec import QuantSpec
-from ..sizes import normalize_max_memory
+from ..sizes import MaxMemory
 from .spec import ParallelSpec
 
 STRATEGIES = ("auto", "cpu")
 
 
-def check_inputs(parallel: ParallelSpec, *, strategy: str, device_map, max_memory, checkpoint, spec: QuantSpec) -> None:
+def check_inputs(
+    parallel: ParallelSpec, *, strategy: str, explicit_map, max_memory: MaxMemory, checkpoint, spec: QuantSpec
+) -> None:
     on_gpu = parallel.device_type == "cuda"
-    if strategy not in STRATEGIES or (strategy == "cpu" and on_gpu) or device_map:
+    if strategy not in STRATEGIES or (strategy == "cpu" and on_gpu) or explicit_map:
         own = "auto (the rank's own GPU)" if on_gpu else "auto or cpu"
         raise UserError(
             f"device_map={strategy}: with parallel=tensor every rank holds its shards on its own device; "
             f"use device_map={own}, or parallel=none for a device map"
         )
-    caps = normalize_max_memory(max_memory) or {}
-    offload = [k for k in caps if k == "disk" or (k == "cpu" and on_gpu)]
+    offload = [k for k in max_memory.devices if k == "disk" or (k == "cpu" and on_gpu)]
     if offload:
         raise UserError(
             f"memory.max_memory.{offload[0]}: tensor parallel does not offload (each rank holds its shards on its "
             "GPU); drop the cpu/disk caps, or use parallel=none to offload"
         )
-    gpus = [k for k in caps if k.isdigit()]
+    gpus = [k for k in max_memory.devices if k.isdigit()]
     if gpus and not on_gpu:
         raise UserError(
             f"memory.max_memory.{gpus[0]}: the ranks run on the CPU (parallel.device=cpu or no GPU here); "

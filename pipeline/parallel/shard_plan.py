@@ -21,7 +21,7 @@ from ..planning.device_map import check_caps
 from ..planning.slices import TensorSlice, piece_bytes, rank_slice, slice_pieces
 from ..quant.sizes import quantized_nbytes
 from ..quant.spec import QuantSpec
-from ..sizes import format_bytes, normalize_max_memory
+from ..sizes import Caps, MaxMemory, format_bytes
 from .spec import ParallelSpec
 
 
@@ -49,7 +49,9 @@ class RankPlan:
         }
 
 
-def shard_plans(model, plan: Plan, checkpoint, parallel: ParallelSpec, spec: QuantSpec, max_memory) -> list[RankPlan]:
+def shard_plans(
+    model, plan: Plan, checkpoint, parallel: ParallelSpec, spec: QuantSpec, max_memory: MaxMemory
+) -> list[RankPlan]:
     """The plan of every rank; exit 2 when the world size cuts a sharded dim or an attention head."""
     world = parallel.world_size
     styles = model_plan(model)
@@ -61,7 +63,7 @@ def shard_plans(model, plan: Plan, checkpoint, parallel: ParallelSpec, spec: Qua
         device = parallel.device_of(rank)
         caps = rank_caps(max_memory, device)
         tensors = _rank_tensors(plan, dims, rank, world, device, spec, checkpoint.tensors)
-        rank_plan = replace(plan, tensors=tensors, device_map={"": device}, max_memory=caps)
+        rank_plan = replace(plan, tensors=tensors, device_map={"": device}, max_memory=dict(caps))
         check_caps(rank_plan.predicted_bytes, caps)
         out.append(RankPlan(rank, device, rank_plan, _read_bytes(tensors, checkpoint)))
     return out
@@ -140,11 +142,10 @@ def _read_bytes(tensors: dict[str, TensorPlan], checkpoint) -> int:
     return total + sum(checkpoint.tensors[k].nbytes for k in whole)
 
 
-def rank_caps(max_memory, device: str) -> dict[str, int]:
-    """The cap of a rank's own device (each rank holds only its shards there); {} when none is given."""
-    caps = normalize_max_memory(max_memory) or {}
-    value = caps.get(device)
-    return {} if value is None or value == "auto" else {device: int(value)}
+def rank_caps(max_memory: MaxMemory, device: str) -> Caps:
+    """The cap of a rank's own device (each rank holds only its shards there); none when not sized (or auto)."""
+    size = max_memory.sizes.get(device)
+    return Caps() if size is None else Caps.of({device: size})
 
 
 def plan_table(ranks: list[RankPlan]) -> str:

@@ -12,16 +12,18 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from ..errors import UserError
+from ..schema import ParallelSchema
 
 MODES = ("none", "tensor")
 BACKENDS = ("auto", "gloo", "nccl")
 DEVICES = ("auto", "cpu", "cuda")
 LAUNCH = "torchrun --nproc_per_node N -m pipeline parallel=tensor ..."
+_DEFAULT = ParallelSchema()  # the `parallel` group's one default per key
 
 
 @dataclass(frozen=True)
 class ParallelSpec:
-    mode: str = "none"
+    mode: str = _DEFAULT.mode
     world_size: int = 1
     rank: int = 0
     local_rank: int = 0
@@ -29,8 +31,8 @@ class ParallelSpec:
     launched: bool = False  # started by torchrun: RANK and WORLD_SIZE are in the environment
     backend: str = "gloo"
     device_type: str = "cpu"  # where every rank's shards live: "cpu" or "cuda" (its local GPU)
-    timeout_s: float = 60.0  # a rank that stops answering ends every rank after this long (parallel.timeout_s)
-    save_logits: bool = False
+    timeout_s: float = _DEFAULT.timeout_s  # a rank that stops answering ends every rank after this long (parallel.timeout_s)
+    save_logits: bool = _DEFAULT.save_logits
 
     @property
     def enabled(self) -> bool:
@@ -55,7 +57,7 @@ class ParallelSpec:
     def from_config(cls, node: Mapping | None, *, dry_run: bool, env: Mapping[str, str] | None = None) -> ParallelSpec:
         env = os.environ if env is None else env
         node = dict(node or {})
-        mode = str(node.get("mode", "none"))
+        mode = str(node.get("mode", _DEFAULT.mode))
         if mode not in MODES:
             raise UserError(f"parallel.mode: unknown mode {mode!r}; choose one of {', '.join(MODES)}")
         launched = "RANK" in env and "WORLD_SIZE" in env
@@ -67,8 +69,8 @@ class ParallelSpec:
                 )
             return cls()
         world = _world_size(node.get("world_size"), env, launched, dry_run)
-        device = _device_type(str(node.get("device", "auto")), dry_run)
-        backend = _backend(str(node.get("backend", "auto")), device)
+        device = _device_type(str(node.get("device", _DEFAULT.device)), dry_run)
+        backend = _backend(str(node.get("backend", _DEFAULT.backend)), device)
         rank = int(env["RANK"]) if launched else 0
         local = int(env.get("LOCAL_RANK", rank)) if launched else 0
         per_node = int(env.get("LOCAL_WORLD_SIZE", world)) if launched else world
@@ -83,8 +85,8 @@ class ParallelSpec:
             launched=launched,
             backend=backend,
             device_type=device,
-            timeout_s=_timeout(node.get("timeout_s", 60)),
-            save_logits=bool(node.get("save_logits", False)),
+            timeout_s=_timeout(node.get("timeout_s", _DEFAULT.timeout_s)),
+            save_logits=bool(node.get("save_logits", _DEFAULT.save_logits)),
         )
 
 
@@ -158,7 +160,7 @@ def _check_gpu(local_rank: int) -> None:
 def env_rank(node: Mapping | None, env: Mapping[str, str] | None = None) -> int:
     """This process's rank when the run is tensor parallel under torchrun, else 0 (decides who writes run files)."""
     env = os.environ if env is None else env
-    if str(dict(node or {}).get("mode", "none")) != "tensor" or "RANK" not in env:
+    if str(dict(node or {}).get("mode", _DEFAULT.mode)) != "tensor" or "RANK" not in env:
         return 0
     try:
         return int(env["RANK"])

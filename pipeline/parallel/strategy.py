@@ -13,7 +13,8 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 from ..planning import Plan
-from ..planning.device_map import resolve_max_memory
+from ..planning.device_map import resolve_caps
+from ..sizes import Caps, MaxMemory
 
 
 class Planned(NamedTuple):
@@ -32,10 +33,10 @@ class SingleProcess:
 
     def lost(self, exc: BaseException) -> None: ...  # no other rank to lose
 
-    def plan(self, build: Callable[..., Plan], *, strategy, device_map, max_memory, **_) -> Planned:
-        """`build(strategy, map, caps)` with the configured placement; caps apply unless the map is fixed."""
-        caps = resolve_max_memory(max_memory) if strategy not in ("cpu", "explicit") or max_memory else {}
-        return Planned(build(strategy, device_map, caps), {}, {})
+    def plan(self, build: Callable[..., Plan], *, strategy, explicit_map, max_memory: MaxMemory, **_) -> Planned:
+        """`build(strategy, explicit_map, caps)` with the configured placement; caps apply unless the map is fixed."""
+        caps = resolve_caps(max_memory) if strategy not in ("cpu", "explicit") or max_memory else Caps()
+        return Planned(build(strategy, explicit_map, caps), {}, {})
 
     def loaded(self, model, plan: Plan, report: dict) -> None: ...
 

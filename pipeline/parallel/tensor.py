@@ -15,6 +15,7 @@ from collections.abc import Callable
 import torch
 
 from ..planning import Plan
+from ..sizes import MaxMemory
 from .group import all_gather, broadcast, ensure_group, lost_rank
 from .hooks import distribute
 from .inputs import check_inputs
@@ -43,11 +44,11 @@ class TensorParallel:
         """A collective that failed because another rank stopped answering or ended, as one line (RankLost)."""
         return lost_rank(exc, self.spec)
 
-    def plan(self, build, *, strategy, device_map, max_memory, checkpoint, spec, model) -> Planned:
+    def plan(self, build, *, strategy, explicit_map, max_memory: MaxMemory, checkpoint, spec, model) -> Planned:
         """Every rank's plan, this rank's to load: the whole model placed on the rank's device, then cut into
         shards; caps apply to each rank's shards (shard_plan.py), after refusing what cannot be combined."""
         par = self.spec
-        placement = dict(strategy=strategy, device_map=device_map, max_memory=max_memory)
+        placement = dict(strategy=strategy, explicit_map=explicit_map, max_memory=max_memory)
         check_inputs(par, **placement, checkpoint=checkpoint, spec=spec)
         whole = build("explicit", {"": par.device_of(par.rank)}, {})
         ranks = shard_plans(model, whole, checkpoint, par, spec, max_memory)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import re
+from collections.abc import Mapping
 from dataclasses import replace
 
 from ..dtypes import DtypePolicy
@@ -35,13 +36,14 @@ def build_plan(
     keep_in_fp32,
     no_split,
     strategy: str,
-    explicit_map: dict | None,
-    max_memory: dict[str, int],
+    explicit_map: Mapping[str, str] | None,
+    max_memory: Mapping[str, int],
     main_device: str | None = None,
     assemble_from_disk: bool = False,
     allow_missing: bool = False,
 ) -> Plan:
     """The plan for `model` from `checkpoint`'s headers; `main_device` overrides the execution device.
+    `max_memory`: the resolved caps (sizes.Caps, or {} for none), never the user's raw map.
     `assemble_from_disk`: fused tensors may be planned on disk (the streamed reference assembles them at
     forward time); `allow_missing`: tensors the checkpoint lacks are initialised, as transformers does."""
     saved = getattr(selection, "stats", {})  # pre-quantized: weight name -> its stats keys
@@ -58,7 +60,7 @@ def build_plan(
     )
     selection, planned = _sized_selection(sized, selection, allow_missing)
     dmap = compute_device_map(
-        model, planned.tensors, strategy=strategy, explicit=explicit_map, max_memory=max_memory, no_split=no_split
+        model, planned.tensors, strategy=strategy, explicit_map=explicit_map, caps=max_memory, no_split=no_split
     )
     tensors = assign_devices(planned.tensors, dmap)
     main = main_device or offload_policy.main_device(t.device for t in tensors.values())
@@ -68,7 +70,7 @@ def build_plan(
     tensors = _buffers_on_execution_device(tensors, modules, main)
     plan = Plan(
         strategy=strategy,
-        max_memory=max_memory,
+        max_memory=dict(max_memory),
         device_map=dmap,
         tensors=tensors,
         key_map=planned.key_map,
@@ -166,7 +168,7 @@ def _saved_sizes(checkpoint, selection) -> dict[str, tuple[int, tuple[int, ...]]
     return {w: (saved_size(checkpoint, s), selection.shapes[w]) for w, s in stats.items()}
 
 
-def _check_fits(plan: Plan, checkpoint, max_memory: dict[str, int], assemble_from_disk: bool) -> None:
+def _check_fits(plan: Plan, checkpoint, max_memory: Mapping[str, int], assemble_from_disk: bool) -> None:
     check_caps(plan.predicted_bytes, max_memory)
     fused = (t for t in plan.tensors.values() if t.conversion and t.device == "disk" and not assemble_from_disk)
     on_disk = next(fused, None)

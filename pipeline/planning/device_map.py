@@ -13,38 +13,53 @@ children (never a no-split class), else move on to the next device.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import replace
 
 from ..errors import UserError
 from ..names import owner
-from ..sizes import device_key, device_order, format_bytes, normalize_max_memory
+from ..sizes import Caps, FrozenMap, MaxMemory, device_key, device_order, format_bytes
 from .tensors import TensorPlan
 
 STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential", "cpu", "explicit")
+
+
+class ExplicitMap(FrozenMap):
+    """`device_map.map` parsed once, when the stages are bound: module prefix ("" is the whole model) -> device
+    key. Whether each prefix is a module of the model is checked at plan time (`_explicit`)."""
+
+    @classmethod
+    def parse(cls, value, key: str = "device_map.map") -> ExplicitMap:
+        if value is None:
+            return cls()
+        if not hasattr(value, "items"):
+            raise UserError(f"{key}: expected a mapping of module prefix -> device, got {value!r}")
+        out = {}
+        for prefix, device in value.items():
+            prefix = "" if prefix in (None, "") else str(prefix)
+            out[prefix] = device_key(device, f"{key}.{prefix}")
+        return cls(tuple(out.items()))
 
 
 class CapsTooSmall(UserError):
     """The caps cannot hold the model: the plan stage adds which keys would make it fit (planning/fits.py)."""
 
 
-def resolve_max_memory(max_memory) -> dict[str, int]:
-    """Caps in bytes; free memory is read only where a cap says auto or no map is given."""
-    caps = normalize_max_memory(max_memory)
-    if caps is not None and all(v != "auto" for v in caps.values()):
-        return caps
+def resolve_caps(max_memory: MaxMemory) -> Caps:
+    """The caps in bytes; free memory is read only where a cap says auto or no map is given."""
+    if max_memory.given and not max_memory.auto:
+        return max_memory.sizes
     from accelerate.utils import get_max_memory
 
     free = {device_key(k): v for k, v in get_max_memory().items() if str(k) != "mps"}
-    if caps is None:
-        return dict(sorted(free.items(), key=lambda kv: device_order(kv[0])))
-    out = {}
-    for k, v in caps.items():
-        if v == "auto":
-            if k not in free:
-                raise UserError(f"memory.max_memory.{k}: auto, but this machine has no device {k}; give a size instead")
-            v = free[k]
-        out[k] = v
-    return out
+    if not max_memory.given:
+        return Caps.of(free)
+    missing = [d for d in max_memory.auto if d not in free]
+    if missing:
+        raise UserError(
+            f"memory.max_memory.{missing[0]}: auto, but this machine has no device {missing[0]}; give a size instead"
+        )
+    return Caps.of({**max_memory.sizes, **{d: free[d] for d in max_memory.auto}})
 
 
 def compute_device_map(
@@ -52,19 +67,20 @@ def compute_device_map(
     tensors: dict[str, TensorPlan],
     *,
     strategy: str,
-    explicit: dict | None,
-    max_memory: dict[str, int],
+    explicit_map: Mapping[str, str] | None,
+    caps: Mapping[str, int],
     no_split: list[str],
 ) -> dict[str, str]:
+    """The device map: the user's explicit map (checked against the model), or a strategy filling the caps."""
     if strategy not in STRATEGIES:
         raise UserError(f"device_map.strategy: unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
     if strategy == "cpu":
         return {"": "cpu"}
     if strategy == "explicit":
-        return _flatten(model, _explicit(model, explicit))
+        return _flatten(model, _explicit(model, explicit_map))
     sizes = _subtree_sizes(tensors)
     units = _Units(model, tensors, sizes, set(no_split))
-    caps = dict(max_memory)
+    caps = dict(caps)
     gpus = [d for d in caps if d.isdigit()]
     targets = caps
     if strategy in ("balanced", "balanced_low_0") or (strategy == "auto" and len(gpus) > 1):
@@ -192,20 +208,20 @@ def _merge(dmap: dict[str, str]) -> dict[str, str]:
     return dmap
 
 
-def _explicit(model, explicit) -> dict[str, str]:
-    if not explicit:
+def _explicit(model, explicit_map: Mapping[str, str] | None) -> dict[str, str]:
+    """The parsed map (ExplicitMap; internal callers pass a plain {prefix: device}) checked against the model."""
+    if not explicit_map:
         raise UserError(
             "device_map.map: the explicit strategy needs a map of module prefix -> device; see pipeline/conf/device_map/explicit.yaml"
         )
     modules = {n for n, _ in model.named_modules()}
     out = {}
-    for prefix, dev in explicit.items():
-        prefix = "" if prefix in (None, "") else str(prefix)
+    for prefix, dev in explicit_map.items():
         if prefix not in modules:
             raise UserError(
                 f"device_map.map: {prefix!r} is not a module of {type(model).__name__}; use names from model.named_modules()"
             )
-        out[prefix] = device_key(dev, f"device_map.map.{prefix}")
+        out[prefix] = dev
     return out
 
 
@@ -231,7 +247,7 @@ def _flatten(model, dmap: dict[str, str]) -> dict[str, str]:
             out.setdefault(prefix + child, dev)
 
 
-def check_caps(predicted: dict[str, int], caps: dict[str, int]) -> None:
+def check_caps(predicted: dict[str, int], caps: Mapping[str, int]) -> None:
     """Exit 2 naming the device and the missing bytes when a cap cannot hold its share."""
     for dev, need in predicted.items():
         cap = caps.get(dev)

@@ -17,7 +17,7 @@ from .tensors import TensorPlan
 @dataclass(frozen=True)
 class Plan:
     strategy: str
-    max_memory: dict[str, int]
+    max_memory: dict[str, int]  # the resolved caps it was checked against (plan.json's max_memory)
     device_map: dict[str, str]
     tensors: dict[str, TensorPlan]
     key_map: dict[str, str]  # checkpoint key -> model name

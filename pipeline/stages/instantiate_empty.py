@@ -8,6 +8,7 @@ from ..checkpoint.builtin import ensure_builtin
 from ..checkpoint.sources import resolve_checkpoint
 from ..errors import UserError
 from ..loading.skeleton import build_skeleton
+from ..schema import CheckpointSchema, DtypeSchema
 from .context import LoadContext
 
 log = logging.getLogger(__name__)
@@ -17,11 +18,11 @@ def instantiate_empty(
     ctx: LoadContext,
     *,
     path: str | None,
-    builtin: str | None = None,
-    revision: str | None = None,
-    model: dict | None = None,
-    dtype: str = "auto",
-    trust_remote_code: bool = False,
+    builtin: str | None = CheckpointSchema.builtin,
+    revision: str | None = CheckpointSchema.revision,
+    model: dict | None = CheckpointSchema.model,
+    dtype: str = DtypeSchema.name,
+    trust_remote_code: bool = CheckpointSchema.trust_remote_code,
 ) -> None:
     if path is not None and not str(path).strip():  # `checkpoint.path=$UNSET`: never the built-in model instead
         raise UserError(

@@ -34,14 +34,14 @@ def _precheck(cfg, run_dir, keys: dict) -> None:
 def load_shards(
     ctx: LoadContext,
     *,
-    progress: bool | None = None,
-    reader: str = "auto",
-    threads: int | None = None,
-    chunk_mib: float | None = 16,
-    staging_mib: float | None = None,
-    temp_mib: float = 1024,
-    readahead: bool = True,
-    readahead_priority: str = "idle",
+    progress: bool | None = ReaderOptions.progress,
+    reader: str = ReaderOptions.reader,
+    threads: int | None = ReaderOptions.threads,
+    chunk_mib: float | None = ReaderOptions.chunk_mib,
+    staging_mib: float | None = ReaderOptions.staging_mib,
+    temp_mib: float = ReaderOptions.temp_mib,
+    readahead: bool = ReaderOptions.readahead,
+    readahead_priority: str = ReaderOptions.readahead_priority,
 ) -> None:
     plan = ctx.require("plan", "load_shards", "plan")
     options = ReaderOptions(reader, threads, chunk_mib, staging_mib, temp_mib, readahead, progress, readahead_priority)

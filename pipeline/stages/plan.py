@@ -14,12 +14,13 @@ from ..dtypes import DtypePolicy
 from ..errors import UserError
 from ..measure.auto_plan import choose_methods
 from ..planning import build_plan
-from ..planning.device_map import CapsTooSmall
+from ..planning.device_map import CapsTooSmall, ExplicitMap
 from ..planning.document import plan_document, plan_table
 from ..planning.fits import fit_hint
 from ..quant.prequantized import prequantized_selection, read_saved_quantization
 from ..quant.targets import QuantSelection, select_quantized_modules
-from ..sizes import format_bytes
+from ..schema import CheckpointSchema, DeviceMapSchema, DtypeSchema
+from ..sizes import MaxMemory, format_bytes
 from .context import LoadContext
 
 log = logging.getLogger(__name__)
@@ -28,15 +29,17 @@ log = logging.getLogger(__name__)
 def plan(
     ctx: LoadContext,
     *,
-    dtype: str = "auto",
-    dtype_overrides: dict | None = None,
-    strategy: str = "auto",
-    device_map: dict | None = None,
-    max_memory: dict | None = None,
-    allow_pickle: bool = False,
-    allow_missing: bool = False,
+    dtype: str = DtypeSchema.name,
+    dtype_overrides: dict | None = DtypeSchema.overrides,
+    strategy: str = DeviceMapSchema.strategy,
+    explicit_map: ExplicitMap = ExplicitMap(),
+    max_memory: MaxMemory = MaxMemory(),
+    allow_pickle: bool = CheckpointSchema.allow_pickle,
+    allow_missing: bool = CheckpointSchema.allow_missing,
     output: str = "plan.json",
 ) -> None:
+    """`explicit_map` and `max_memory` arrive parsed (engine/binding.py calls their `parse` when the stages are
+    bound); the caps are resolved once, by the parallel strategy, and handed to build_plan."""
     model = ctx.require("model", "plan", "instantiate_empty")
     checkpoint = open_checkpoint(ctx.checkpoint_path, allow_pickle=allow_pickle)
     ctx.checkpoint = checkpoint
@@ -56,7 +59,7 @@ def plan(
         return _build(ctx, checkpoint, policy, *chosen, placement, dtype, bool(allow_missing))
 
     planned = ctx.parallel.plan(  # one process: the configured placement; tensor parallel: this rank's shards
-        build, strategy=strategy, device_map=device_map, max_memory=max_memory, checkpoint=checkpoint, spec=spec,
+        build, strategy=strategy, explicit_map=explicit_map, max_memory=max_memory, checkpoint=checkpoint, spec=spec,
         model=model,
     )  # fmt: skip
     spec = chosen[0]
@@ -107,7 +110,7 @@ def _caps_error(ctx: LoadContext, checkpoint, policy, spec, selection, placement
 
 
 def _placed(ctx: LoadContext, checkpoint, policy, spec, selection, placement, allow_missing: bool):
-    placed, device_map, caps = placement
+    placed, explicit_map, caps = placement
     return build_plan(
         ctx.model,
         checkpoint,
@@ -116,7 +119,7 @@ def _placed(ctx: LoadContext, checkpoint, policy, spec, selection, placement, al
         selection=selection,
         no_split=ctx.no_split,
         strategy=placed,
-        explicit_map=device_map,
+        explicit_map=explicit_map,
         max_memory=caps,
         allow_missing=allow_missing,
         tied_groups=ctx.tied_groups,

@@ -19,6 +19,7 @@ from ..measure.metrics import METRICS, Costs, MetricSettings, measure_quality
 from ..measure.quality import input_device
 from ..measure.reference import streamed_reference
 from ..quant.cpu_numerics import measured_portably
+from ..schema import CheckpointSchema
 from .context import LoadContext
 from .traits import stage
 
@@ -35,7 +36,7 @@ def validate(
     max_eval_tokens: int = 512,
     prompt: str = "The capital of France is",
     max_new_tokens: int = 12,
-    trust_remote_code: bool = False,
+    trust_remote_code: bool = CheckpointSchema.trust_remote_code,
     weights_finite_sample: int | None = None,
     progress_interval: float = 2.0,
 ) -> None:

@@ -40,11 +40,11 @@ def start_reading(cfg) -> None:
     on the 2-core machine the two starts were within 0.3 s."""
     try:
         node = cfg.stages.get("load_shards") or {}
-        if node.get("readahead", True) is False:
+        if node.get("readahead") is False:
             return
         from .reader import PRIORITIES, warm
 
-        priority = node.get("readahead_priority", "idle")
+        priority = node.get("readahead_priority", PRIORITIES[0])
         if priority in PRIORITIES:  # anything else: the stages' check says so, before any stage runs
             warm(shard_files(cfg), priority=priority)
     except Exception:  # noqa: BLE001 - an optimisation never fails a run
@@ -62,7 +62,7 @@ def shard_files(cfg) -> list[str]:
     node = cfg.get("checkpoint") or {}
     if "load_shards" not in stages:
         return []  # a dry run reads no tensor byte
-    if str((cfg.get("parallel") or {}).get("mode", "none")) == "tensor":
+    if str((cfg.get("parallel") or {}).get("mode")) == "tensor":
         return []  # each rank reads only its own byte ranges
     path = node.get("path")
     if not path and node.get("builtin"):
@@ -76,18 +76,14 @@ def shard_files(cfg) -> list[str]:
 
 def gpu_devices(cfg) -> list[int]:
     """GPU indices the load will certainly use: those memory.max_memory gives room on, else GPU 0
-    (every GPU plan fills it first); none for a CPU-only strategy or CPU/disk-only caps. A bad
-    cap raises here and is skipped by the caller: the plan stage reports it."""
+    (every GPU plan fills it first); none for a CPU-only strategy or CPU/disk-only caps. Runs before
+    the stages are bound (and torch imported), so it reads the raw value with the one parser; a bad
+    cap raises here and is skipped by the caller: binding the plan stage reports it."""
     if (cfg.get("device_map") or {}).get("strategy") == "cpu":
         return []
-    caps = (cfg.get("memory") or {}).get("max_memory")
-    if caps is None:
-        return [0]
-    from ..sizes import parse_size
+    from ..sizes import MaxMemory
 
-    out = []
-    for key, cap in caps.items():
-        text = str(key).removeprefix("cuda:")
-        if text.isdigit() and parse_size(cap, f"memory.max_memory.{key}") > 0:
-            out.append(int(text))
-    return out
+    max_memory = MaxMemory.parse((cfg.get("memory") or {}).get("max_memory"))
+    if not max_memory.given:
+        return [0]
+    return [int(d) for d, size in max_memory.sizes.items() if d.isdigit() and size > 0]

@@ -36,7 +36,7 @@ _lock = threading.Lock()
 READ_AHEAD: dict[str, dict] = {}  # file -> {bytes, started, priority, finished, ...}: what this process read ahead
 _readers: list = []  # subprocess.Popen of each reader still running, for hurry()
 _CHILD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "readahead_process.py")
-PRIORITIES = ("idle", "normal")
+PRIORITIES = ("idle", "normal")  # the first is stages.load_shards.readahead_priority's default (ReaderOptions)
 
 
 def warm(paths: list[str], budget_fraction: float = 0.5, priority: str = "normal") -> threading.Thread | None:

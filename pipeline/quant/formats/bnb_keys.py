@@ -15,6 +15,7 @@ import math
 from dataclasses import dataclass, field, replace
 
 from ...errors import UserError
+from ...schema import QuantizationSchema
 
 INT8_STATS = ("SCB", "weight_format")
 FOUR_BIT_STATS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
@@ -29,7 +30,7 @@ class SavedQuantization:
     method: str  # int8, nf4 or fp4
     origin: str  # where it was read: "<dir>/config.json quantization_config" or our safetensors metadata
     weights: dict[str, dict[str, str]]  # checkpoint weight key -> {stat name: checkpoint key}
-    threshold: float = 6.0
+    threshold: float = QuantizationSchema.threshold  # transformers' BitsAndBytesConfig default too
     compute_dtype: str | None = None  # 4-bit: fp32, fp16 or bf16 as saved
     double_quant: bool = False
     blocksize: int = 64
