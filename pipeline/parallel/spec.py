@@ -155,12 +155,11 @@ def _check_gpu(local_rank: int) -> None:
         )
 
 
-def env_rank(node: Mapping | None, env: Mapping[str, str] | None = None) -> int:
+def env_rank(node: Mapping | None) -> int:
     """This process's rank when the run is tensor parallel under torchrun, else 0 (decides who writes run files)."""
-    env = os.environ if env is None else env
-    if str(dict(node or {}).get("mode", "none")) != "tensor" or "RANK" not in env:
+    if str(dict(node or {}).get("mode", "none")) != "tensor" or "RANK" not in os.environ:
         return 0
     try:
-        return int(env["RANK"])
+        return int(os.environ["RANK"])
     except ValueError:
         return 0
