@@ -65,11 +65,14 @@ def shards(paths: Iterable[str | Path]) -> list[Path]:
     return out
 
 
-def evict(files: Iterable[Path]) -> float:
+def evict(files: Iterable[Path], everything: bool = False) -> float:
     """Drop these files from the page cache (posix_fadvise DONTNEED: no root needed, and the rest of a
-    shared machine keeps its cache); returns the largest fraction still resident (0.0 when cold)."""
+    shared machine keeps its cache); returns the largest fraction still resident (0.0 when cold).
+    `everything`: first the whole page cache, as on a fresh host (/proc/sys/vm/drop_caches: root only)."""
     files = list(files)
     os.sync()
+    if everything:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
     for f in files:
         fd = os.open(f, os.O_RDONLY)
         try:

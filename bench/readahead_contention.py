@@ -2,26 +2,27 @@
 
     python bench/readahead_contention.py /tmp/llama7b out.json
 
-Each round empties the page cache, starts one thread reading the checkpoint's shards (in the
+Each round evicts the shards and (as far as it goes) the package's files from the page cache
+(common.evict: no root needed), starts one thread reading the checkpoint's shards (in the
 read manners startup/readahead_process.py chooses between: 64 MiB reads with the kernel's
 read-ahead, or N MiB reads with it off, one request in flight; without its yielding, which
 would stop it here), and meanwhile reads every file of the transformers package one after
 another in the main thread, the way an import does. Recorded: how long the package took
-(against no reader at all) and how fast the reader went meanwhile. Modes alternate; medians.
+(against no reader at all) and how fast the reader went meanwhile. Modes alternate; medians with
+their spread.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import statistics
 import sys
 import threading
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import whole_process  # noqa: E402  (drop_caches)
+from common import evict, machine, shards, spread  # noqa: E402
 
 MODES = {"none": None, "normal_64": (64, False), "gentle_4": (4, True), "gentle_8": (8, True), "gentle_16": (16, True)}
 
@@ -46,7 +47,8 @@ def package_files() -> list[str]:
 
 
 def one(mode: str, shards: list[str], code: list[str]) -> dict:
-    assert whole_process.drop_caches(shards), "cannot empty the page cache here"
+    evict(code)  # as far as it goes: another process may hold some of them
+    assert evict(shards) < 0.05, "cannot evict the shards from the page cache here"
     stop, done = threading.Event(), [0]
     thread = None
     if MODES[mode]:
@@ -68,17 +70,14 @@ def one(mode: str, shards: list[str], code: list[str]) -> dict:
 
 def main() -> None:
     ckpt, out = sys.argv[1], sys.argv[2]
-    shards = sorted(str(p) for p in Path(ckpt).glob("*.safetensors"))
+    files = [str(p) for p in shards([ckpt])]
     code = package_files()
-    rows = [one(mode, shards, code) for _ in range(int(os.environ.get("ROUNDS", 2))) for mode in MODES]
+    rows = [one(mode, files, code) for _ in range(int(os.environ.get("ROUNDS", 2))) for mode in MODES]
     summary = {}
     for mode in MODES:
         mine = [r for r in rows if r["mode"] == mode]
-        summary[mode] = {
-            "code_s": statistics.median(r["code_s"] for r in mine),
-            "reader_gb_per_s": statistics.median(r["reader_gb_per_s"] for r in mine),
-        }
-    result = {"files": len(code), "rows": rows, "summary": summary}
+        summary[mode] = {key: spread(r[key] for r in mine) for key in ("code_s", "reader_gb_per_s")}
+    result = {"machine": machine(), "files": len(code), "rows": rows, "summary": summary}
     Path(out).write_text(json.dumps(result, indent=1))
     print(json.dumps(summary))
 

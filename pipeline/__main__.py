@@ -102,38 +102,13 @@ def _sweep_value(cfg: DictConfig, report: dict):
     return objective(report, OmegaConf.to_container(spec, resolve=True))
 
 
-def _shared_run_dir(args: list[str]) -> list[str]:
-    """Under torchrun with parallel=tensor: every rank's Hydra job in rank 0's run directory (parallel/launch.py)."""
-    if "RANK" not in os.environ or any(a.startswith("-") for a in args):
-        return args
-    from .engine.compose import compose_config
-    from .errors import RankLost, UserError
-    from .parallel.launch import agree_run_dir, cli_overrides, parallel_spec
-
-    try:
-        cfg = compose_config(args)
-        if cfg.get("parallel") is None or cfg.parallel.get("mode") != "tensor":
-            return args
-        parallel = parallel_spec(cfg)
-        run_dir = agree_run_dir(parallel, str(cfg.hydra.run.dir))
-    except UserError as exc:
-        if os.environ.get("RANK", "0") == "0":  # the same line on every rank: rank 0 says it
-            print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
-    except RankLost as exc:  # another rank never joined or went away: each rank says what it saw
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(exc.exit_code) from None
-    kept = [a for a in args if not a.startswith(("hydra.run.dir=", "hydra.output_subdir="))]
-    return kept + cli_overrides(parallel, run_dir)
-
-
 def main() -> None:
     from .startup.command import begin
     from .startup.usage import command_name
 
     sys.argv[0] = command_name()  # Hydra's usage and `-sc install=bash` name the command the user ran
-    begin(sys.argv[1:])  # collector, --help/--version, pre-flight, signals: pipeline/startup/__init__.py
-    sys.argv[1:] = _shared_run_dir(sys.argv[1:])
+    # collector, --help/--version, pre-flight, signals, torchrun's shared run directory: pipeline/startup/__init__.py
+    sys.argv[1:] = begin(sys.argv[1:])
     finished, code = False, None
     try:
         _app()

@@ -117,7 +117,10 @@ def test_the_device_map_reaches_the_plan_stage_parsed():
         ("{cpu: inf}", r"memory\.max_memory\.cpu: inf is not a size; use bytes >= 0 or a string like 20GiB"),
         ("{cpu: -1}", r"memory\.max_memory\.cpu: -1 is negative; sizes are bytes >= 0"),
         ("{cpu: abc}", r"memory\.max_memory\.cpu: 'abc' is not a size; use bytes or a number with a unit"),
-        ("{gpu0: 1GiB}", r"memory\.max_memory: unknown device key 'gpu0'; use a GPU index \(0, 1, \.\.\.\), cpu or disk"),
+        (
+            "{gpu0: 1GiB}",
+            r"memory\.max_memory: unknown device key 'gpu0'; use a GPU index \(0, 1, \.\.\.\), cpu or disk",
+        ),
     ],
 )
 def test_bad_caps_are_one_line_naming_the_key_before_any_stage_runs(caps, message):

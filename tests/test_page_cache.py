@@ -138,7 +138,7 @@ def test_early_start_reads_only_what_load_shards_streams(tmp_path):
     for name in ("a.safetensors", "b.safetensors", "config.json"):
         (tmp_path / name).write_bytes(b"x")
     cfg = OmegaConf.create(
-        {"stages": {"instantiate_empty": {}, "load_shards": {}}, "checkpoint": {"path": str(tmp_path)}}
+        {"stages": {"instantiate_empty": {}, "load_shards": {"readahead": True}}, "checkpoint": {"path": str(tmp_path)}}
     )
     assert [Path(f).name for f in shard_files(cfg)] == ["a.safetensors", "b.safetensors"]
     dry = OmegaConf.merge(cfg, {"stages": {"load_shards": None}})

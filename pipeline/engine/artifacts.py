@@ -27,13 +27,10 @@ def write_json(path: Path, doc) -> None:
 
 
 def _default(obj):
-    try:
-        import torch
+    import torch
 
-        if isinstance(obj, torch.dtype):
-            return str(obj).removeprefix("torch.")
-    except ImportError:  # pragma: no cover
-        pass
+    if isinstance(obj, torch.dtype):
+        return str(obj).removeprefix("torch.")
     if isinstance(obj, Path):
         return str(obj)
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")

@@ -27,7 +27,6 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..errors import UserError
 
-BUILTIN_PREFIXES = ("pipeline.stages.", "torch.nn.", "transformers.")
 # Dotted names that moved when the package was laid out by concern: old name -> new name.
 MOVED = {
     "pipeline.sweep_summary.SweepSummary": "pipeline.sweeps.summary.SweepSummary",

@@ -92,12 +92,6 @@ def remote_class(ref: str, directory: str) -> type:
     return get_class_from_dynamic_module(ref, directory, local_files_only=True)
 
 
-def is_auto_class(obj) -> bool:
-    """An auto model class (AutoModelForCausalLM, ...): it maps config classes to model classes
-    (`_model_mapping`, 4.56 to 5.25) and builds through `from_config`."""
-    return isinstance(obj, type) and hasattr(obj, "_model_mapping") and hasattr(obj, "from_config")
-
-
 def initialised_when_missing(model) -> list[str]:
     """Regexes of tensors from_pretrained initialises itself when a checkpoint lacks them
     (`_keys_to_ignore_on_load_missing`, gathered from submodels in post_init since 5.0)."""

@@ -41,8 +41,8 @@ class Progress:
         self._logged_at: float | None = None
         self._logged_done = 0
 
-    def advance(self, n: int = 1) -> None:
-        self.done += n
+    def advance(self) -> None:
+        self.done += 1
         self.total = max(self.total, self.done)  # a block run more often than counted: never past 100%
         now = time.perf_counter()
         if self._logged_at is None or self.done == self.total or now - self._logged_at >= self.interval:

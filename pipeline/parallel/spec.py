@@ -31,7 +31,9 @@ class ParallelSpec:
     launched: bool = False  # started by torchrun: RANK and WORLD_SIZE are in the environment
     backend: str = "gloo"
     device_type: str = "cpu"  # where every rank's shards live: "cpu" or "cuda" (its local GPU)
-    timeout_s: float = _DEFAULT.timeout_s  # a rank that stops answering ends every rank after this long (parallel.timeout_s)
+    timeout_s: float = (
+        _DEFAULT.timeout_s
+    )  # a rank that stops answering ends every rank after this long (parallel.timeout_s)
     save_logits: bool = _DEFAULT.save_logits
 
     @property
@@ -157,12 +159,11 @@ def _check_gpu(local_rank: int) -> None:
         )
 
 
-def env_rank(node: Mapping | None, env: Mapping[str, str] | None = None) -> int:
+def env_rank(node: Mapping | None) -> int:
     """This process's rank when the run is tensor parallel under torchrun, else 0 (decides who writes run files)."""
-    env = os.environ if env is None else env
-    if str(dict(node or {}).get("mode", _DEFAULT.mode)) != "tensor" or "RANK" not in env:
+    if str(dict(node or {}).get("mode", _DEFAULT.mode)) != "tensor" or "RANK" not in os.environ:
         return 0
     try:
-        return int(env["RANK"])
+        return int(os.environ["RANK"])
     except ValueError:
         return 0

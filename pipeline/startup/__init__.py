@@ -7,7 +7,8 @@ The order of events of `model-loader` / `python -m pipeline` (pipeline/__main__.
 2. usage.answer: `--help`, `--version` printed and exit 0 (completion is Hydra's, under our name);
 3. command.preflight: the config composed once (Hydra and OmegaConf, no torch): a bad override or
    config file is one line and exit 2 before Hydra starts; then SIGTERM/SIGINT raise (one line,
-   exit 143/130, from here on);
+   exit 143/130, from here on); under torchrun with parallel=tensor every rank takes rank 0's run
+   directory from that config (parallel/launch.py) before Hydra makes its own;
 4. Hydra composes the job; prefetch.start_cuda: the driver makes the CUDA contexts of the GPUs the
    load will use, off the GIL, while torch is imported (cuda_context.py);
 5. the runner imports torch, then prefetch.start_reading: a reader process (readahead_process.py,

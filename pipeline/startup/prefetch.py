@@ -39,8 +39,8 @@ def start_reading(cfg) -> None:
     made the cold bf16 7B run 1.2-3.7 s slower than one started after it (docs/benchmarks.md);
     on the 2-core machine the two starts were within 0.3 s."""
     try:
-        node = cfg.stages.get("load_shards") or {}
-        if node.get("readahead") is False:
+        node = _streaming_stage(cfg)
+        if node is None or node.get("readahead") is False:
             return
         from .reader import PRIORITIES, warm
 
@@ -56,11 +56,17 @@ def _torch_cuda_ready() -> bool:
     return torch is not None and hasattr(torch, "cuda") and torch.cuda.is_initialized()
 
 
+def _streaming_stage(cfg):
+    """The node of the stage that streams the shards, known by its keys as the engine knows a stage by its
+    signature: the one with the read-ahead keys (stages/load_shards.py's parameters); None in a dry run."""
+    nodes = (cfg.get("stages") or {}).values()
+    return next((n for n in nodes if hasattr(n, "keys") and "readahead" in n), None)
+
+
 def shard_files(cfg) -> list[str]:
     """The safetensors files the run will stream, or [] when it reads none (dry run, tensor parallel)."""
-    stages = cfg.get("stages") or {}
     node = cfg.get("checkpoint") or {}
-    if "load_shards" not in stages:
+    if _streaming_stage(cfg) is None:
         return []  # a dry run reads no tensor byte
     if str((cfg.get("parallel") or {}).get("mode")) == "tensor":
         return []  # each rank reads only its own byte ranges

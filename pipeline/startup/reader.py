@@ -39,15 +39,15 @@ _CHILD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "readahead_pro
 PRIORITIES = ("idle", "normal")  # the first is stages.load_shards.readahead_priority's default (ReaderOptions)
 
 
-def warm(paths: list[str], budget_fraction: float = 0.5, priority: str = "normal") -> threading.Thread | None:
+def warm(paths: list[str], priority: str = "normal") -> threading.Thread | None:
     """Start a reader process reading, front to back, each of `paths` that is not yet in the page
     cache, at `priority` ("idle" or "normal"); files another warmer of this process already
-    took, and files beyond `budget_fraction` of the available memory (they would push out what
+    took, and files beyond half of the available memory (they would push out what
     was read before them) are left alone. Returns the thread that follows the reader (join it
     to wait for the reads); None when there is nothing to read or no reader could start."""
     if priority not in PRIORITIES:
         raise ValueError(f"priority {priority!r}: one of {PRIORITIES}")
-    budget = int(available_memory() * budget_fraction)
+    budget = available_memory() // 2
     with _lock:
         cold: list[str] = []
         for path in paths:

@@ -43,7 +43,11 @@ def from_quantization_config(checkpoint, config) -> SavedQuantization | None:
                 f"its weights are not int8: remove quantization_config from config.json or re-save the model"
             )
         return SavedQuantization(
-            "int8", where, weights, threshold=float(qc.get("llm_int8_threshold", SavedQuantization.threshold) or 0.0), config=qc
+            "int8",
+            where,
+            weights,
+            threshold=float(qc.get("llm_int8_threshold", SavedQuantization.threshold) or 0.0),
+            config=qc,
         )
     weights = four_bit_weights(checkpoint.tensors)
     found = four_bit_types(weights)
