@@ -42,10 +42,9 @@ def build_plan(
     assemble_from_disk: bool = False,
     allow_missing: bool = False,
 ) -> Plan:
-    """The plan for `model` from `checkpoint`'s headers; `main_device` overrides the execution device.
-    `max_memory`: the resolved caps (sizes.Caps, or {} for none), never the user's raw map.
-    `assemble_from_disk`: fused tensors may be planned on disk (the streamed reference assembles them at
-    forward time); `allow_missing`: tensors the checkpoint lacks are initialised, as transformers does."""
+    """The plan for `model` from `checkpoint`'s headers. `max_memory`: the resolved caps (sizes.Caps, {}: none);
+    `assemble_from_disk`: fused tensors may be planned on disk (the streamed reference assembles them);
+    `allow_missing`: tensors the checkpoint lacks are initialised, as transformers does."""
     saved = getattr(selection, "stats", {})  # pre-quantized: weight name -> its stats keys
     sized = functools.partial(
         plan_tensors,

@@ -59,8 +59,7 @@ def plan(
         return _build(ctx, checkpoint, policy, *chosen, placement, dtype, bool(allow_missing))
 
     planned = ctx.parallel.plan(  # one process: the configured placement; tensor parallel: this rank's shards
-        build, strategy=strategy, explicit_map=explicit_map, max_memory=max_memory, checkpoint=checkpoint, spec=spec,
-        model=model,
+        build, strategy=strategy, explicit_map=explicit_map, max_memory=max_memory, checkpoint=checkpoint, spec=spec, model=model,
     )  # fmt: skip
     spec = chosen[0]
     result = planned.plan
