@@ -205,3 +205,46 @@ def test_auto_without_budget_or_caps_is_exit_2_before_any_measurement(trained, t
         UserError, match=r"^quantization\.budget: quantization=auto needs a quality budget, memory caps"
     ):
         load([f"checkpoint.path={trained}", "quantization=auto", "quantization.budget=null"], run_dir=tmp_path / "r")
+
+
+def test_frontier_sweep_draws_every_configuration_on_both_texts(trained, tmp_path):
+    """+sweep=frontier as a user runs it: a real multirun over the shipped presets and one of the user's own
+    (--config-dir) whose caps are too small. Every job measures the evaluation and the held-out text; auto meets
+    its budget; frontier.png joins only points of one method, in order of size; the failed job is listed, not drawn."""
+    from helpers import run_cli
+
+    from pipeline.sweeps.plots import draw
+    from pipeline.sweeps.summary import collect_rows, swept_keys
+
+    own = tmp_path / "own" / "frontier"
+    own.mkdir(parents=True)
+    (own / "too_small.yaml").write_text("# @package _global_\nmemory:\n  max_memory: {cpu: 1KiB}\n")
+    root = tmp_path / "sweep"
+    points = "none,int8_t6,nf4,auto_1pct,auto_10pct,too_small"
+    p = run_cli("--config-dir", str(own.parent), "-m", "+sweep=frontier", f"checkpoint.path={trained}",
+                f"+frontier={points}", f"hydra.sweep.dir={root}")  # fmt: skip
+    assert p.returncode == 1, p.stderr[-3000:]  # the too-small job
+    assert (root / "frontier.png").exists()
+    rows = {r["_swept"]["frontier"]: r for r in collect_rows(root)}
+    assert [k for k, r in rows.items() if r["status"] != "ok"] == ["too_small"]
+    ok = [r for r in rows.values() if r["status"] == "ok"]
+    assert all(r["heldout_perplexity"] > 0 and r["reference_heldout_perplexity"] > 0 for r in ok)
+    assert all(r["heldout_perplexity"] != r["perplexity"] for r in ok)  # two texts, two figures
+    assert [rows[k]["method"] for k in ("none", "int8_t6", "nf4", "auto_1pct")] == ["none", "int8", "nf4", "auto"]
+    for budget, key in ((0.01, "auto_1pct"), (0.10, "auto_10pct")):
+        assert rows[key]["perplexity"] <= rows[key]["reference_perplexity"] * (1 + budget)
+    size = lambda r: r["bytes_cpu"]  # noqa: E731
+    assert size(rows["nf4"]) <= size(rows["auto_1pct"]) < size(rows["none"])
+    figures = dict(draw(list(rows.values()), swept_keys(list(rows.values())), ["bytes_cpu"]))
+    fig = figures["frontier"]
+    assert [ax.get_title() for ax in fig.axes] == [
+        "perplexity on the evaluation text",
+        "perplexity on the held-out text",
+    ]
+    for ax, metric in zip(fig.axes, ("perplexity", "heldout_perplexity"), strict=True):
+        lines = {line.get_label(): line for line in ax.get_lines()}
+        assert {"none", "int8", "nf4", "auto"} <= set(lines)
+        autos = sorted((size(rows[k]) / 2**20, rows[k][metric]) for k in ("auto_1pct", "auto_10pct"))
+        assert list(zip(lines["auto"].get_xdata(), lines["auto"].get_ydata(), strict=True)) == autos
+        assert all(min(line.get_ydata()) > 0 for line in lines.values())  # nothing drawn at 0
+    assert any("too_small" in t.get_text() and t.get_color() == "red" for t in fig.texts)

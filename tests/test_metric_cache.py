@@ -106,6 +106,46 @@ def test_eval_text_change_is_a_miss(ck, cache, tmp_path):
     assert _cached(second)["greedy"] is False  # the loaded model's entry is keyed by the text too
 
 
+def test_heldout_perplexity_is_measured_keyed_and_cached(ck, cache, tmp_path):
+    """metrics.heldout: the held-out text's perplexity for the loaded model and the reference, the same figure a
+    direct measurement gives, cached under a key that holds the held-out text (changing it is a miss), and off by
+    default (a run without it reports none and keeps its old key)."""
+    from pipeline.measure import quality
+
+    plain = _run(ck, tmp_path / "plain")
+    assert "heldout_perplexity" not in plain["metrics"] and "heldout_perplexity" not in _cached(plain)
+    text = tmp_path / "heldout.txt"
+    text.write_text("A held-out text that no budget saw, about rivers and bridges. " * 3)
+    on = ["stages.validate.metrics.heldout=true", f"stages.validate.heldout_text={text}"]
+    r = load([f"checkpoint.path={ck}", "quantization=int8", "stages.validate.max_eval_tokens=64", *on],
+             run_dir=tmp_path / "a")  # fmt: skip
+    m = r.report["validation"]["metrics"]
+    tokenizer = quality.load_tokenizer(str(ck))
+    with quality.measuring(r.model, True):  # validate measures int8 on the CPU portably
+        direct = round(quality.perplexity(r.model, tokenizer, text.read_text(), 64), 4)
+    assert m["heldout_perplexity"] == direct != m["perplexity"]
+    assert m["reference_heldout_perplexity"] > 0 and m["reference_heldout_perplexity"] != m["reference_perplexity"]
+    again = _run(ck, tmp_path / "b", *on)
+    assert _cached(again)["heldout_perplexity"] is True and _cached(again)["reference"] is True
+    assert again["metrics"]["heldout_perplexity"] == m["heldout_perplexity"]
+    text.write_text("Another held-out text entirely, of a different length. " * 2)
+    changed = _run(ck, tmp_path / "c", *on)
+    assert _cached(changed)["heldout_perplexity"] is False and _cached(changed)["reference"] is False
+    assert changed["metrics"]["heldout_perplexity"] != m["heldout_perplexity"]
+    assert _cached(_run(ck, tmp_path / "d"))["perplexity"] is True  # the run without it still hits its own entry
+
+
+def test_heldout_on_an_unquantized_load_is_its_own_reference(ck, cache, tmp_path):
+    r = load([f"checkpoint.path={ck}", "quantization=none", "stages.validate.max_eval_tokens=64", "stages.validate.metrics.heldout=true"],
+             run_dir=tmp_path / "a")  # fmt: skip
+    m = r.report["validation"]["metrics"]
+    assert m["reference_heldout_perplexity"] == m["heldout_perplexity"] > 0  # the shipped pipeline/data/heldout.txt
+    from pipeline.engine.report import format_summary
+
+    said = format_summary(r.report, tmp_path / "a")
+    assert f"perplexity: {m['heldout_perplexity']:.3f} on the held-out text" in said
+
+
 def test_cache_off_writes_nothing(ck, tmp_path, monkeypatch):
     monkeypatch.setenv("MODEL_LOADER_METRICS_CACHE", "off")
     v = _run(ck, tmp_path / "a")

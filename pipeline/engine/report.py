@@ -109,12 +109,13 @@ def _validation_lines(val: dict) -> list[str]:
         lines.append("skipped: " + "; ".join(f"{k} ({why})" for k, why in skipped.items()))
     m = val.get("metrics", {})
     cached = {k for k, e in (val.get("metric_costs") or {}).items() if e.get("cached")}
-    mark = {k: " (cached)" if k in cached else "" for k in ("perplexity", "reference", "greedy")}
-    if "perplexity" in m:
-        ref = m.get("reference_perplexity")
-        ref_mark = mark["reference"] if "reference_dtype" in m else mark["perplexity"]  # unquantized: itself
-        vs = f" (unquantized reference {ref:.3f}{ref_mark}, {m['perplexity'] / ref - 1:+.2%})" if ref else ""
-        lines.append(f"perplexity: {m['perplexity']:.3f}{mark['perplexity']} on the evaluation text{vs}")
+    mark = {k: " (cached)" if k in cached else "" for k in ("perplexity", "heldout_perplexity", "reference", "greedy")}
+    for name, text in (("perplexity", "evaluation"), ("heldout_perplexity", "held-out")):
+        if name in m:
+            ref = m.get(f"reference_{name}")
+            ref_mark = mark["reference"] if "reference_dtype" in m else mark[name]  # unquantized: itself
+            vs = f" (unquantized reference {ref:.3f}{ref_mark}, {m[name] / ref - 1:+.2%})" if ref else ""
+            lines.append(f"perplexity: {m[name]:.3f}{mark[name]} on the {text} text{vs}")
     if m.get("logits_rel_error"):
         of = " (reference logits cached)" if "reference" in cached else ""
         lines.append(f"logits vs unquantized reference: relative error {m['logits_rel_error']:.4f}{of}")

@@ -122,6 +122,9 @@ def digest(doc) -> str:
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
+PERPLEXITIES = ("perplexity", "heldout_perplexity")  # on the evaluation text; on the held-out text when measured
+
+
 def positive_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
 
@@ -130,10 +133,11 @@ def model_entry_problem(entry, fingerprint: str) -> str:
     """Why a loaded model's entry cannot be used ('' when it can): wrong schema or measured on other weights."""
     if not isinstance(entry, dict) or entry.get("schema") != SCHEMA:
         return "not a metric entry of this version"
-    if set(entry) - {"schema", "fingerprint", "perplexity", "continuation"}:
-        return f"unknown fields {sorted(set(entry) - {'schema', 'fingerprint', 'perplexity', 'continuation'})}"
-    if "perplexity" in entry and not positive_number(entry["perplexity"]):
-        return f"perplexity {entry['perplexity']!r} is not a positive finite number"
+    if set(entry) - {"schema", "fingerprint", *PERPLEXITIES, "continuation"}:
+        return f"unknown fields {sorted(set(entry) - {'schema', 'fingerprint', *PERPLEXITIES, 'continuation'})}"
+    for name in PERPLEXITIES:
+        if name in entry and not positive_number(entry[name]):
+            return f"{name} {entry[name]!r} is not a positive finite number"
     if "continuation" in entry and not isinstance(entry["continuation"], str):
         return "continuation is not a string"
     if not fingerprint or entry.get("fingerprint") != fingerprint:
@@ -145,7 +149,7 @@ def reference_entry_problem(entry, shape) -> str:
     """Why a reference entry cannot be used ('' when it can): logits of this forward's shape, all finite."""
     import torch
 
-    if not isinstance(entry, dict) or entry.get("schema") != SCHEMA or set(entry) - {"schema", "logits", "perplexity"}:
+    if not isinstance(entry, dict) or entry.get("schema") != SCHEMA or set(entry) - {"schema", "logits", *PERPLEXITIES}:
         return "not a reference entry of this version"
     logits = entry.get("logits")
     if not isinstance(logits, torch.Tensor) or not logits.is_floating_point():
@@ -154,8 +158,9 @@ def reference_entry_problem(entry, shape) -> str:
         return f"its logits have shape {tuple(logits.shape)}, this forward gives {tuple(shape)}"
     if not bool(torch.isfinite(logits).all()):
         return "its logits are not finite"
-    if "perplexity" in entry and not positive_number(entry["perplexity"]):
-        return f"its perplexity {entry['perplexity']!r} is not a positive finite number"
+    for name in PERPLEXITIES:
+        if name in entry and not positive_number(entry[name]):
+            return f"its {name} {entry[name]!r} is not a positive finite number"
     return ""
 
 
@@ -229,7 +234,7 @@ class MetricCache:
         problem = model_entry_problem(entry, self.fingerprint())
         if problem:
             return self._ignore("model", path, problem) or {}
-        return {k: entry[k] for k in ("perplexity", "continuation") if k in entry}
+        return {k: entry[k] for k in (*PERPLEXITIES, "continuation") if k in entry}
 
     def put_model(self, figures: dict) -> None:
         fingerprint = self.fingerprint()
@@ -319,7 +324,7 @@ def numerics(spec, device: str) -> dict:
 def _settings(settings) -> dict:
     """Every metric setting but the switches, the greedy prompt (the loaded model's key adds those) and how often
     progress is logged (it changes no figure)."""
-    skip = {"wanted", "eval_text", "prompt", "max_new_tokens", "progress_interval"}
+    skip = {"wanted", "eval_text", "heldout_text", "prompt", "max_new_tokens", "progress_interval"}
     return {f.name: getattr(settings, f.name) for f in dataclasses.fields(settings) if f.name not in skip}
 
 
@@ -330,6 +335,7 @@ def metric_cache(checkpoint, plan, policy, spec, settings, device: str, *, model
         return None
     try:
         text = quality.eval_text(settings.eval_text)
+        heldout = quality.eval_text(settings.heldout_text, "heldout.txt") if settings.wanted.get("heldout") else None
     except OSError:
         return None  # measuring reports the unreadable file as it always did
     base = {
@@ -341,6 +347,7 @@ def metric_cache(checkpoint, plan, policy, spec, settings, device: str, *, model
         "device": device,
         "numerics": numerics(spec, device),
         "eval_text": text_hash(text),
+        **({"heldout_text": text_hash(heldout)} if heldout is not None else {}),  # keys without it stay as they were
         "settings": _settings(settings),
         "versions": library_versions(spec.enabled),
         "code": code_version(),

@@ -24,13 +24,16 @@ from .checks import CheckLog
 
 log = logging.getLogger(__name__)
 
-METRICS = ("perplexity", "reference", "greedy", "throughput")
+METRICS = ("perplexity", "reference", "greedy", "throughput", "heldout")
+OFF_BY_DEFAULT = ("heldout",)  # the held-out text's perplexity: one more forward each for the model and reference
+TEXTS = {"perplexity": "text", "heldout_perplexity": "heldout"}  # a figure and the _Texts attribute it is measured on
 
 
 @dataclass(frozen=True)
 class MetricSettings:
     wanted: dict[str, bool]
     eval_text: str | None = None
+    heldout_text: str | None = None  # metrics.heldout: null is pipeline/data/heldout.txt
     max_eval_tokens: int = 512
     prompt: str = "The capital of France is"
     max_new_tokens: int = 12
@@ -79,7 +82,7 @@ def measure_quality(
     with costs.timed("forward"), quality.measuring(model, settings.portable):
         out = _forward(model, inputs, check, found, wanted["throughput"])
     if out is None:
-        for name in ("perplexity", "reference", "greedy"):
+        for name in ("perplexity", "reference", "greedy", "heldout"):
             if wanted[name]:
                 check.skip(name, check.skipped.get("forward_finite") or "the forward pass failed")
         return found
@@ -87,15 +90,17 @@ def measure_quality(
     costs.cache = cache.report if cache is not None else None  # filled in as the cache checks
     stored = cache.get_model() if cache is not None else {}
     fresh: dict = {}
-    if texts.text is not None:
-        with costs.timed("perplexity", cached="perplexity" in stored):
-            if "perplexity" not in stored:
-                fresh["perplexity"] = round(texts.perplexity(model), 4)
-        found["perplexity"] = stored.get("perplexity", fresh.get("perplexity"))
+    for name, attribute in TEXTS.items():
+        text = getattr(texts, attribute)
+        if text is not None:
+            with costs.timed(name, cached=name in stored):
+                if name not in stored:
+                    fresh[name] = round(texts.perplexity(model, text=text), 4)
+            found[name] = stored.get(name, fresh.get(name))
     if wanted["reference"]:
         reference = _Reference(inputs.kwargs, out, texts, cache if quantized else None)
         with costs.timed("reference", cached=reference.cached):
-            compared = reference.compare(model, quantized, make_reference, reference_dtype, found.get("perplexity"))
+            compared = reference.compare(model, quantized, make_reference, reference_dtype, found)
         if compared:
             found.update(compared)
         else:
@@ -153,12 +158,12 @@ class _Texts:
         why = why or self._untrusted_code()
         self.has_tokenizer = not why
         if why:
-            for name in ("perplexity", "greedy"):
+            for name in ("perplexity", "greedy", "heldout"):
                 if settings.wanted[name]:
                     check.skip(name, why)
-        self.text = (
-            quality.eval_text(settings.eval_text) if self.has_tokenizer and settings.wanted["perplexity"] else None
-        )
+        wanted = settings.wanted if self.has_tokenizer else {}
+        self.text = quality.eval_text(settings.eval_text) if wanted.get("perplexity") else None
+        self.heldout = quality.eval_text(settings.heldout_text, "heldout.txt") if wanted.get("heldout") else None
 
     def _untrusted_code(self) -> str:
         """Why the tokenizer is not used: its files name the checkpoint's own code, not trusted, and transformers
@@ -185,12 +190,13 @@ class _Texts:
             self._tokenizer = quality.load_tokenizer(self._dir, self.settings.trust_remote_code)
         return self._tokenizer
 
-    def perplexity(self, model, counted: bool = True) -> float:
-        """Perplexity on the evaluation text; its progress in layers unless the caller counts it (the reference)."""
+    def perplexity(self, model, counted: bool = True, text: str | None = None) -> float:
+        """Perplexity on `text` (the evaluation text when None); its progress in layers unless the caller counts it
+        (the reference)."""
         tokenizer = self.tokenizer  # loaded outside the measurement's numerics
         shown = progress.layers(model, "perplexity", self.settings.progress_interval) if counted else nullcontext()
         with shown, quality.measuring(model, self.settings.portable):
-            return quality.perplexity(model, tokenizer, self.text, self.settings.max_eval_tokens)
+            return quality.perplexity(model, tokenizer, text or self.text, self.settings.max_eval_tokens)
 
     def greedy(self, model) -> str:
         tokenizer = self.tokenizer
@@ -209,15 +215,16 @@ class _Reference:
 
     def __post_init__(self):
         self.entry = self.cache.get_reference(self.out.shape) if self.cache is not None else None
-        if self.entry is not None and self.texts.text is not None and "perplexity" not in self.entry:
-            self.entry = None  # stored without perplexity (it was off): measure again
+        wanted = [name for name, attribute in TEXTS.items() if getattr(self.texts, attribute) is not None]
+        if self.entry is not None and any(name not in self.entry for name in wanted):
+            self.entry = None  # stored without a perplexity now asked for (it was off): measure again
         self.cached = self.entry is not None
 
-    def compare(self, model, quantized: bool, make_reference, reference_dtype: str, perplexity) -> dict:
+    def compare(self, model, quantized: bool, make_reference, reference_dtype: str, measured: dict) -> dict:
+        """The reference's figures beside the loaded model's `measured` ones (its own when it is unquantized)."""
         if not quantized:
             found = {"reference": "the loaded model is unquantized: it is its own reference"}
-            if perplexity is not None:
-                found["reference_perplexity"] = perplexity
+            found |= {f"reference_{name}": measured[name] for name in TEXTS if measured.get(name) is not None}
             found["logits_rel_error"] = 0.0
             return found
         entry = self.entry if self.entry is not None else self._measure(make_reference)
@@ -231,22 +238,25 @@ class _Reference:
         }
         if not quality.is_causal_lm(model):
             found["output_cosine_to_reference"] = round(quality.mean_cosine(self.out, ref_out), 6)
-        if self.texts.text is not None:
-            found["reference_perplexity"] = entry["perplexity"]
+        for name, attribute in TEXTS.items():
+            if getattr(self.texts, attribute) is not None:
+                found[f"reference_{name}"] = entry[name]
         return found
 
     def _measure(self, make_reference) -> dict | None:
         ref = make_reference()
         if ref is None:
             return None
-        settings, text = self.texts.settings, self.texts.text
-        # one count over both forwards: the logits on the fixed inputs, then the evaluation text
-        with progress.layers(ref, "reference", settings.progress_interval, forwards=1 + (text is not None)):
+        settings = self.texts.settings
+        texts = {name: getattr(self.texts, attribute) for name, attribute in TEXTS.items()}
+        texts = {name: text for name, text in texts.items() if text is not None}
+        # one count over every forward: the logits on the fixed inputs, then each text
+        with progress.layers(ref, "reference", settings.progress_interval, forwards=1 + len(texts)):
             with quality.measuring(ref, settings.portable):
                 ref_out, _ = quality.forward_output(ref, self.inputs)
             entry = {"logits": ref_out}
-            if text is not None:
-                entry["perplexity"] = round(self.texts.perplexity(ref, counted=False), 4)
+            for name, text in texts.items():
+                entry[name] = round(self.texts.perplexity(ref, counted=False, text=text), 4)
         if self.cache is not None:
             self.cache.put_reference(entry)
         return entry

@@ -112,12 +112,13 @@ def load_tokenizer(root: str, trust_remote_code: bool = False):
     return AutoTokenizer.from_pretrained(root, local_files_only=True, trust_remote_code=bool(trust_remote_code))
 
 
-def eval_text(path: str | None) -> str:
-    """The evaluation text: a file the user names, else the one shipped in pipeline/data/eval.txt."""
+def eval_text(path: str | None, shipped: str = "eval.txt") -> str:
+    """A text to measure perplexity on: a file the user names, else the one shipped in pipeline/data/ (eval.txt;
+    heldout.txt for the held-out check, a text no default or budget was ever chosen on)."""
     if path:
         with open(path) as fh:
             return fh.read()
-    return resources.files("pipeline.data").joinpath("eval.txt").read_text()
+    return resources.files("pipeline.data").joinpath(shipped).read_text()
 
 
 def perplexity(model, tokenizer, text: str, max_tokens: int) -> float:

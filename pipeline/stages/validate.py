@@ -15,7 +15,7 @@ from ..measure import single_process
 from ..measure.cache import metric_cache
 from ..measure.checks import CHECKS, PARALLEL_CHECKS, CheckLog, check_memory, check_tensors, check_weights_finite
 from ..measure.memory import device_str
-from ..measure.metrics import METRICS, Costs, MetricSettings, measure_quality
+from ..measure.metrics import METRICS, OFF_BY_DEFAULT, Costs, MetricSettings, measure_quality
 from ..measure.quality import input_device
 from ..measure.reference import streamed_reference
 from ..quant.cpu_numerics import measured_portably
@@ -33,6 +33,7 @@ def validate(
     plan_tolerance: float = 0.01,
     single_process_tolerance: float = 1e-5,
     eval_text: str | None = None,
+    heldout_text: str | None = None,
     max_eval_tokens: int = 512,
     prompt: str = "The capital of France is",
     max_new_tokens: int = 12,
@@ -44,7 +45,8 @@ def validate(
     ctx.require("loaded", "validate", "load_shards")
     check = CheckLog(_switches(checks, CHECKS + PARALLEL_CHECKS, "checks"))
     settings = MetricSettings(
-        _switches(metrics, METRICS, "metrics"), eval_text, max_eval_tokens, prompt, max_new_tokens, trust_remote_code,
+        _switches(metrics, METRICS, "metrics"), eval_text, heldout_text, max_eval_tokens, prompt, max_new_tokens,
+        trust_remote_code,
         portable=measured_portably(ctx.quant, plan.tensors.values()),  # the same figures on every CPU (issue 30)
         progress_interval=progress_interval,  # seconds between progress lines of the reference, perplexity, greedy
     )  # fmt: skip
@@ -132,7 +134,7 @@ def _cache(ctx: LoadContext, settings: MetricSettings):
 
 
 def _switches(given, names, key) -> dict[str, bool]:
-    out = dict.fromkeys(names, True)
+    out = {name: name not in OFF_BY_DEFAULT for name in names}
     for k, v in (given or {}).items():
         if k not in out:
             raise UserError(f"stages.validate.{key}.{k}: unknown {key[:-1]}; choose from {', '.join(names)}")

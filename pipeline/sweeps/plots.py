@@ -1,4 +1,5 @@
-"""The sweep's plots: load time, memory and quality against each swept key.
+"""The sweep's plots: load time, memory and quality against each swept key, and the memory-vs-perplexity
+frontier of every configuration (sweeps/frontier.py).
 
 A line joins only jobs that differ in that key alone: jobs are grouped by the values of every
 other swept key, one line (and legend entry) per group, so a threshold plot over two memory maps
@@ -12,6 +13,8 @@ text is one more key, so each text is its own line.
 from __future__ import annotations
 
 from pathlib import Path
+
+from . import frontier
 
 FAILED_Y = 0.03  # where a failed job's x sits: in axes coordinates, just above the bottom edge
 
@@ -36,7 +39,7 @@ def draw(rows: list[dict], swept: list[str], devices: list[str]) -> list[tuple[s
     """(file stem, matplotlib Figure) for every plot of these rows."""
     import matplotlib.pyplot as plt
 
-    out = []
+    out = [made] if (made := frontier.draw(rows, swept, devices)) else []
     for key in swept:
         axis = _Axis(rows, key)
         groups = _groups(rows, key, swept)

@@ -27,7 +27,10 @@ BASE_COLUMNS = [
     "quantized",
     "perplexity",
     "reference_perplexity",
+    "heldout_perplexity",
+    "reference_heldout_perplexity",
     "logits_rel_error",
+    "method",
 ]
 
 
@@ -116,7 +119,10 @@ def collect_rows(root: Path) -> list[dict]:
             reused_load_from=Path((r.get("quantization") or {}).get("reused_from") or "").name,
             perplexity=m.get("perplexity"),
             reference_perplexity=m.get("reference_perplexity"),
+            heldout_perplexity=m.get("heldout_perplexity"),
+            reference_heldout_perplexity=m.get("reference_heldout_perplexity"),
             logits_rel_error=m.get("logits_rel_error"),
+            method="auto" if r.get("auto") else (r.get("quantization") or {}).get("method"),
         )
         sizes = v.get("measured_bytes") or ((r.get("plan") or {}).get("predicted_bytes") or {})
         for dev, n in sizes.items():
