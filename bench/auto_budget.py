@@ -25,6 +25,8 @@ CONFIGS = {
     "int8 t=8": ["quantization=int8", "quantization.threshold=8.0"],
     "nf4": ["quantization=nf4"],
     "auto 1%": ["quantization=auto", "quantization.budget=1%"],
+    # caps that all-int8 (155.91 MiB) cannot meet and all-nf4 (106.52 MiB) can: the best plan that fits
+    "auto caps 130MiB": ["quantization=auto", "quantization.budget=null", "memory.max_memory={cpu: 130MiB}"],
 }
 QUIET = ["stages.validate.metrics.greedy=false", "stages.validate.metrics.throughput=false"]
 

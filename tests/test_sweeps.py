@@ -144,12 +144,15 @@ def test_plots_join_only_runs_that_differ_in_the_swept_key(tiny, tmp_path):
     from pipeline.sweeps.summary import collect_rows, swept_keys
 
     root, p = _tiny_sweep(tiny, tmp_path)
-    assert f"sweep summary: {root / 'summary.csv'}, {root / 'summary.md'} and 4 plot(s) in {root}" in p.stdout
+    assert f"sweep summary: {root / 'summary.csv'}, {root / 'summary.md'} and 5 plot(s) in {root}" in p.stdout
     assert sorted(f.name for f in root.glob("*.png")) == sorted(
-        f"{kind}_vs_{key}.png"
-        for kind in ("load_and_memory", "logits_error")
-        for key in ("checkpoint_path", "quantization_threshold")
-    )  # no tokenizer: no perplexity (quality_vs_*) plot
+        ["frontier.png"]
+        + [
+            f"{kind}_vs_{key}.png"
+            for kind in ("load_and_memory", "logits_error")
+            for key in ("checkpoint_path", "quantization_threshold")
+        ]
+    )  # no tokenizer: no perplexity (quality_vs_*) plot, and the frontier is the logits' error
     rows = collect_rows(root)
     figures = dict(draw(rows, swept_keys(rows), ["bytes_cpu"]))
     (ax,) = figures["logits_error_vs_quantization_threshold"].axes
@@ -166,3 +169,9 @@ def test_plots_join_only_runs_that_differ_in_the_swept_key(tiny, tmp_path):
     assert set(by_threshold) == {"cpu, quantization.threshold=0.0", "cpu, quantization.threshold=6.0",
                                  "failed job (no value)"}  # fmt: skip
     assert all(len(by_threshold[k].get_xdata()) == 1 for k in by_threshold if k.startswith("cpu"))
+    (front,) = figures["frontier"].axes
+    assert front.get_title().startswith("logits' relative error vs the unquantized reference")
+    (line,) = [line for line in front.get_lines() if line.get_label() == f"int8, {llama}"]
+    errors = sorted(r["logits_rel_error"] for r in rows if r["status"] == "ok")
+    assert sorted(line.get_ydata()) == errors  # the two thresholds of the one checkpoint, joined
+    assert any("failed (2, not drawn)" in t.get_text() for t in figures["frontier"].texts)

@@ -87,7 +87,7 @@ class _Axis:
         except ValueError:
             names = list(dict.fromkeys(self.labels))
             self.x = [float(names.index(v)) for v in self.labels]
-            self.ticks = [_short(n) for n in names]
+            self.ticks = [frontier.short(n) for n in names]
 
 
 def _groups(rows: list[dict], key: str, swept: list[str]) -> dict[str, list[int]]:
@@ -95,15 +95,9 @@ def _groups(rows: list[dict], key: str, swept: list[str]) -> dict[str, list[int]
     others = [k for k in swept if k != key]
     groups: dict[str, list[int]] = {}
     for i, r in enumerate(rows):
-        label = ", ".join(f"{k}={_short(r['_swept'].get(k, ''))}" for k in others)
+        label = ", ".join(f"{k}={frontier.short(r['_swept'].get(k, ''))}" for k in others)
         groups.setdefault(label, []).append(i)
     return groups
-
-
-def _short(value) -> str:
-    """A path's last part (checkpoints, evaluation texts): legends stay readable."""
-    text = str(value)
-    return Path(text).name or text if "/" in text else text
 
 
 def _lines(ax, axis: _Axis, groups: dict, value, what: str, style: str = "-o") -> None:
