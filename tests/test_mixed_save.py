@@ -221,3 +221,32 @@ def test_a_mixed_save_keeps_the_save_rules(mixed, tiny, tmp_path):
         run_dir=tmp_path / "c",
     )
     assert r.report["save"]["path"] == str(again.resolve()) and tree_digest(src) == before
+
+
+def test_the_models_own_save_pretrained_writes_the_mixed_format(mixed, tmp_path):
+    """`model.save_pretrained` on a mixed model (what users call, not our save stage): config.json says the mix,
+    in the same format as the save stage writes, so the pipeline reads it back bit for bit and transformers
+    refuses it loudly; before, it said int8 only and transformers loaded the nf4 MLPs as empty int8 layers."""
+    first, dest, logits = mixed
+    own = tmp_path / "own"
+    first.model.save_pretrained(own)
+    qc = json.loads((own / "config.json").read_text())["quantization_config"]
+    ours = json.loads((dest / "config.json").read_text())["quantization_config"]
+    assert qc == ours and qc["quant_method"] == "model_loader_mixed"
+    again = load([f"checkpoint.path={own}", "quantization=int8"], run_dir=tmp_path / "r")
+    assert again.report["status"] == "ok" and all(again.report["validation"]["checks"].values())
+    assert again.report["quantization"]["methods"] == first.report["quantization"]["methods"]
+    with torch.inference_mode():
+        assert torch.equal(again.model(IDS).logits, logits)
+    with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):
+        bnb_reference(own)
+
+
+def test_one_method_models_still_say_transformers_config(tiny, tmp_path):
+    """A single-method model keeps transformers' own BitsAndBytesConfig (only a mix gets ours)."""
+    r = load([f"checkpoint.path={tiny('llama')}", "quantization=nf4", "quantization.methods={o_proj: keep}"],
+             run_dir=tmp_path / "r")  # fmt: skip
+    from transformers import BitsAndBytesConfig
+
+    assert isinstance(r.model.config.quantization_config, BitsAndBytesConfig)
+    assert r.model.config.quantization_config.load_in_4bit

@@ -6,7 +6,8 @@ for a quantized model what transformers' bitsandbytes quantizer leaves: `is_quan
 `quantization_method`, `hf_quantizer` (its own Bnb8Bit/Bnb4BitHfQuantizer, built from the
 BitsAndBytesConfig our save writes) and, through its postprocess_model,
 `config.quantization_config` and `is_loaded_in_8bit` / `is_loaded_in_4bit`. With them,
-`model.save_pretrained` writes what transformers reads back and peft-style code
+`model.save_pretrained` writes what transformers reads back (a mixed int8/4-bit plan: our mixed format,
+quant/formats/mixed_plan.py, which we read back and transformers refuses) and peft-style code
 (`prepare_model_for_kbit_training`, `getattr(model, "is_loaded_in_8bit")`) sees a bnb model.
 """
 
@@ -16,6 +17,7 @@ import logging
 
 from ..hf.quantizers import hf_quantizer
 from ..quant.formats.hf_config import bnb_quantization_config, unconverted_modules
+from ..quant.formats.mixed_plan import mixed_quantization_config
 from ..quant.spec import QuantSpec
 
 log = logging.getLogger(__name__)
@@ -26,7 +28,7 @@ def hf_device_map(device_map: dict[str, str]) -> dict[str, int | str]:
     return {name: int(dev) if str(dev).isdigit() else dev for name, dev in device_map.items()}
 
 
-def set_hf_attributes(model, device_map: dict[str, str], spec: QuantSpec, quantized_modules) -> None:
+def set_hf_attributes(model, device_map: dict[str, str], spec: QuantSpec, quantized_modules, thresholds=None) -> None:
     devices = set(device_map.values())
     if len(devices) > 1 or "disk" in devices:
         model.hf_device_map = hf_device_map(device_map)
@@ -43,6 +45,12 @@ def set_hf_attributes(model, device_map: dict[str, str], spec: QuantSpec, quanti
     model.quantization_method = config.quant_method
     model.hf_quantizer = quantizer
     quantizer.postprocess_model(model)  # config.quantization_config, is_loaded_in_8bit / _4bit
+    methods = {m: spec.method_of(m) for m in quantized_modules}
+    if len(set(methods.values())) > 1:  # transformers has no config for a mix: save_pretrained writes ours, which
+        int8 = {m: t for m, t in (thresholds or {}).items() if methods.get(m) == "int8"}  # it refuses loudly
+        model.config.quantization_config = mixed_quantization_config(
+            spec, methods, int8, quantizer.modules_to_not_convert
+        )
 
 
 def set_threshold(model, threshold: float) -> None:

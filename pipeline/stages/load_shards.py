@@ -55,7 +55,7 @@ def load_shards(
     model.eval()  # a loaded model is for inference, as from_pretrained returns it
     if plan.needs_dispatch:
         ctx.offload = dispatch(model, plan, ctx.checkpoint)
-    set_hf_attributes(model, plan.device_map, ctx.quant, plan.quantized_modules)
+    set_hf_attributes(model, plan.device_map, ctx.quant, plan.quantized_modules, plan.int8_thresholds)
     ctx.loaded = True
     seconds = stats.seconds
     ctx.report["load"] = {
