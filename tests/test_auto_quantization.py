@@ -96,6 +96,24 @@ def test_auto_meets_its_budget_and_says_how(ck, tmp_path, monkeypatch):
     assert again.report["auto"]["modules"] == auto["modules"]
 
 
+def test_auto_takes_the_smallest_measured_plan_within_the_budget(trained, tmp_path):
+    """The bisection along the greedy's plans: the chosen plan is the smallest of those measured within the
+    budget, every smaller plan measured missed it, and validate measures the loaded model at that figure."""
+    r, ppl = _ppl(trained, tmp_path, "auto", "quantization=auto", "quantization.budget=0.5%")
+    a = r.report["auto"]
+    within = [x for x in a["rounds"] if x["measured"] <= a["reference_perplexity"] * 1.005]
+    chosen = min(within, key=lambda x: x["bytes"], default=None)
+    if chosen is None:  # no quantized plan measured within: every module kept, the reference itself
+        assert a["counts"]["keep"] == 21 and a["confirmed_perplexity"] == a["reference_perplexity"]
+    else:
+        assert (a["chosen_plan"], a["confirmed_perplexity"]) == (chosen["plan"], chosen["measured"])
+        assert all(
+            x["measured"] > a["reference_perplexity"] * 1.005 for x in a["rounds"] if x["bytes"] < chosen["bytes"]
+        )
+    assert len(a["rounds"]) <= 8  # log2 of 43 plans, and the tolerance
+    assert ppl == a["confirmed_perplexity"]  # the simulation is the loaded model's figure
+
+
 _LINEARS = [f"self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj", "o_proj")]
 _LINEARS += [f"mlp.{p}" for p in ("gate_proj", "up_proj", "down_proj")]
 
@@ -182,8 +200,8 @@ def test_auto_budget_that_cannot_fit_the_caps_names_the_best_that_does(trained, 
         )
     message = str(e.value)
     assert "\n" not in message
-    assert message.startswith("quantization.budget: the smallest plan within 0.10% takes ")
-    assert "more than memory.max_memory holds; the best plan that fits (" in message and "measures +" in message
+    assert message.startswith("quantization.budget: no plan that fits memory.max_memory is within 0.10%; ")
+    assert "the best that fits (" in message and "measures +" in message and message.endswith("or the caps")
 
 
 def test_auto_with_caps_below_all_nf4_is_exit_2_at_plan_time(trained, tmp_path):

@@ -3,9 +3,9 @@
 Runs in the plan stage, before any weight is loaded: the unquantized reference is streamed from the
 checkpoint (measure/reference.py), one forward on the evaluation text measures every module's
 sensitivity (measure/sensitivity.py) and two more the all-int8 and all-nf4 perplexities that
-calibrate the additive model (quant/mixed.py); the allocation is then confirmed by the simulated
-perplexity of the chosen plan (the real bitsandbytes modules, on the same text) and corrected while
-it misses the budget. The measurements are cached (keyed like the reference: the shards' bytes).
+calibrate the additive model (quant/mixed.py), which orders the plans from all-nf4 to all-keep; a
+bisection along that order by the plans' simulated perplexity (the real bitsandbytes modules, on the same
+text) finds the smallest within the budget. The measurements are cached (keyed like the reference).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from .sensitivity import measure_sensitivity, simulated_perplexity
 
 log = logging.getLogger(__name__)
 MAX_TOKENS = 512  # as validate's perplexity (stages.validate.metrics.max_eval_tokens default)
-MAX_ROUNDS = 4  # confirmations (one simulated forward each) before giving up
+TOLERANCE = 0.005  # a budget's search stops when a miss and a pass differ by less than this share of all-keep bytes
 
 
 def choose_methods(ctx, checkpoint, policy, spec: QuantSpec, selection: QuantSelection, caps_error=None):
@@ -55,7 +55,7 @@ def choose_methods(ctx, checkpoint, policy, spec: QuantSpec, selection: QuantSel
         cost = mixed.costs(errors, totals)
         nbytes = {m: _module_bytes(ref.get_submodule(m).weight, spec) for m in selection.modules}
         error = None if caps_error is None else (lambda methods: caps_error(*_resolved(ctx, spec, methods)))
-        methods, rounds = _chosen(ref, ids, spec, cost, nbytes, base, error)
+        methods, rounds, chosen = _chosen(ref, ids, spec, cost, nbytes, base, error)
     doc = {
         "budget": spec.budget,
         "caps": caps_error is not None,
@@ -64,8 +64,9 @@ def choose_methods(ctx, checkpoint, policy, spec: QuantSpec, selection: QuantSel
         "all_int8_perplexity": round(measured["all_int8_perplexity"], 4),
         "all_nf4_perplexity": round(measured["all_nf4_perplexity"], 4),
         "rounds": rounds,
-        "predicted_perplexity": rounds[-1]["predicted"],
-        "confirmed_perplexity": rounds[-1]["measured"],
+        "chosen_plan": chosen["plan"],  # the plan's place in the greedy order (rounds: every plan measured)
+        "predicted_perplexity": chosen["predicted"],
+        "confirmed_perplexity": chosen["measured"],
         "module_bytes": mixed.total_bytes(methods, nbytes),
         "counts": _counts(methods),
         "modules": {m: {"method": k, "sensitivity": errors[m]} for m, k in methods.items()},
@@ -84,48 +85,59 @@ def _resolved(ctx, spec: QuantSpec, methods: dict[str, str]):
 
 
 def _chosen(ref, ids, spec: QuantSpec, cost, nbytes, base: float, caps_error):
-    """(methods, rounds). A quality budget: the smallest plan within it (and within the caps, else exit 2 naming
-    the best plan that fits); caps only: the best plan that fits, its perplexity measured once."""
-    fits = None if caps_error is None else (lambda methods: caps_error(methods) is None)
-    if spec.budget is not None:
-        methods, rounds = _confirmed(ref, ids, spec, cost, nbytes, base)
-        if fits is None or fits(methods):
-            return methods, rounds
-    best = mixed.best_fitting(cost, nbytes, fits)
-    if best is None:
-        smallest = dict.fromkeys(cost, mixed.ORDER[0])
-        raise UserError(f"{caps_error(smallest)}; quantization=auto: not even every module nf4 fits")
-    ppl = simulated_perplexity(ref, best, spec, ids)
-    if spec.budget is not None:
+    """(methods, the measured plans, the chosen one's), along the greedy's plans (quant/mixed.py Plans): under
+    caps only, the largest plan that fits, measured once; with a budget, the smallest plan whose measured
+    perplexity is within it (bisection), among those that fit when caps are given, else exit 2 naming the
+    best plan that fits and what it measures."""
+    plans = mixed.Plans(cost, nbytes)
+    top = len(plans) - 1  # every module kept: the reference itself
+    if caps_error is not None:
+        top = plans.last(lambda methods: caps_error(methods) is None)
+        if top is None:
+            raise UserError(f"{caps_error(plans.at(0))}; quantization=auto: not even every module nf4 fits")
+    probe = _Probe(ref, ids, spec, cost, nbytes, base, plans)
+    if spec.budget is None:
+        return plans.at(top), probe.rounds, probe.measure(top)
+    if top < len(plans) - 1 and not probe(top):
+        best = probe.measure(top)
         raise UserError(
-            f"quantization.budget: the smallest plan within {spec.budget:.2%} takes "
-            f"{format_bytes(mixed.total_bytes(methods, nbytes))} of weights, more than memory.max_memory holds; "
-            f"the best plan that fits ({format_bytes(mixed.total_bytes(best, nbytes))}) measures "
-            f"{ppl / base - 1:+.2%}: raise quantization.budget to that, or the caps"
+            f"quantization.budget: no plan that fits memory.max_memory is within {spec.budget:.2%}; the best that "
+            f"fits ({format_bytes(best['bytes'])} of weights) measures {best['measured'] / base - 1:+.2%}: raise "
+            "quantization.budget to that, or the caps"
         )
-    log.info("auto: best plan within the caps %s: perplexity %.4f (unquantized %.4f)", _counts(best), ppl, base)
-    return best, [{"predicted": _ppl(base, mixed.predicted(best, cost)), "measured": round(ppl, 4)}]
+    whole = mixed.total_bytes(plans.at(len(plans) - 1), nbytes)
+    close = lambda lo, hi: probe.size(hi) - probe.size(lo) < TOLERANCE * whole  # noqa: E731
+    k = plans.first(probe, 0, top, close)
+    return plans.at(k), probe.rounds, probe.measure(k)
 
 
-def _confirmed(ref, ids, spec: QuantSpec, cost, nbytes, base: float):
-    """(methods, rounds): the allocation, its simulated perplexity measured and the target corrected while it
-    misses the budget; exit 2 after MAX_ROUNDS misses."""
-    target = budget = math.log1p(spec.budget)
-    methods, rounds = mixed.allocate(cost, nbytes, target), []
-    for _ in range(MAX_ROUNDS):
-        ppl = simulated_perplexity(ref, methods, spec, ids)
-        rounds.append({"predicted": _ppl(base, mixed.predicted(methods, cost)), "measured": round(ppl, 4)})
-        log.info("auto: plan %s: perplexity predicted %s, measured %s (unquantized %.4f)", _counts(methods),
-                 rounds[-1]["predicted"], rounds[-1]["measured"], base)  # fmt: skip
-        if math.log(ppl / base) <= budget:
-            return methods, rounds
-        # the modules' errors compound (the model under-predicts): scale the target by the measured/predicted ratio
-        target /= math.log(ppl / base) / max(mixed.predicted(methods, cost), 1e-9)
-        methods = mixed.upgrade(methods, cost, nbytes, target)
-    raise UserError(
-        f"quantization.budget: {spec.budget:.2%} not met after {MAX_ROUNDS} corrections (best measured "
-        f"{min(r['measured'] for r in rounds) / base - 1:+.2%}); raise quantization.budget or use quantization=none"
-    )
+class _Probe:
+    """Whether plan k is within the budget, by its simulated perplexity (measured once per plan; the plan that
+    keeps every module is the reference, never measured); every measurement is a round of the report."""
+
+    def __init__(self, ref, ids, spec: QuantSpec, cost, nbytes, base: float, plans):
+        self.ref, self.ids, self.spec, self.cost, self.nbytes, self.base, self.plans = ref, ids, spec, cost, nbytes, base, plans  # fmt: skip
+        self.rounds: list[dict] = []
+        self._found: dict[int, dict] = {}
+
+    def size(self, k: int) -> int:
+        return mixed.total_bytes(self.plans.at(k), self.nbytes)
+
+    def measure(self, k: int) -> dict:
+        if k not in self._found:
+            methods = self.plans.at(k)
+            kept = all(v == "keep" for v in methods.values())
+            ppl = self.base if kept else simulated_perplexity(self.ref, methods, self.spec, self.ids)
+            entry = {"plan": k, "bytes": self.size(k), "predicted": _ppl(self.base, mixed.predicted(methods, self.cost)),
+                     "measured": round(ppl, 4)}  # fmt: skip
+            log.info("auto: plan %d %s, %s: perplexity predicted %s, measured %s (unquantized %.4f)", k,
+                     _counts(methods), format_bytes(entry["bytes"]), entry["predicted"], entry["measured"], self.base)  # fmt: skip
+            self._found[k] = entry
+            self.rounds.append(entry)
+        return self._found[k]
+
+    def __call__(self, k: int) -> bool:
+        return math.log(self.measure(k)["measured"] / self.base) <= math.log1p(self.spec.budget)
 
 
 def _counts(methods: dict[str, str]) -> dict[str, int]:

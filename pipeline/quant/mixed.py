@@ -3,10 +3,10 @@
 An additive model: a module's cost under a method is its share, by squared output error, of the
 log-perplexity increase measured with every module under that method (measure/auto_plan.py measures
 both), so the model reproduces all-int8 and all-nf4 exactly and interpolates between them. Greedy
-on that model: start from every module at nf4 (the smallest), then, while the predicted increase is
-over the budget, take the upgrade (nf4 -> int8 -> keep) that removes the most cost per byte it adds.
-The plan's real (simulated) perplexity then confirms it; `upgrade` corrects a miss. Under memory caps the
-same greedy order gives the best plan that fits (`best_fitting`).
+on that model orders the plans from every module at nf4 (the smallest) to every module kept, one upgrade
+(nf4 -> int8 -> keep) at a time, the most cost removed per byte added first (`Plans`). Along that order a
+budget is searched by the plans' real (simulated) perplexity, caps by real plans (measure/auto_plan.py):
+the model only orders the upgrades, the measurements decide.
 """
 
 from __future__ import annotations
@@ -30,39 +30,37 @@ def predicted(methods: dict[str, str], cost: dict[str, dict[str, float]]) -> flo
     return sum(cost[m][k] for m, k in methods.items())
 
 
-def upgrade(methods: dict[str, str], cost, nbytes, target: float) -> dict[str, str]:
-    """Move modules up (nf4 -> int8 -> keep), best cost removed per byte added first, until the predicted
-    increase is at most `target` or nothing is left to move."""
-    methods = dict(methods)
-    if predicted(methods, cost) > target:
-        for _ in _greedy(methods, cost, nbytes):
-            if predicted(methods, cost) <= target:
-                break
-    return methods
+class Plans:
+    """The greedy's plans in order of size: plan 0 is every module nf4, each next one upgrades (nf4 -> int8 ->
+    keep) the module whose upgrade removes the most predicted cost per byte it adds, the last keeps every module.
+    Sizes grow along it and predicted costs fall, so the plans that fit memory caps are a prefix and the plans
+    within a quality budget (roughly) a suffix: both searches are binary, over real plans and measured figures."""
 
+    def __init__(self, cost, nbytes):
+        self.start = dict.fromkeys(cost, ORDER[0])
+        self.steps = list(_greedy(dict(self.start), cost, nbytes))
 
-def allocate(cost, nbytes, target: float) -> dict[str, str]:
-    """The smallest plan (by greedy upgrades from all-nf4) whose predicted increase is within `target`."""
-    return upgrade(dict.fromkeys(cost, ORDER[0]), cost, nbytes, target)
+    def __len__(self) -> int:
+        return len(self.steps) + 1
 
+    def at(self, k: int) -> dict[str, str]:
+        return {**self.start, **dict(self.steps[:k])}  # a module upgraded twice: its later step wins
 
-def best_fitting(cost, nbytes, fits) -> dict[str, str] | None:
-    """The plan with the least predicted cost that `fits` (the memory caps) among the greedy's plans from all-nf4
-    to all-keep, or None when not even all-nf4 fits. Each upgrade adds bytes, so the plans that fit are a prefix
-    of that order: a binary search calls `fits` (a real plan against the caps) about log2(2 x modules) times."""
-    start = dict.fromkeys(cost, ORDER[0])
-    steps = list(_greedy(dict(start), cost, nbytes))
+    def last(self, fits) -> int | None:
+        """The largest plan that `fits` (the caps), or None when not even plan 0 does: about log2(len) calls."""
+        if not fits(self.at(0)):
+            return None
+        return self.first(lambda k: not fits(self.at(k)), 1, len(self)) - 1
 
-    def taken(k: int) -> dict[str, str]:
-        return {**start, **dict(steps[:k])}  # a module upgraded twice: its later step wins
-
-    if not fits(taken(0)):
-        return None
-    lo, hi = 0, len(steps)
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        lo, hi = (mid, hi) if fits(taken(mid)) else (lo, mid - 1)
-    return taken(lo)
+    @staticmethod
+    def first(passes, lo: int, hi: int, close=lambda lo, hi: False) -> int:
+        """The smallest k in [lo, hi) with passes(k), by bisection, taking passes(hi) as true (hi when none is
+        found; also when `close(lo, hi)` says the rest is not worth a call). Where passes is not monotone the
+        answer still passes, with the plan before it failing or not tried."""
+        while lo < hi and not close(lo, hi):
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if passes(mid) else (mid + 1, hi)
+        return hi
 
 
 def _greedy(methods: dict[str, str], cost, nbytes):
