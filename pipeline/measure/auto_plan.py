@@ -32,6 +32,7 @@ from .sensitivity import measure_sensitivity, simulated_perplexity
 
 log = logging.getLogger(__name__)
 MAX_TOKENS = 512  # as validate's perplexity (stages.validate.metrics.max_eval_tokens default)
+SCAN = 8  # a budget's search measures 1/8, 2/8, ... of the order until one is within, then bisects below it
 TOLERANCE = 0.005  # a budget's search stops when a miss and a pass differ by less than this share of all-keep bytes
 
 
@@ -87,8 +88,8 @@ def _resolved(ctx, spec: QuantSpec, methods: dict[str, str]):
 def _chosen(ref, ids, spec: QuantSpec, cost, nbytes, base: float, caps_error):
     """(methods, the measured plans, the chosen one's), along the greedy's plans (quant/mixed.py Plans): under
     caps only, the largest plan that fits, measured once; with a budget, the smallest plan whose measured
-    perplexity is within it (bisection), among those that fit when caps are given, else exit 2 naming the
-    best plan that fits and what it measures."""
+    perplexity is within it (a scan, then bisection), among those that fit when caps are given, else exit 2
+    naming the best plan that fits and what it measures."""
     plans = mixed.Plans(cost, nbytes)
     top = len(plans) - 1  # every module kept: the reference itself
     if caps_error is not None:
@@ -105,9 +106,14 @@ def _chosen(ref, ids, spec: QuantSpec, cost, nbytes, base: float, caps_error):
             f"fits ({format_bytes(best['bytes'])} of weights) measures {best['measured'] / base - 1:+.2%}: raise "
             "quantization.budget to that, or the caps"
         )
+    # A coarse scan from the small end first: measured perplexity is not monotone along the order (the modules'
+    # errors partly cancel), so a bisection over the whole order can step past small plans that are within.
+    grid = [top * i // SCAN for i in range(1, SCAN)] + [top]
+    hi = next(k for k in grid if probe(k))  # top is within: the reference, or checked above
+    lo = max([k + 1 for k in grid if k < hi], default=0)
     whole = mixed.total_bytes(plans.at(len(plans) - 1), nbytes)
     close = lambda lo, hi: probe.size(hi) - probe.size(lo) < TOLERANCE * whole  # noqa: E731
-    k = plans.first(probe, 0, top, close)
+    k = plans.first(probe, lo, hi, close)
     return plans.at(k), probe.rounds, probe.measure(k)
 
 
