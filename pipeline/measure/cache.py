@@ -41,24 +41,21 @@ import time
 from functools import lru_cache
 from pathlib import Path
 
-from ..cache_home import cache_dir
+from ..cache_home import metrics_dir
 from . import quality
 from .fingerprint import content_digest, weights_fingerprint
 
 log = logging.getLogger(__name__)
 
-ENV = "MODEL_LOADER_METRICS_CACHE"
 SCHEMA = 2  # entries written by earlier versions are misses
 _SIDE_SUFFIXES = (".json", ".py", ".txt", ".model", ".jinja", ".tiktoken")  # config, tokenizer, code
 _SIDE_MAX_BYTES = 64 << 20
 
 
 def cache_root() -> Path | None:
-    """Where metrics are kept; None when $MODEL_LOADER_METRICS_CACHE is `off`."""
-    value = os.environ.get(ENV)
-    if value and value.lower() in ("off", "0", "false", "none"):
-        return None
-    return Path(value) if value else Path(cache_dir()) / "metrics"
+    """Where metrics are kept (cache_home.metrics_dir); None when the metric cache is off."""
+    root = metrics_dir()
+    return Path(root) if root else None
 
 
 def file_identity(paths) -> list[list]:
