@@ -51,7 +51,7 @@ def model_class(config, path: str, trust_remote_code: bool = False) -> type:
             return cls
         if entry is not None:
             raise UserError(
-                f"{_config_file(path)}: architectures names {arch}, which only the checkpoint's own code defines "
+                f"{config_file(path)}: architectures names {arch}, which only the checkpoint's own code defines "
                 f"(auto_map {entry[0]}: {entry[1]}); nothing from the checkpoint is imported unless you trust it: "
                 f"set {TRUST_KEY}=true"
             )
@@ -59,7 +59,7 @@ def model_class(config, path: str, trust_remote_code: bool = False) -> type:
         return _trusted_auto_map(auto_map, path, trust_remote_code, f"architectures names {', '.join(archs)}")
     if archs:
         raise UserError(
-            f"{_config_file(path)}: architectures names {', '.join(archs)}: no such class in transformers "
+            f"{config_file(path)}: architectures names {', '.join(archs)}: no such class in transformers "
             f"{transformers.__version__} and no auto_map; upgrade transformers, fix architectures, "
             "or set checkpoint.model={_target_: <a model class>}"
         )
@@ -98,13 +98,13 @@ def _without_architectures(config, path: str, auto_map: dict, trust_remote_code:
     cls = auto_class_for(chosen, config)
     if cls is None:
         raise UserError(
-            f"{_config_file(path)}: no architectures and model_type {config.model_type!r} has no model class; "
+            f"{config_file(path)}: no architectures and model_type {config.model_type!r} has no model class; "
             "add architectures to config.json or set checkpoint.model={_target_: <a model class>}"
         )
     prefix = base_model_prefix(cls)
     if chosen is base and prefix and names and any(n.startswith(prefix + ".") for n in names):
         raise UserError(
-            f"{_config_file(path)}: no architectures, and the tensor names ({prefix}.*) come from a model with a "
+            f"{config_file(path)}: no architectures, and the tensor names ({prefix}.*) come from a model with a "
             "task head; add architectures (the class it was saved from) to config.json "
             "or set checkpoint.model={_target_: <that class>}"
         )
@@ -118,7 +118,7 @@ def _trusted_auto_map(auto_map: dict, path: str, trust_remote_code: bool, why: s
     if trust_remote_code:
         return _remote_class((key, auto_map[key]), path)
     raise UserError(
-        f"{_config_file(path)}: {why}; auto_map {key}: {auto_map[key]} is the checkpoint's own code, "
+        f"{config_file(path)}: {why}; auto_map {key}: {auto_map[key]} is the checkpoint's own code, "
         f"imported only when you trust it: set {TRUST_KEY}=true"
     )
 
@@ -138,14 +138,14 @@ def _remote_class(entry: tuple[str, str], path: str) -> type:
     key, ref = entry
     if "--" in ref:
         raise UserError(
-            f"{_config_file(path)}: auto_map {key}: {ref} points at code in another repository; "
+            f"{config_file(path)}: auto_map {key}: {ref} points at code in another repository; "
             "copy that code into the checkpoint directory and name it module.Class"
         )
     try:
         return remote_class(ref, _directory(path))
     except (OSError, ImportError, AttributeError, SyntaxError) as exc:
         raise UserError(
-            f"{_config_file(path)}: auto_map {key}: {ref} cannot be imported from the checkpoint directory "
+            f"{config_file(path)}: auto_map {key}: {ref} cannot be imported from the checkpoint directory "
             f"({exc.__class__.__name__}: {str(exc).splitlines()[0][:160]}); add the module file or fix auto_map"
         ) from None
 
@@ -154,12 +154,12 @@ def check_remote_config(path: str, trust_remote_code: bool) -> None:
     """A config class only the checkpoint's code defines (auto_map AutoConfig) is imported only when trusted."""
     from transformers import CONFIG_MAPPING
 
-    with open(_config_file(path)) as fh:
+    with open(config_file(path)) as fh:
         raw = json.load(fh)
     ref = (raw.get("auto_map") or {}).get("AutoConfig")
     if ref and not trust_remote_code and raw.get("model_type") not in CONFIG_MAPPING:
         raise UserError(
-            f"{_config_file(path)}: model_type {raw.get('model_type')!r} is defined by the checkpoint's own code "
+            f"{config_file(path)}: model_type {raw.get('model_type')!r} is defined by the checkpoint's own code "
             f"(auto_map AutoConfig: {ref}); nothing from the checkpoint is imported unless you trust it: "
             f"set {TRUST_KEY}=true"
         )
@@ -191,5 +191,5 @@ def _directory(path: str) -> str:
     return path if os.path.isdir(path) else os.path.dirname(path)
 
 
-def _config_file(path: str) -> str:
+def config_file(path: str) -> str:
     return os.path.join(_directory(path), "config.json")
