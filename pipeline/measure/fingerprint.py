@@ -1,16 +1,9 @@
 """What the metric cache checks before it reports a number: the loaded weights' fingerprint and the shards' content.
 
-A cached perplexity or greedy text is only true of the weights it was measured on. Keys
-cannot tell (a shard rewritten in place with its mtime restored has the same path, size,
-mtime and inode), so the loaded model is fingerprinted after every load, where its tensors
-live: every state_dict entry (int8 codes, SCB scales, 4-bit quant state), every buffer and
-every offloaded tensor, by its raw bytes. On the CPU each is a sha256 (in parallel
-threads: hashlib, unlike torch's thread pool, does not stall when the cores are busy); on
-a GPU a sum of its 64-bit words, each mixed with its position and a secret key
-(measure/cache.py keeps one per cache directory, so whoever cannot read it cannot craft a
-collision), never a copy to the host. The unquantized reference never exists as loaded
-weights: it is keyed by a sha256 of the shards' bytes instead (`content_digest`), hashed in
-parallel 64 MiB blocks.
+A cached figure is only true of the weights it was measured on, and keys cannot tell (a shard rewritten in
+place with its mtime restored), so the loaded weights are fingerprinted where they live (sha256 on the CPU, a
+keyed word sum on a GPU, never a copy to the host); the reference, never loaded as weights, is keyed by the
+shards' bytes (`content_digest`). docs/design.md, "The metric cache".
 """
 
 from __future__ import annotations
