@@ -106,13 +106,15 @@ def _usage(name: str) -> str:
 
 def _groups(cfg) -> list[str]:
     """Every config group with its choices (the selected one marked *)."""
+    from hydra.core.object_type import ObjectType
+
     repo = _repository(cfg)
     chosen = {**cfg.hydra.runtime.choices, "stages": list(cfg.get("stages") or {})}
     lines = ["Config groups (group=choice; * the default):"]
-    for group in sorted(repo.get_group_options("", _object_type().GROUP)):
+    for group in sorted(repo.get_group_options("", ObjectType.GROUP)):
         if group.startswith("_") or group == "hydra":
             continue
-        options = [o for o in repo.get_group_options(group, _object_type().CONFIG) if not o.startswith("_")]
+        options = [o for o in repo.get_group_options(group, ObjectType.CONFIG) if not o.startswith("_")]
         if not options:
             continue
         marked = [f"{o}*" if _is_chosen(chosen.get(group), o) else o for o in options]
@@ -133,12 +135,6 @@ def _repository(cfg):
     for source in cfg.hydra.runtime.config_sources:
         search_path.append(source.provider, f"{source.schema}://{source.path}")
     return ConfigRepository(config_search_path=search_path)
-
-
-def _object_type():
-    from hydra.core.object_type import ObjectType
-
-    return ObjectType
 
 
 def _keys(cfg) -> list[str]:
