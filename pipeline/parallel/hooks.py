@@ -1,15 +1,10 @@
 """The sharded forward: transformers' own tensor-parallel styles, installed on the loaded shards.
 
-We reuse transformers (its registry of tensor-parallel styles, reached through
-hf/tensor_parallel.py): each style's `install_forward` wraps the module's forward with
-the collectives it needs (colwise: none, the output stays sharded; rowwise: all-reduce
-of the partial sums, bias added once; colwise_gather_output: all-gather of the logits;
-embedding_rowwise: masked lookups summed by DTensor). What we do ourselves is put the
-weights in: the shards this rank read become what transformers' `shard_param` makes of a
-meta weight, a DTensor with the style's placement (we ask the style for that placement
-and check it against the plan's dim), so the hooks see exactly the parameters they were
-written for. int8 weights stay plain local `Int8Params` (bitsandbytes cannot hold a
-DTensor) and their modules take transformers' local path for quantized layers.
+Each style's `install_forward` (reached through hf/tensor_parallel.py) wraps the module's forward with its
+collectives; what we do ourselves is put the weights in: the shards this rank read become the DTensor that the
+style's `shard_param` makes of a meta weight, placement checked against the plan's dim. int8 weights stay plain
+local `Int8Params` (bitsandbytes cannot hold a DTensor). docs/design.md, "Tensor parallel: what is
+transformers' and what is ours".
 """
 
 from __future__ import annotations
