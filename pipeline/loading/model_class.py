@@ -1,13 +1,8 @@
 """Which model class a checkpoint is built as: the one `from_pretrained` users get, or exit 2 saying why not.
 
-- config.json `architectures` names a transformers class: that class (when `auto_map` also
-  names the checkpoint's own code for it, that code is used only with
-  `checkpoint.trust_remote_code=true`, as transformers does).
-- It names a class only the checkpoint's own code has (`auto_map`): nothing from the
-  directory is imported unless the user opts in; then the class comes from transformers'
-  `get_class_from_dynamic_module`, offline, from the local directory.
-- It names a class nobody has: exit 2 naming it (never a silent fallback to another class).
-- No `architectures`: the class with the head a generating user expects (see `_without_architectures`).
+From config.json alone, before anything is built or imported; the checkpoint's own code only with
+`checkpoint.trust_remote_code=true`, never a silent fallback to another class (the rules: docs/design.md,
+"Which model class").
 """
 
 from __future__ import annotations

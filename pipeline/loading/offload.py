@@ -1,12 +1,8 @@
 """CPU and disk offload through accelerate's hooks (dispatch_model), as the plan decided.
 
-Modules planned on "disk" are never read at load time: accelerate's
-OffloadedWeightsLoader gets an index that points at the tensors inside the
-checkpoint's own safetensors files (no copy, no offload folder) and reads them
-at forward time, cast to the planned dtype. Modules planned on "cpu" while a GPU
-is the main device are loaded to the CPU and moved to the GPU per forward, unless
-they hold quantized layers (quantization.offloaded=int8/nf4/fp4): then they run on
-the CPU, with bitsandbytes' CPU kernels, and only activations cross to and fro.
+"disk" modules are read at forward time from the checkpoint's own safetensors files (no copy, no offload
+folder); "cpu" modules under a GPU move per forward, unless they hold quantized layers: those run on the CPU
+and only activations cross (docs/design.md, "Loading").
 """
 
 from __future__ import annotations
