@@ -22,6 +22,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from ..cache_home import metrics_dir
+from ..hf.version import package_version
 from . import quality
 from .fingerprint import content_digest, weights_fingerprint
 
@@ -79,16 +80,8 @@ def code_version() -> str:
 
 
 def library_versions(quantized: bool) -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
     names = ["torch", "transformers", "accelerate"] + (["bitsandbytes"] if quantized else [])
-    out = {}
-    for name in names:
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            out[name] = None
-    return out
+    return {name: package_version(name) for name in names}
 
 
 def text_hash(text: str | None) -> str | None:

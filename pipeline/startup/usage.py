@@ -66,13 +66,10 @@ def answer(args: list[str]) -> None:
 
 def versions() -> str:
     """Ours and the libraries a load runs on, from the installed distributions (nothing imported)."""
-    from importlib.metadata import PackageNotFoundError, version
+    from ..hf.version import package_version
 
     def of(name: str) -> str:
-        try:
-            return version(name)
-        except PackageNotFoundError:
-            return "not installed"
+        return package_version(name) or "not installed"
 
     libs = ", ".join(f"{n} {of(n)}" for n in ("torch", "transformers", "hydra-core", "bitsandbytes", "accelerate"))
     return f"model-loader {of('hydra-model-loader')} ({libs}; Python {sys.version.split()[0]})"
