@@ -30,7 +30,7 @@ def distribute(model: torch.nn.Module, plan: Plan, parallel: ParallelSpec) -> No
         module = modules[mod_name]
         placement = _placement(t.slice.style, module, leaf, t, mesh)
         _wrap(module, leaf, placement, t, mesh)
-    _retie(model, plan, modules)
+    _retie(plan, modules)
     for name, style in styles.items():
         module = modules.get(name)
         if module is None:
@@ -75,7 +75,7 @@ def _wrap(module, leaf: str, placement, t, mesh) -> None:
     module._parameters[leaf] = torch.nn.Parameter(value, requires_grad=False)
 
 
-def _retie(model, plan: Plan, modules) -> None:
+def _retie(plan: Plan, modules) -> None:
     """Tied members point at their head again (the head was just re-wrapped)."""
     for t in plan.tensors.values():
         if t.tied_to and t.kind == "param":
