@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 
-import torch
 from accelerate import init_empty_weights
 
 from ..dtypes import DtypePolicy
@@ -53,7 +52,6 @@ def streamed_reference(
         main_device=device_str(main),
         assemble_from_disk=True,
     )
-    _meta_in_planned_dtypes(ref, ref_plan)
     for module in ref.modules():
         for leaf, buf in module._buffers.items():
             if buf is not None:
@@ -66,16 +64,3 @@ def streamed_reference(
     finally:
         quiet.setLevel(level)
     return ref
-
-
-def _meta_in_planned_dtypes(ref, plan: Plan) -> None:
-    """Offload hooks cast each weight to its meta tensor's dtype: make that the planned one."""
-    for t in plan.tensors.values():
-        if t.kind == "param" and not t.tied_to:
-            mod_name, _, leaf = t.name.rpartition(".")
-            module = ref.get_submodule(mod_name) if mod_name else ref
-            module._parameters[leaf] = torch.nn.Parameter(
-                torch.empty(t.shape, dtype=t.dtype, device="meta"), requires_grad=False
-            )
-    if hasattr(ref, "tie_weights"):
-        ref.tie_weights()
