@@ -13,6 +13,7 @@ import torch
 
 from ..errors import PipelineError
 from ..hf.tensor_parallel import install_style, model_plan, style_placement
+from ..loading.assign import tie
 from ..planning import Plan
 from .group import mesh as device_mesh
 from .spec import ParallelSpec
@@ -30,7 +31,7 @@ def distribute(model: torch.nn.Module, plan: Plan, parallel: ParallelSpec) -> No
         module = modules[mod_name]
         placement = _placement(t.slice.style, module, leaf, t, mesh)
         _wrap(module, leaf, placement, t, mesh)
-    _retie(plan, modules)
+    tie(model, plan.tensors)  # tied members point at their head again (the head was just re-wrapped)
     for name, style in styles.items():
         module = modules.get(name)
         if module is None:
@@ -73,12 +74,3 @@ def _wrap(module, leaf: str, placement, t, mesh) -> None:
     stride = torch.empty(full, device="meta").stride()
     value = DTensor.from_local(local, mesh, [placement], run_check=False, shape=full, stride=stride)
     module._parameters[leaf] = torch.nn.Parameter(value, requires_grad=False)
-
-
-def _retie(plan: Plan, modules) -> None:
-    """Tied members point at their head again (the head was just re-wrapped)."""
-    for t in plan.tensors.values():
-        if t.tied_to and t.kind == "param":
-            head_mod, _, head_leaf = t.tied_to.rpartition(".")
-            mod_name, _, leaf = t.name.rpartition(".")
-            modules[mod_name]._parameters[leaf] = modules[head_mod]._parameters[head_leaf]
