@@ -62,16 +62,9 @@ def model_class(config, path: str, trust_remote_code: bool = False) -> type:
 
 
 def _without_architectures(config, path: str, auto_map: dict, trust_remote_code: bool) -> type:
-    """No `architectures` in config.json: the class a `from_pretrained` user would pick for this checkpoint.
-
-    That is the generating head (AutoModelForCausalLM; for encoder-decoders
-    AutoModelForSeq2SeqLM, else AutoModelForSpeechSeq2Seq) when the config type has one,
-    except a decoder-only checkpoint whose tensor names lack the head's base-model prefix
-    (`model.`, `transformer.`): it was saved from the bare base model (transformers tells
-    the two apart the same way), so AutoModel.
-    Tensor names under the base-model prefix of a config with no generating head (`vit.*`)
-    come from some other head class, which config.json does not name: exit 2 saying so.
-    """
+    """No `architectures` in config.json: the class a `from_pretrained` user would pick for this checkpoint, the
+    generating head, or AutoModel when the tensor names say a bare base model (docs/design.md, "Which model
+    class"); names under the base-model prefix with no generating head: exit 2."""
     import transformers
 
     if auto_map:

@@ -1,11 +1,8 @@
 """The unquantized reference model, streamed from the checkpoint layer by layer.
 
-Quality metrics compare the loaded model with the same checkpoint unquantized.
-Holding both would double the memory, so the reference is planned (build_plan, as
-any load) with every weight on "disk": accelerate's offload hooks read each module's
-weights from the shards (in place, cast to the planned dtype) just before the module
-runs and drop them after, so at most one layer of the reference is in memory at a
-time. It costs one extra read of the checkpoint (from the page cache, usually) per forward.
+Planned (build_plan, as any load) with every weight on "disk", so accelerate's offload hooks read each
+module's weights from the shards just before it runs and at most one layer is in memory: the price is one
+extra read of the checkpoint per forward (docs/design.md, "The unquantized reference").
 """
 
 from __future__ import annotations
