@@ -128,12 +128,9 @@ def available_memory() -> int:
 
 
 def summary(paths: list[str], now: float | None = None) -> dict | None:
-    """What was read ahead of `now` (the load's start) for these files, for the report: files,
-    bytes, how long before `now` the first read started, whether all were read by then (and
-    how long reading them took), the I/O priority it started at, whether the load found it
-    still at idle and raised it (`hurry`), and how long it waited for this process' own reads
-    (`yielded_s`, as of its last word: a finished file or the hurry); None when none of them
-    was read ahead."""
+    """report.json `load.page_cache`: what was read ahead of `now` (the load's start) for these files (the fields:
+    docs/design.md, "Reads overlapped with imports"; `yielded_s` as of the reader's last word: a finished file or
+    the hurry); None when none of them was read ahead."""
     now = time.perf_counter() if now is None else now
     with _lock:
         rows = [READ_AHEAD[p] for p in dict.fromkeys(os.path.abspath(p) for p in paths) if p in READ_AHEAD]
