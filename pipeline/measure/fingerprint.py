@@ -25,6 +25,7 @@ def _signed(value: int) -> int:
 _GOLDEN = _signed(0x9E3779B97F4A7C15)
 _MUL = _signed(0xBF58476D1CE4E5B9)
 _BLOCK = 64 << 20  # bytes per hashed block of a shard
+_THREADS = max(1, min(8, os.cpu_count() or 1))  # hashlib threads (weights and shards alike)
 
 
 def weights_fingerprint(model: torch.nn.Module, offload, key: int) -> tuple[str, int]:
@@ -67,7 +68,7 @@ def _digests(named: list, key: int) -> tuple[list[str], int]:
     for i, (_, t) in enumerate(named):
         first.setdefault(_ident(t), i)
     unique = sorted(set(first.values()))
-    with ThreadPoolExecutor(_threads()) as pool:
+    with ThreadPoolExecutor(_THREADS) as pool:
         done = dict(zip(unique, pool.map(lambda i: _digest(named[i][1], key), unique), strict=True))
     lines = [f"{n}|{t.dtype}|{tuple(t.shape)}|{done[first[_ident(t)]]}" for n, t in named]
     return lines, sum(named[i][1].numel() * named[i][1].element_size() for i in unique)
@@ -75,10 +76,6 @@ def _digests(named: list, key: int) -> tuple[list[str], int]:
 
 def _ident(t: torch.Tensor) -> tuple:
     return (t.device, t.data_ptr(), t.dtype, tuple(t.shape), t.stride())
-
-
-def _threads() -> int:
-    return max(1, min(8, os.cpu_count() or 1))
 
 
 def _digest(tensor: torch.Tensor, key: int) -> str:
@@ -115,7 +112,7 @@ def content_digest(paths) -> tuple[str, int]:
     """(sha256 over every file's name, size and bytes, bytes hashed): 64 MiB blocks hashed in parallel threads."""
     files = sorted(os.path.abspath(p) for p in paths)
     blocks = [(p, off) for p in files for off in range(0, max(os.path.getsize(p), 1), _BLOCK)]
-    with ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1))) as pool:
+    with ThreadPoolExecutor(_THREADS) as pool:
         parts = list(pool.map(lambda b: _block_digest(*b), blocks))
     digest = hashlib.sha256()
     for (path, off), part in zip(blocks, parts, strict=True):
