@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import os
 import sys
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
@@ -58,7 +59,9 @@ def _task(cfg: DictConfig) -> str:
         if isinstance(exc, KeyboardInterrupt):  # Ctrl-C 130, SIGTERM 143 (pipeline.errors.Interrupted)
             code = getattr(exc, "exit_code", 130)
         if hc.mode == RunMode.MULTIRUN and isinstance(exc, KeyboardInterrupt):  # a signal stops the whole sweep
-            _summarize_so_far(hc.sweep.dir)
+            from .sweeps.summary import summarize
+
+            summarize(Path(hc.sweep.dir))  # the jobs so far, the interrupted one last
         elif hc.mode == RunMode.MULTIRUN:  # the sweep goes on; report.json says what happened
             return _sweep_value(cfg, result.report)
         raise SystemExit(code) from None
@@ -79,15 +82,6 @@ def _check_permissions(cfg: DictConfig, hc) -> None:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(exc.exit_code) from None
-
-
-def _summarize_so_far(root: str) -> None:
-    """An interrupted sweep still leaves its summary (the jobs so far, the interrupted one last)."""
-    from pathlib import Path
-
-    from .sweeps.summary import summarize
-
-    summarize(Path(root))
 
 
 def _sweep_value(cfg: DictConfig, report: dict):

@@ -12,13 +12,17 @@ def cache_dir() -> str:
 
 
 METRICS_ENV = "MODEL_LOADER_METRICS_CACHE"
-_OFF = ("off", "0", "false", "none")
+
+
+def metrics_dir() -> str | None:
+    """$MODEL_LOADER_METRICS_CACHE, else $MODEL_LOADER_CACHE/metrics; None when it is `off`."""
+    value = os.environ.get(METRICS_ENV)
+    if value and value.lower() in ("off", "0", "false", "none"):
+        return None
+    return value or os.path.join(cache_dir(), "metrics")
 
 
 def write_homes() -> list[tuple[str, str]]:
     """(variable, directory) of every cache a run may write into (the metric cache's default lies in the first)."""
-    out = [("MODEL_LOADER_CACHE", cache_dir())]
-    metrics = os.environ.get(METRICS_ENV)
-    if metrics and metrics.lower() not in _OFF:
-        out.append((METRICS_ENV, metrics))
-    return out
+    metrics = metrics_dir() if os.environ.get(METRICS_ENV) else None
+    return [("MODEL_LOADER_CACHE", cache_dir())] + ([(METRICS_ENV, metrics)] if metrics else [])

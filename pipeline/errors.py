@@ -15,21 +15,17 @@ class UserError(PipelineError):
     """Bad input or config: exit 2, one line naming the culprit and the fix."""
 
     exit_code = 2
-    status = "error"
 
 
 class CheckFailed(PipelineError):
     """A validation check failed: exit 1, the failures are listed in the report."""
 
-    exit_code = 1
     status = "failed"
 
 
 class RankLost(PipelineError):
     """Tensor parallel: another rank stopped answering (parallel.timeout_s) or ended; exit 1, said by every rank."""
 
-    exit_code = 1
-    status = "error"
     every_rank = True
 
 

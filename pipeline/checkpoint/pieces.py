@@ -1,13 +1,9 @@
 """Where each checkpoint tensor lands inside a converted model tensor, as views (no bytes touched).
 
-transformers' conversion ops (MergeModulelist, Concatenate, Chunk, Split, Transpose) build
-a model tensor out of checkpoint tensors by stacking, concatenating, slicing and
-transposing. Each of those is a *view* relation: source `s` is the region
-`view(target, into)` of the target, or the target is `view(s, take)`. So instead of
-running the ops on whole tensors (which needs every source and the result in memory
-at once), the loader preallocates the target on its planned device and copies each
-source into its region as it arrives. This module interprets the op classes that
-transformers defines, symbolically, on shapes alone; any other op is refused by name.
+transformers' conversion ops (MergeModulelist, Concatenate, Chunk, Split, Transpose) are view relations
+between a source and the target, interpreted here on shapes alone, so the loader can preallocate the target
+and copy each source into its region as it arrives; any other op is refused by name (docs/design.md, "Key
+conversions").
 """
 
 from __future__ import annotations

@@ -1,13 +1,7 @@
-"""Where `checkpoint.path` points, as users have their checkpoints: a local directory or
-.safetensors file, a Hub repo id already in the local Hugging Face cache, or a .gguf file.
-
-A local path wins, as in from_pretrained (a directory named like a repo id is that directory).
-A repo id resolves offline through huggingface_hub's own cache API (`snapshot_download` with
-`local_files_only`: HF_HUB_CACHE and HF_HOME respected, nothing downloaded); one not cached is
-exit 2 naming the command that fetches it. A .gguf file goes through the converter the default
-job uses (transformers' GGUF reader, saved once as bf16 safetensors in HF layout) into
-$MODEL_LOADER_CACHE/gguf/<sha256 of the file>: keyed by content, so a file rewritten in place is
-converted again, and never written beside the source.
+"""Where `checkpoint.path` points: a local directory or .safetensors file, a Hub repo id already in the local
+Hugging Face cache (resolved offline by huggingface_hub's own cache API), or a .gguf file (converted once into
+$MODEL_LOADER_CACHE/gguf/<sha256 of the file>, never beside the source). docs/design.md, "Where
+checkpoint.path points".
 """
 
 from __future__ import annotations

@@ -1,11 +1,6 @@
 """Replace an earlier save by renames, so that a crash at any instant leaves a complete save, and
-clean up after a save that was killed.
-
-A new save is written beside the destination (`.save-<name>-XXXX`); an earlier save at the
-destination is renamed aside (`.old-<name>-XXXX`), the new one renamed into place, and only
-then is the old one removed (its mark last). The next save to that destination finds what a
-kill left: it renames an aside save back when the destination is missing (the swap never
-finished), removes our stale directories, and names any it cannot prove ours.
+clean up after a save that was killed (`.save-`/`.old-` directories; docs/design.md, "Save never destroys
+what it did not write").
 """
 
 from __future__ import annotations

@@ -1,11 +1,9 @@
 """Write an HF-layout safetensors checkpoint directory beside its destination, then swap it in.
 
-The new save is written, marked (checkpoint/save_mark.py) and renamed into place
-(checkpoint/swap.py): a kill at any instant leaves the earlier save or the new one complete,
-and only a directory we wrote is ever replaced (the caller checks that, and that the
-destination lies outside the source checkpoint and the run directory). A full disk is the
-user's to fix: checked before the first byte when the free space is known, and an ENOSPC
-while writing is one line too, with the temporary directory removed.
+Written, marked (checkpoint/save_mark.py) and renamed into place (checkpoint/swap.py), so a kill leaves the
+earlier save or the new one complete (docs/design.md, "Save never destroys what it did not write"). A full
+disk is one line: checked before the first byte when the free space is known, and on ENOSPC while writing,
+with the temporary directory removed.
 """
 
 from __future__ import annotations

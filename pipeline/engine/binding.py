@@ -1,15 +1,10 @@
 """Bind YAML stage nodes to stage functions; every `_target_` is checked by the object it resolves to.
 
-Configs come from colleagues and the internet. A `_target_` is admitted in two steps:
-its spelling must start with an allow-listed prefix (pipeline.stages., torch.nn.,
-transformers., or an allow_targets entry), and resolving it imports only modules spelled
-under that prefix and never steps through another module's alias (so
-`torch.nn.modules.module.torch.load` reaches nothing it can import). Then the object itself
-is checked: a stage function defined in pipeline.stages, an nn.Module class defined in
-torch.nn, a transformers model class (or its from_config). Loaders (from_pretrained,
-torch.load...) are targets only when allow_targets names them exactly, and keyword
-arguments such as `trust_remote_code` in any node are governed by our own keys
-(checkpoint.trust_remote_code, checkpoint.allow_pickle). All of it before any stage runs.
+Configs come from colleagues and the internet. A `_target_` must start with an allow-listed prefix, resolving
+it imports only modules spelled under that prefix and never steps through another module's alias, and the
+object itself is checked (a stage function, a torch.nn.Module class, a transformers model class). Loaders are
+targets only when allow_targets names them exactly, and `trust_remote_code`-like arguments in any node are
+governed by our own keys. All of it before any stage runs (docs/design.md, "Allow-listed targets").
 """
 
 from __future__ import annotations

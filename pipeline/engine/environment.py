@@ -10,9 +10,8 @@ from __future__ import annotations
 import os
 import platform
 import sys
-from importlib.metadata import PackageNotFoundError, version
 
-from ..hf.version import NEWEST_TESTED, OLDEST, in_tested_range
+from ..hf.version import NEWEST_TESTED, OLDEST, in_tested_range, package_version
 
 PACKAGES = (
     "hydra-model-loader",
@@ -38,7 +37,7 @@ def environment() -> dict:
     return {
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "packages": {name: _version(name) for name in PACKAGES},
+        "packages": {name: package_version(name) for name in PACKAGES},
         "transformers_tested": {"oldest": OLDEST, "newest": NEWEST_TESTED, "in_range": in_tested_range()},
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "aten_cpu_capability": os.environ.get("ATEN_CPU_CAPABILITY"),
@@ -46,13 +45,6 @@ def environment() -> dict:
         "cuda": _cuda(torch),
         "bitsandbytes_backend": _bitsandbytes_backend(),
     }
-
-
-def _version(name: str) -> str | None:
-    try:
-        return version(name)
-    except PackageNotFoundError:
-        return None
 
 
 def _cuda(torch) -> dict | None:

@@ -1,16 +1,9 @@
 """Reuse the loaded model across sweep jobs that differ only in the int8 outlier threshold.
 
-LLM.int8's threshold acts at forward time (which activation columns take the
-fp16 path); the int8 weights and their scales do not depend on it. So when a
-job's config equals the previous job's in everything but
-`quantization.threshold` (and the keys of stages that only measure, such as
-validate: stages/traits.py), the loaded model is kept, its int8 layers get the new
-threshold (quant/bnb.py), and only the stages after the one that loads the weights
-run again. Only within one process (Hydra's basic launcher
-runs a sweep's jobs in one process; submitit runs a process per job and our Ray
-launcher a fresh worker per job, so they never reuse; a joblib or kept Ray worker
-that runs consecutive jobs reuses its own model), and only one model is held: a job
-with another config drops it before loading.
+LLM.int8's threshold acts at forward time; the int8 weights and their scales do not depend on it. So a job
+whose config equals the previous job's but for `quantization.threshold` (and the keys of stages that only
+measure: stages/traits.py) keeps the loaded model, sets the new threshold and runs only the stages after the
+one that loads. Within one process only, one model held at a time (docs/sweeps.md says which launchers reuse).
 """
 
 from __future__ import annotations

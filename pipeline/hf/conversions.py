@@ -1,17 +1,10 @@
 """Checkpoint keys to model tensors as transformers' from_pretrained maps them, from headers alone.
 
-transformers 5 renames and fuses weights when it loads (its conversion mapping:
-`embed_out` -> `lm_head` for GPT-NeoX, ViT's `encoder.layer.N.attention.attention.query`
--> `layers.N.attention.q_proj`, per-expert `experts.N.w1/w3` -> one `experts.gate_up_proj`
-for Mixtral-style MoE, ...) and reverses that when it saves. We do not copy its table:
-`get_model_conversion_mapping(model)` gives the transforms for the model class, its own
-`rename_source_key` renames every key (renamings, then at most one converter, then the
-base-model prefix), in its key order (`dot_natural_key`), exactly as
-`convert_and_load_state_dict_in_model` does. A converter's ops are then run twice on
-shapes alone: by transformers itself on meta tensors (the authoritative names and shapes)
-and by pieces.py (where each source lands in the target, so the loader can copy it into a
-preallocated tensor); the two must agree. Older transformers without the mapping: the
-model class's `_checkpoint_conversion_mapping` regexes and the gamma/beta LayerNorm names.
+transformers 5 renames and fuses weights when it loads. We do not copy its table: its own
+`get_model_conversion_mapping` and `rename_source_key` decide what maps to what, and a converter's ops run
+twice on shapes alone, by transformers on meta tensors and by pieces.py (where each source lands), which must
+agree (docs/design.md, "Key conversions"). Older transformers without the mapping: the model class's
+`_checkpoint_conversion_mapping` regexes and the gamma/beta LayerNorm names.
 """
 
 from __future__ import annotations

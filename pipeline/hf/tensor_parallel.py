@@ -1,22 +1,15 @@
 """The model's own tensor-parallel plan, as transformers carries it, and which dim of each tensor a style shards.
 
-transformers models name a style per module (`config.base_model_tp_plan`, the class's
-`_tp_plan`; Llama: `layers.*.self_attn.q_proj: colwise`, `o_proj: rowwise`, `lm_head:
-colwise_gather_output`, and the input embedding `embedding_rowwise`). We read that plan
-through transformers (`model.tp_plan`, expanded to concrete names by the model's own
-`_expand_parallel_plan`) rather than keeping a table of our own per architecture. The
-dims below are the placements transformers' styles give (ColwiseParallel: Shard(ndim-2),
-bias Shard(0); RowwiseParallel: Shard(-1), bias replicated; EmbeddingParallel: its
-shard_dim; packed styles: the same dims with each of split_factor blocks cut alike).
-Styles whose `shard_param` is transformers' no-op (replicated_with_grad_allreduce on
-Qwen3's q_norm, moe_tp_experts on an experts module, all_reduce...) keep their
-parameters whole and only install their forward hooks. hooks.py checks every placement
-against the styles themselves when it wraps the shards.
+We read the plan through transformers (`model.tp_plan`, expanded to concrete names by the model's own
+`_expand_parallel_plan`) rather than keeping a table per architecture. The dims below are the placements
+transformers' styles give (ColwiseParallel: Shard(ndim-2), bias Shard(0); RowwiseParallel: Shard(-1), bias
+replicated; EmbeddingParallel: its shard_dim; packed styles: the same dims per split_factor block). Styles
+whose `shard_param` is transformers' no-op keep their parameters whole and only install their forward hooks;
+hooks.py checks every placement against the styles themselves.
 
 Checked on transformers 5.24.0 and 5.25.0 (older releases lack this API: `_check_transformers`).
-5.25 took the MoE experts out of the tensor-parallel plans (they moved to its expert-parallel
-plan), so a Mixtral's experts are whole on every rank there; a `base_model_tp_plan` in config.json
-that names the packed styles still shards them.
+5.25 took the MoE experts out of the tensor-parallel plans, so a Mixtral's experts are whole on every rank
+there; a `base_model_tp_plan` in config.json that names the packed styles still shards them.
 """
 
 from __future__ import annotations

@@ -8,6 +8,16 @@ OLDEST = "5.17.0"  # pyproject.toml's lower bound; scripts/compat.sh runs the su
 NEWEST_TESTED = "5.25.0"  # the lock (constraints.txt); a test keeps the two equal
 
 
+def package_version(name: str) -> str | None:
+    """An installed distribution's version, None when it is not installed (read from its metadata: no import)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return None
+
+
 def installed() -> str:
     import transformers
 

@@ -1,14 +1,9 @@
 """What from_pretrained sets on the model it returns, set on ours where loading finishes.
 
-`hf_device_map` in accelerate's format (module -> GPU index as int, "cpu" or "disk"), set as
-transformers 5 sets it: only when the model spans several devices or disk (dispatched), and
-for a quantized model what transformers' bitsandbytes quantizer leaves: `is_quantized`,
-`quantization_method`, `hf_quantizer` (its own Bnb8Bit/Bnb4BitHfQuantizer, built from the
-BitsAndBytesConfig our save writes) and, through its postprocess_model,
-`config.quantization_config` and `is_loaded_in_8bit` / `is_loaded_in_4bit`. With them,
-`model.save_pretrained` writes what transformers reads back (a mixed int8/4-bit plan: our mixed format,
-quant/formats/mixed_plan.py, which we read back and transformers refuses) and peft-style code
-(`prepare_model_for_kbit_training`, `getattr(model, "is_loaded_in_8bit")`) sees a bnb model.
+`hf_device_map` as transformers 5 sets it, and for a quantized model what transformers' bitsandbytes
+quantizer leaves (`hf_quantizer` and, through its postprocess_model, `is_loaded_in_8bit`...), so
+`save_pretrained` and peft-style code see a bnb model; a mixed int8/4-bit plan's config is our mixed format,
+which we read back and transformers refuses (docs/quantization.md, "What the loaded model carries").
 """
 
 from __future__ import annotations

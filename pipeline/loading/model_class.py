@@ -1,13 +1,8 @@
 """Which model class a checkpoint is built as: the one `from_pretrained` users get, or exit 2 saying why not.
 
-- config.json `architectures` names a transformers class: that class (when `auto_map` also
-  names the checkpoint's own code for it, that code is used only with
-  `checkpoint.trust_remote_code=true`, as transformers does).
-- It names a class only the checkpoint's own code has (`auto_map`): nothing from the
-  directory is imported unless the user opts in; then the class comes from transformers'
-  `get_class_from_dynamic_module`, offline, from the local directory.
-- It names a class nobody has: exit 2 naming it (never a silent fallback to another class).
-- No `architectures`: the class with the head a generating user expects (see `_without_architectures`).
+From config.json alone, before anything is built or imported; the checkpoint's own code only with
+`checkpoint.trust_remote_code=true`, never a silent fallback to another class (the rules: docs/design.md,
+"Which model class").
 """
 
 from __future__ import annotations
@@ -51,7 +46,7 @@ def model_class(config, path: str, trust_remote_code: bool = False) -> type:
             return cls
         if entry is not None:
             raise UserError(
-                f"{_config_file(path)}: architectures names {arch}, which only the checkpoint's own code defines "
+                f"{config_file(path)}: architectures names {arch}, which only the checkpoint's own code defines "
                 f"(auto_map {entry[0]}: {entry[1]}); nothing from the checkpoint is imported unless you trust it: "
                 f"set {TRUST_KEY}=true"
             )
@@ -59,7 +54,7 @@ def model_class(config, path: str, trust_remote_code: bool = False) -> type:
         return _trusted_auto_map(auto_map, path, trust_remote_code, f"architectures names {', '.join(archs)}")
     if archs:
         raise UserError(
-            f"{_config_file(path)}: architectures names {', '.join(archs)}: no such class in transformers "
+            f"{config_file(path)}: architectures names {', '.join(archs)}: no such class in transformers "
             f"{transformers.__version__} and no auto_map; upgrade transformers, fix architectures, "
             "or set checkpoint.model={_target_: <a model class>}"
         )
@@ -67,16 +62,9 @@ def model_class(config, path: str, trust_remote_code: bool = False) -> type:
 
 
 def _without_architectures(config, path: str, auto_map: dict, trust_remote_code: bool) -> type:
-    """No `architectures` in config.json: the class a `from_pretrained` user would pick for this checkpoint.
-
-    That is the generating head (AutoModelForCausalLM; for encoder-decoders
-    AutoModelForSeq2SeqLM, else AutoModelForSpeechSeq2Seq) when the config type has one,
-    except a decoder-only checkpoint whose tensor names lack the head's base-model prefix
-    (`model.`, `transformer.`): it was saved from the bare base model (transformers tells
-    the two apart the same way), so AutoModel.
-    Tensor names under the base-model prefix of a config with no generating head (`vit.*`)
-    come from some other head class, which config.json does not name: exit 2 saying so.
-    """
+    """No `architectures` in config.json: the class a `from_pretrained` user would pick for this checkpoint, the
+    generating head, or AutoModel when the tensor names say a bare base model (docs/design.md, "Which model
+    class"); names under the base-model prefix with no generating head: exit 2."""
     import transformers
 
     if auto_map:
@@ -98,13 +86,13 @@ def _without_architectures(config, path: str, auto_map: dict, trust_remote_code:
     cls = auto_class_for(chosen, config)
     if cls is None:
         raise UserError(
-            f"{_config_file(path)}: no architectures and model_type {config.model_type!r} has no model class; "
+            f"{config_file(path)}: no architectures and model_type {config.model_type!r} has no model class; "
             "add architectures to config.json or set checkpoint.model={_target_: <a model class>}"
         )
     prefix = base_model_prefix(cls)
     if chosen is base and prefix and names and any(n.startswith(prefix + ".") for n in names):
         raise UserError(
-            f"{_config_file(path)}: no architectures, and the tensor names ({prefix}.*) come from a model with a "
+            f"{config_file(path)}: no architectures, and the tensor names ({prefix}.*) come from a model with a "
             "task head; add architectures (the class it was saved from) to config.json "
             "or set checkpoint.model={_target_: <that class>}"
         )
@@ -118,7 +106,7 @@ def _trusted_auto_map(auto_map: dict, path: str, trust_remote_code: bool, why: s
     if trust_remote_code:
         return _remote_class((key, auto_map[key]), path)
     raise UserError(
-        f"{_config_file(path)}: {why}; auto_map {key}: {auto_map[key]} is the checkpoint's own code, "
+        f"{config_file(path)}: {why}; auto_map {key}: {auto_map[key]} is the checkpoint's own code, "
         f"imported only when you trust it: set {TRUST_KEY}=true"
     )
 
@@ -138,14 +126,14 @@ def _remote_class(entry: tuple[str, str], path: str) -> type:
     key, ref = entry
     if "--" in ref:
         raise UserError(
-            f"{_config_file(path)}: auto_map {key}: {ref} points at code in another repository; "
+            f"{config_file(path)}: auto_map {key}: {ref} points at code in another repository; "
             "copy that code into the checkpoint directory and name it module.Class"
         )
     try:
         return remote_class(ref, _directory(path))
     except (OSError, ImportError, AttributeError, SyntaxError) as exc:
         raise UserError(
-            f"{_config_file(path)}: auto_map {key}: {ref} cannot be imported from the checkpoint directory "
+            f"{config_file(path)}: auto_map {key}: {ref} cannot be imported from the checkpoint directory "
             f"({exc.__class__.__name__}: {str(exc).splitlines()[0][:160]}); add the module file or fix auto_map"
         ) from None
 
@@ -154,12 +142,12 @@ def check_remote_config(path: str, trust_remote_code: bool) -> None:
     """A config class only the checkpoint's code defines (auto_map AutoConfig) is imported only when trusted."""
     from transformers import CONFIG_MAPPING
 
-    with open(_config_file(path)) as fh:
+    with open(config_file(path)) as fh:
         raw = json.load(fh)
     ref = (raw.get("auto_map") or {}).get("AutoConfig")
     if ref and not trust_remote_code and raw.get("model_type") not in CONFIG_MAPPING:
         raise UserError(
-            f"{_config_file(path)}: model_type {raw.get('model_type')!r} is defined by the checkpoint's own code "
+            f"{config_file(path)}: model_type {raw.get('model_type')!r} is defined by the checkpoint's own code "
             f"(auto_map AutoConfig: {ref}); nothing from the checkpoint is imported unless you trust it: "
             f"set {TRUST_KEY}=true"
         )
@@ -191,5 +179,5 @@ def _directory(path: str) -> str:
     return path if os.path.isdir(path) else os.path.dirname(path)
 
 
-def _config_file(path: str) -> str:
+def config_file(path: str) -> str:
     return os.path.join(_directory(path), "config.json")

@@ -1,12 +1,8 @@
 """CPU and disk offload through accelerate's hooks (dispatch_model), as the plan decided.
 
-Modules planned on "disk" are never read at load time: accelerate's
-OffloadedWeightsLoader gets an index that points at the tensors inside the
-checkpoint's own safetensors files (no copy, no offload folder) and reads them
-at forward time, cast to the planned dtype. Modules planned on "cpu" while a GPU
-is the main device are loaded to the CPU and moved to the GPU per forward, unless
-they hold quantized layers (quantization.offloaded=int8/nf4/fp4): then they run on
-the CPU, with bitsandbytes' CPU kernels, and only activations cross to and fro.
+"disk" modules are read at forward time from the checkpoint's own safetensors files (no copy, no offload
+folder); "cpu" modules under a GPU move per forward, unless they hold quantized layers: those run on the CPU
+and only activations cross (docs/design.md, "Loading").
 """
 
 from __future__ import annotations
@@ -16,16 +12,19 @@ from functools import partial
 import torch
 
 from ..dtypes import dtype_name
-from ..planning import Plan
+from ..planning import Plan, TensorPlan
+
+
+def _disk_params(plan: Plan) -> list[tuple[TensorPlan, TensorPlan]]:
+    """(parameter, the tensor holding its bytes: itself or its tie head) for each parameter planned on disk."""
+    params = (t for t in plan.tensors.values() if t.device == "disk" and t.kind == "param")
+    return [(t, plan.tensors[t.tied_to] if t.tied_to else t) for t in params]
 
 
 def disk_index(plan: Plan, checkpoint) -> dict[str, dict]:
     """accelerate offload index: model name -> the tensor's place in the checkpoint's files."""
     index = {}
-    for t in plan.tensors.values():
-        if t.device != "disk" or t.kind != "param":
-            continue
-        head = plan.tensors[t.tied_to] if t.tied_to else t
+    for t, head in _disk_params(plan):
         if head.conversion is not None:
             continue  # no single tensor in the files: assembled at forward time (_with_assembled)
         info = checkpoint.tensors[head.source]
@@ -62,9 +61,7 @@ def _meta_as_planned(model, plan: Plan) -> None:
     from_pretrained leaves them): a forward that reads a sibling's dtype first (T5's `wo` kept in fp32 under
     bf16) must see the dtype it will get (issue 29)."""
     made: dict[str, torch.nn.Parameter] = {}
-    for t in plan.tensors.values():
-        if t.device != "disk" or t.kind != "param":
-            continue
+    for t, _ in _disk_params(plan):
         mod_name, _, leaf = t.name.rpartition(".")
         module = model.get_submodule(mod_name) if mod_name else model
         current = module._parameters.get(leaf)
@@ -94,11 +91,7 @@ class _Assembled(dict):
 
 def _with_assembled(loader, plan: Plan, checkpoint) -> None:
     """Disk-planned converted tensors (fused MoE experts) read piece by piece into one tensor at forward time."""
-    fused = {
-        t.name: plan.tensors[t.tied_to] if t.tied_to else t
-        for t in plan.tensors.values()
-        if t.device == "disk" and t.kind == "param" and (plan.tensors[t.tied_to] if t.tied_to else t).conversion
-    }
+    fused = {t.name: head for t, head in _disk_params(plan) if head.conversion}
     if not fused or loader is None:
         return
     device = loader.device if loader.device is not None else "cpu"

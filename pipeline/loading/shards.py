@@ -1,13 +1,9 @@
 """Read every planned checkpoint tensor into the skeleton, on its planned device and in its planned form.
 
-Two readers, chosen per tensor by `reader`:
-- stream (GPU tensors under `auto`): loading/streamer.py reads chunks on several
-  threads into a bounded pool of pinned buffers and copies them to the GPU
-  asynchronously; casts and quantization happen on the GPU.
-- safetensors (CPU tensors under `auto`): safe_open's memory map, one tensor at a
-  time in file order; a tensor already in its planned dtype stays a zero-copy,
-  copy-on-write view of the file, so host memory never holds the checkpoint twice.
-Tensors planned on disk are not read (accelerate reads them at forward time).
+Two readers, chosen per tensor by `reader`: stream (GPU tensors under `auto`: loading/streamer.py) and
+safetensors (CPU tensors under `auto`: safe_open's memory map, a tensor in its planned dtype staying a
+zero-copy view of the file). Tensors planned on disk are not read (accelerate reads them at forward time).
+docs/design.md, "Loading".
 """
 
 from __future__ import annotations

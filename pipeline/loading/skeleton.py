@@ -20,7 +20,7 @@ from ..errors import UserError
 from ..hf.modeling import build_from_config, is_model_class, keep_in_fp32_modules, no_split_modules
 from .config_values import CONFIG_ERRORS, check_config_values, config_error
 from .generation import apply_generation_config
-from .model_class import check_remote_config, model_class
+from .model_class import check_remote_config, config_file, model_class
 
 
 @dataclass(frozen=True)
@@ -61,7 +61,7 @@ def build_skeleton(path: str, node: dict | None, dtype: str = "auto", trust_remo
         module.tie_weights()  # transformers 5 ties only when asked; the groups are what we need
     module.eval()
     if config is not None:
-        apply_generation_config(module, os.path.dirname(_config_file(path)), trust_remote_code)
+        apply_generation_config(module, os.path.dirname(config_file(path)), trust_remote_code)
     return Skeleton(
         model=module,
         config=config,
@@ -90,16 +90,12 @@ def _load_dtype(name: str, config) -> torch.dtype | None:
     return found if isinstance(found, torch.dtype) else None
 
 
-def _config_file(path: str) -> str:
-    return os.path.join(path if os.path.isdir(path) else os.path.dirname(path), "config.json")
-
-
 def read_config(path: str, trust_remote_code: bool = False):
     """config.json beside the weights, read by transformers; UserError naming the file when it cannot be."""
     from huggingface_hub.errors import StrictDataclassError
     from transformers import AutoConfig
 
-    cfg_file = _config_file(path)
+    cfg_file = config_file(path)
     if not os.path.isfile(cfg_file):
         raise UserError(f"{path}: no config.json; add it or set checkpoint.model to a model _target_")
     try:

@@ -1,18 +1,10 @@
 """A parallel reader that streams tensor bytes from safetensors shards to their devices.
 
-Why our own and not safe_open(device="cuda") or `.to("cuda")`: those read one
-tensor at a time on one thread through pageable memory (about 5-6 GB/s on an
-H100 host), while the hardware allows ~50 GB/s host-to-device from pinned
-memory. Here several threads `preadv` fixed-size chunks of the files into a
-bounded pool of pinned staging slots, and each chunk is copied asynchronously
-to its place in the destination tensor on a side stream; a slot is reused only
-after its copy has finished. Host memory is bounded by the staging pool
-(`staging_bytes`), whatever the model's size.
-
-Tensors that need a cast or int8 quantization land in a temporary buffer of
-their checkpoint dtype on the target device and are finished there (no round
-trip through the CPU); the bytes of such temporaries in flight are bounded by
-`temp_bytes` (at least one tensor).
+Why our own and not safe_open(device="cuda") or `.to("cuda")`: those read one tensor at a time on one thread
+through pageable memory. Here several threads `preadv` chunks into a bounded pool of pinned staging slots
+(host memory bounded by `staging_bytes`, whatever the model's size), each copied asynchronously to its place
+on a side stream; tensors to cast or quantize land in temporaries on the target device (at most `temp_bytes`
+in flight). Measurements: docs/design.md, "Loading", and docs/benchmarks.md.
 """
 
 from __future__ import annotations

@@ -1,29 +1,9 @@
 """A cache for the expensive validation metrics: the unquantized reference, perplexity, greedy text.
 
-The reference (the checkpoint streamed unquantized, measure/reference.py) and the
-perplexity and greedy text of a loaded model cost most of `validate` (seconds on a CPU)
-and give the same numbers whenever their inputs are the same. So they are kept, under
-$MODEL_LOADER_METRICS_CACHE (default $MODEL_LOADER_CACHE/metrics; never the
-checkpoint directory), and a kept number is reported only if this load earned it:
-
-- keys hold everything that shapes the model and the metric: the model's class, its
-  `checkpoint.model` node, its config and generation config as built (overrides
-  included), the sha256 of every small file beside the weights (config.json, tokenizer,
-  modeling code), the dtype policy, device and CPU numerics, the evaluation text, library
-  versions and a hash of this package's source; the loaded model's entry adds the plan
-  and the quantization settings;
-- the loaded model's entry (`model/<key>.json`) holds the fingerprint of the weights it
-  was measured on (measure/fingerprint.py); it is used only when this load's weights
-  give the same fingerprint;
-- the reference's key (`reference/<key>.pt`) adds a sha256 of the shards' bytes, since a
-  shard can be rewritten with its mtime restored and the reference never exists as loaded
-  weights to fingerprint.
-
-Every entry is checked when read (schema, types, shapes, finiteness): a wrong one is a
-miss, measured again and replaced. Writes are atomic (a temporary file beside, renamed);
-a cache that cannot be written (full disk, read-only) costs a warning line, never the load.
-The checks that prove the load never come from here, and the logits error is computed
-each time from this load's forward output against the reference's logits.
+They cost most of `validate` and give the same numbers whenever their inputs are the same, so they are kept;
+but a kept figure is reported only if this load earned it: the loaded model's entry by the fingerprint of this
+load's weights, the reference's by a sha256 of the shards' bytes. Keys, evidence, checks on read and atomic
+best-effort writes: docs/design.md, "The metric cache".
 """
 
 from __future__ import annotations
@@ -41,24 +21,22 @@ import time
 from functools import lru_cache
 from pathlib import Path
 
-from ..cache_home import cache_dir
+from ..cache_home import metrics_dir
+from ..hf.version import package_version
 from . import quality
 from .fingerprint import content_digest, weights_fingerprint
 
 log = logging.getLogger(__name__)
 
-ENV = "MODEL_LOADER_METRICS_CACHE"
 SCHEMA = 2  # entries written by earlier versions are misses
 _SIDE_SUFFIXES = (".json", ".py", ".txt", ".model", ".jinja", ".tiktoken")  # config, tokenizer, code
 _SIDE_MAX_BYTES = 64 << 20
 
 
 def cache_root() -> Path | None:
-    """Where metrics are kept; None when $MODEL_LOADER_METRICS_CACHE is `off`."""
-    value = os.environ.get(ENV)
-    if value and value.lower() in ("off", "0", "false", "none"):
-        return None
-    return Path(value) if value else Path(cache_dir()) / "metrics"
+    """Where metrics are kept (cache_home.metrics_dir); None when the metric cache is off."""
+    root = metrics_dir()
+    return Path(root) if root else None
 
 
 def file_identity(paths) -> list[list]:
@@ -102,16 +80,8 @@ def code_version() -> str:
 
 
 def library_versions(quantized: bool) -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
     names = ["torch", "transformers", "accelerate"] + (["bitsandbytes"] if quantized else [])
-    out = {}
-    for name in names:
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            out[name] = None
-    return out
+    return {name: package_version(name) for name in names}
 
 
 def text_hash(text: str | None) -> str | None:

@@ -11,7 +11,7 @@ import time
 import torch
 
 from ..planning import Plan
-from .memory import device_str, local_tensor, measured_bytes
+from .memory import device_str, local_tensor, measured_bytes, quant_tensors
 
 log = logging.getLogger(__name__)
 
@@ -155,25 +155,7 @@ def finite_targets(model):
         seen.add(id(t))
         if t.is_floating_point():
             yield name, t
-        yield from _quant_state(name, t)
-
-
-def _quant_state(name: str, t):
-    scb = getattr(t, "SCB", None)
-    if isinstance(scb, torch.Tensor) and scb.is_floating_point():
-        yield f"{name.removesuffix('.weight')}.SCB", scb
-    state = getattr(t, "quant_state", None)
-    nested = getattr(state, "state2", None)
-    parts = (
-        ("absmax", getattr(state, "absmax", None)),
-        ("quant_map", getattr(state, "code", None)),
-        ("offset", getattr(state, "offset", None)),
-        ("nested_absmax", getattr(nested, "absmax", None)),
-        ("nested_quant_map", getattr(nested, "code", None)),
-    )
-    for part, x in parts:
-        if isinstance(x, torch.Tensor) and x.is_floating_point() and x.device.type != "meta":
-            yield f"{name}.{part}", x
+        yield from ((n, x) for n, x in quant_tensors(name, t) if x.is_floating_point() and x.device.type != "meta")
 
 
 _BLOCK = 4096

@@ -1,16 +1,9 @@
 """What the metric cache checks before it reports a number: the loaded weights' fingerprint and the shards' content.
 
-A cached perplexity or greedy text is only true of the weights it was measured on. Keys
-cannot tell (a shard rewritten in place with its mtime restored has the same path, size,
-mtime and inode), so the loaded model is fingerprinted after every load, where its tensors
-live: every state_dict entry (int8 codes, SCB scales, 4-bit quant state), every buffer and
-every offloaded tensor, by its raw bytes. On the CPU each is a sha256 (in parallel
-threads: hashlib, unlike torch's thread pool, does not stall when the cores are busy); on
-a GPU a sum of its 64-bit words, each mixed with its position and a secret key
-(measure/cache.py keeps one per cache directory, so whoever cannot read it cannot craft a
-collision), never a copy to the host. The unquantized reference never exists as loaded
-weights: it is keyed by a sha256 of the shards' bytes instead (`content_digest`), hashed in
-parallel 64 MiB blocks.
+A cached figure is only true of the weights it was measured on, and keys cannot tell (a shard rewritten in
+place with its mtime restored), so the loaded weights are fingerprinted where they live (sha256 on the CPU, a
+keyed word sum on a GPU, never a copy to the host); the reference, never loaded as weights, is keyed by the
+shards' bytes (`content_digest`). docs/design.md, "The metric cache".
 """
 
 from __future__ import annotations
@@ -32,6 +25,7 @@ def _signed(value: int) -> int:
 _GOLDEN = _signed(0x9E3779B97F4A7C15)
 _MUL = _signed(0xBF58476D1CE4E5B9)
 _BLOCK = 64 << 20  # bytes per hashed block of a shard
+_THREADS = max(1, min(8, os.cpu_count() or 1))  # hashlib threads (weights and shards alike)
 
 
 def weights_fingerprint(model: torch.nn.Module, offload, key: int) -> tuple[str, int]:
@@ -74,7 +68,7 @@ def _digests(named: list, key: int) -> tuple[list[str], int]:
     for i, (_, t) in enumerate(named):
         first.setdefault(_ident(t), i)
     unique = sorted(set(first.values()))
-    with ThreadPoolExecutor(_threads()) as pool:
+    with ThreadPoolExecutor(_THREADS) as pool:
         done = dict(zip(unique, pool.map(lambda i: _digest(named[i][1], key), unique), strict=True))
     lines = [f"{n}|{t.dtype}|{tuple(t.shape)}|{done[first[_ident(t)]]}" for n, t in named]
     return lines, sum(named[i][1].numel() * named[i][1].element_size() for i in unique)
@@ -82,10 +76,6 @@ def _digests(named: list, key: int) -> tuple[list[str], int]:
 
 def _ident(t: torch.Tensor) -> tuple:
     return (t.device, t.data_ptr(), t.dtype, tuple(t.shape), t.stride())
-
-
-def _threads() -> int:
-    return max(1, min(8, os.cpu_count() or 1))
 
 
 def _digest(tensor: torch.Tensor, key: int) -> str:
@@ -122,7 +112,7 @@ def content_digest(paths) -> tuple[str, int]:
     """(sha256 over every file's name, size and bytes, bytes hashed): 64 MiB blocks hashed in parallel threads."""
     files = sorted(os.path.abspath(p) for p in paths)
     blocks = [(p, off) for p in files for off in range(0, max(os.path.getsize(p), 1), _BLOCK)]
-    with ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1))) as pool:
+    with ThreadPoolExecutor(_THREADS) as pool:
         parts = list(pool.map(lambda b: _block_digest(*b), blocks))
     digest = hashlib.sha256()
     for (path, off), part in zip(blocks, parts, strict=True):

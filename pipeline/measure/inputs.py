@@ -1,12 +1,8 @@
 """Fixed inputs for any model kind, built from its `main_input_name` and its config.
 
-The forward check and the reference comparison need inputs the model accepts; which
-ones is what transformers itself declares: `main_input_name` (input_ids, pixel_values,
-input_features, input_values) and the config fields that size them (vocab_size,
-image_size/num_channels, num_mel_bins/max_source_positions). Encoder-decoders also get
-decoder_input_ids. A model whose inputs cannot be built this way gets a reason instead,
-which validate reports as a skipped check, never an error. Values are deterministic
-(fixed ids, a seeded generator), so every run and its reference see the same inputs.
+What transformers declares, not a list of model names; values are deterministic, so every run and its
+reference see the same inputs, and a model whose inputs cannot be built gets a reason (a skipped check),
+never an error (docs/design.md, "Inputs for every model kind").
 """
 
 from __future__ import annotations

@@ -49,15 +49,20 @@ def device_str(device: torch.device) -> str:
     return str(device.index or 0) if device.type == "cuda" else device.type
 
 
-def quant_state_tensors(state) -> list:
-    """The tensors a bitsandbytes 4-bit QuantState holds (nested state included)."""
-    if state is None:
-        return []
-    out = [state.absmax, state.code, getattr(state, "offset", None)]
-    nested = getattr(state, "state2", None) if state.nested else None
-    if nested is not None:
-        out += [nested.absmax, nested.code]
-    return [t for t in out if isinstance(t, torch.Tensor)]
+def quant_tensors(name: str, weight) -> list[tuple[str, torch.Tensor]]:
+    """The tensors bitsandbytes keeps beside a quantized weight (int8 SCB; 4-bit absmax, code books, offset,
+    nested state), under the names transformers saves them as (`<module>.SCB`, `<weight>.absmax`...)."""
+    state = getattr(weight, "quant_state", None)
+    nested = getattr(state, "state2", None)
+    parts = (
+        (f"{name.removesuffix('.weight')}.SCB", getattr(weight, "SCB", None)),
+        (f"{name}.absmax", getattr(state, "absmax", None)),
+        (f"{name}.quant_map", getattr(state, "code", None)),
+        (f"{name}.offset", getattr(state, "offset", None)),
+        (f"{name}.nested_absmax", getattr(nested, "absmax", None)),
+        (f"{name}.nested_quant_map", getattr(nested, "code", None)),
+    )
+    return [(n, t) for n, t in parts if isinstance(t, torch.Tensor)]
 
 
 def local_tensor(t):
@@ -85,8 +90,7 @@ def measured_bytes(model: torch.nn.Module, offload=None) -> dict[str, int]:
 
     for p in model.parameters():
         add(p)
-        add(getattr(p, "SCB", None))  # bitsandbytes Int8Params keep their row scales beside the weight
-        for t in quant_state_tensors(getattr(p, "quant_state", None)):  # Params4bit: absmax, code books
+        for _, t in quant_tensors("", p):  # Int8Params' row scales, Params4bit's absmax and code books
             add(t)
     for b in model.buffers():
         add(b)

@@ -1,18 +1,14 @@
 """The unquantized reference model, streamed from the checkpoint layer by layer.
 
-Quality metrics compare the loaded model with the same checkpoint unquantized.
-Holding both would double the memory, so the reference is planned (build_plan, as
-any load) with every weight on "disk": accelerate's offload hooks read each module's
-weights from the shards (in place, cast to the planned dtype) just before the module
-runs and drop them after, so at most one layer of the reference is in memory at a
-time. It costs one extra read of the checkpoint (from the page cache, usually) per forward.
+Planned (build_plan, as any load) with every weight on "disk", so accelerate's offload hooks read each
+module's weights from the shards just before it runs and at most one layer is in memory: the price is one
+extra read of the checkpoint per forward (docs/design.md, "The unquantized reference").
 """
 
 from __future__ import annotations
 
 import logging
 
-import torch
 from accelerate import init_empty_weights
 
 from ..dtypes import DtypePolicy
@@ -53,7 +49,6 @@ def streamed_reference(
         main_device=device_str(main),
         assemble_from_disk=True,
     )
-    _meta_in_planned_dtypes(ref, ref_plan)
     for module in ref.modules():
         for leaf, buf in module._buffers.items():
             if buf is not None:
@@ -66,16 +61,3 @@ def streamed_reference(
     finally:
         quiet.setLevel(level)
     return ref
-
-
-def _meta_in_planned_dtypes(ref, plan: Plan) -> None:
-    """Offload hooks cast each weight to its meta tensor's dtype: make that the planned one."""
-    for t in plan.tensors.values():
-        if t.kind == "param" and not t.tied_to:
-            mod_name, _, leaf = t.name.rpartition(".")
-            module = ref.get_submodule(mod_name) if mod_name else ref
-            module._parameters[leaf] = torch.nn.Parameter(
-                torch.empty(t.shape, dtype=t.dtype, device="meta"), requires_grad=False
-            )
-    if hasattr(ref, "tie_weights"):
-        ref.tie_weights()

@@ -1,12 +1,10 @@
 """Each quantizable module's sensitivity, measured on the evaluation text's own activations.
 
-Sensitivity of module i under a method: the relative output error ||W x - Q(W) x|| / ||W x||,
-where x are the module's real inputs in the unquantized model and Q(W) x is computed by the
-real bitsandbytes module the load would build (Linear8bitLt with the threshold, Linear4bit nf4).
-Forward hooks build one module's quantized copy at a time and drop it after, so memory stays one
-module above the model's; on a streamed model (weights offloaded) the weight is read back from the
-offload hook's weights map. The same hooks can replace outputs by the quantized ones (`methods`),
-which gives the perplexity of a mixed plan before it is loaded (docs/quantization.md, quantization=auto).
+The relative output error ||W x - Q(W) x|| / ||W x|| of the real bitsandbytes module the load would build, on
+the module's real inputs. Forward hooks build one module's quantized copy at a time (memory one module above
+the model's; a streamed weight is read back from the offload hook's weights map); the same hooks can replace
+outputs by the quantized ones (`methods`): the perplexity of a mixed plan before it is loaded
+(docs/quantization.md, "Per-module methods and `quantization=auto`").
 """
 
 from __future__ import annotations

@@ -1,13 +1,9 @@
 """Tensor parallel: do the sharded model's (gathered) logits equal the single-process model's?
 
-The single-process model is the streamed reference (measure/reference.py): the same
-checkpoint, unsharded, in the run's dtype policy, read layer by layer, so no rank ever
-holds the whole model. Every rank runs the sharded forward (it has collectives); only
-the rank that asks builds the reference. For an unquantized load the two compute the
-same function, and differ only by the order of the rowwise partial sums (fp32: about
-1e-7 of the largest logit); `tolerance` (relative to the largest reference logit) is
-the bar for the `matches_single_process` check. An int8 load is compared with the
-unquantized reference (its quantization error), with no bar: it is reported.
+The single-process model is the streamed reference (measure/reference.py), so no rank ever holds the whole
+model; every rank runs the sharded forward (it has collectives), only the rank that asks builds the
+reference. Unquantized: checked against `tolerance` (the rowwise partial sums differ only in order); int8:
+compared with the unquantized reference and reported, no bar (docs/parallel.md).
 """
 
 from __future__ import annotations

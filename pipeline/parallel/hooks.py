@@ -1,15 +1,10 @@
 """The sharded forward: transformers' own tensor-parallel styles, installed on the loaded shards.
 
-We reuse transformers (its registry of tensor-parallel styles, reached through
-hf/tensor_parallel.py): each style's `install_forward` wraps the module's forward with
-the collectives it needs (colwise: none, the output stays sharded; rowwise: all-reduce
-of the partial sums, bias added once; colwise_gather_output: all-gather of the logits;
-embedding_rowwise: masked lookups summed by DTensor). What we do ourselves is put the
-weights in: the shards this rank read become what transformers' `shard_param` makes of a
-meta weight, a DTensor with the style's placement (we ask the style for that placement
-and check it against the plan's dim), so the hooks see exactly the parameters they were
-written for. int8 weights stay plain local `Int8Params` (bitsandbytes cannot hold a
-DTensor) and their modules take transformers' local path for quantized layers.
+Each style's `install_forward` (reached through hf/tensor_parallel.py) wraps the module's forward with its
+collectives; what we do ourselves is put the weights in: the shards this rank read become the DTensor that the
+style's `shard_param` makes of a meta weight, placement checked against the plan's dim. int8 weights stay plain
+local `Int8Params` (bitsandbytes cannot hold a DTensor). docs/design.md, "Tensor parallel: what is
+transformers' and what is ours".
 """
 
 from __future__ import annotations
@@ -18,6 +13,7 @@ import torch
 
 from ..errors import PipelineError
 from ..hf.tensor_parallel import install_style, model_plan, style_placement
+from ..loading.assign import tie
 from ..planning import Plan
 from .group import mesh as device_mesh
 from .spec import ParallelSpec
@@ -35,7 +31,7 @@ def distribute(model: torch.nn.Module, plan: Plan, parallel: ParallelSpec) -> No
         module = modules[mod_name]
         placement = _placement(t.slice.style, module, leaf, t, mesh)
         _wrap(module, leaf, placement, t, mesh)
-    _retie(model, plan, modules)
+    tie(model, plan.tensors)  # tied members point at their head again (the head was just re-wrapped)
     for name, style in styles.items():
         module = modules.get(name)
         if module is None:
@@ -78,12 +74,3 @@ def _wrap(module, leaf: str, placement, t, mesh) -> None:
     stride = torch.empty(full, device="meta").stride()
     value = DTensor.from_local(local, mesh, [placement], run_check=False, shape=full, stride=stride)
     module._parameters[leaf] = torch.nn.Parameter(value, requires_grad=False)
-
-
-def _retie(model, plan: Plan, modules) -> None:
-    """Tied members point at their head again (the head was just re-wrapped)."""
-    for t in plan.tensors.values():
-        if t.tied_to and t.kind == "param":
-            head_mod, _, head_leaf = t.tied_to.rpartition(".")
-            mod_name, _, leaf = t.name.rpartition(".")
-            modules[mod_name]._parameters[leaf] = modules[head_mod]._parameters[head_leaf]

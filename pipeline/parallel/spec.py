@@ -71,7 +71,7 @@ class ParallelSpec:
                 )
             return cls()
         world = _world_size(node.get("world_size"), env, launched, dry_run)
-        device = _device_type(str(node.get("device", _DEFAULT.device)), dry_run)
+        device = _device_type(str(node.get("device", _DEFAULT.device)))
         backend = _backend(str(node.get("backend", _DEFAULT.backend)), device)
         rank = int(env["RANK"]) if launched else 0
         local = int(env.get("LOCAL_RANK", rank)) if launched else 0
@@ -128,7 +128,7 @@ def _timeout(value) -> float:
     return seconds
 
 
-def _device_type(device: str, dry_run: bool) -> str:
+def _device_type(device: str) -> str:
     if device not in DEVICES:
         raise UserError(f"parallel.device: unknown device {device!r}; choose one of {', '.join(DEVICES)}")
     if device != "auto":

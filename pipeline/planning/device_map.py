@@ -1,13 +1,8 @@
 """Where the device map is made: strategies over exact tensor sizes, caps, and tensors placed by it.
 
-Strategies: sequential, balanced, balanced_low_0, auto, cpu, explicit.
-
-Why our own and not accelerate's infer_auto_device_map: accelerate drops devices
-that this machine lacks (a user cannot plan 2x40 GiB GPUs on a laptop), reads
-free memory when caps are given, and sizes int8 layers without their scales.
-The algorithm is accelerate's, on our sizes: walk the module tree in order,
-place each module on the current device if it fits, else split it into its
-children (never a no-split class), else move on to the next device.
+Strategies: sequential, balanced, balanced_low_0, auto, cpu, explicit. accelerate's algorithm on our exact
+sizes and on declared devices (its infer_auto_device_map drops devices this machine lacks and sizes int8
+layers without their scales): docs/design.md, "The planner is ours".
 """
 
 from __future__ import annotations

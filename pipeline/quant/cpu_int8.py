@@ -1,24 +1,11 @@
 """LLM.int8's int8 x int8 -> int32 matmul on the CPU, exact on every CPU.
 
-bitsandbytes 0.50 picks its CPU kernel by torch's CPU capability: `torch._int_mm` on AVX-512,
-else one fp32 matmul of the int8 codes cast to float. Neither is exact everywhere:
-
-- fp32 holds integers exactly only up to 2**24, so once a dot product's partial sums pass that
-  (K > 1024 with large codes) the fallback rounds, and AVX2 machines get other int32 results
-  than AVX-512 ones (tests/test_cpu_paths.py shows one);
-- `torch._int_mm` goes to oneDNN, whose int8 GEMM without AVX-512 VNNI multiplies through
-  16-bit pair sums that saturate: with oneDNN capped below VNNI (`ONEDNN_MAX_CPU_ISA=
-  AVX512_CORE`, an AVX-512 CPU without VNNI) it is off by up to 143931 on random codes.
-
-So we register our own CPU kernel: `torch._int_mm` where a probe at first use shows it exact on
-this machine (worst-case codes, checked against int64), otherwise the fp32 matmul in slices of
-K short enough that every partial sum is an integer below 2**24, exact whatever order the BLAS
-sums in. Everything else in the layer stays bitsandbytes' own (modules, Int8Params, CB/SCB,
-quantization of the activations, outlier columns, dequantization).
-
-`quantization.cpu_matmul=bitsandbytes` restores bitsandbytes' own choice (for comparing with
-another library's int8 model bit for bit). The kernel is registered once per process and the
-choice is process-wide: the last int8 model built sets it.
+bitsandbytes' CPU kernel is not exact everywhere: its fp32 fallback rounds once partial sums pass 2**24
+(tests/test_cpu_paths.py shows one), and `torch._int_mm` saturates on oneDNN without AVX-512 VNNI. So we
+register our own kernel for the op: `torch._int_mm` where a probe at first use shows it exact, otherwise the
+fp32 matmul in K-slices short enough to be exact; the rest of the layer stays bitsandbytes' own.
+`quantization.cpu_matmul=bitsandbytes` restores bitsandbytes' choice; the choice is process-wide (the last
+int8 model built sets it). docs/design.md, "Our CPU int8 matmul".
 """
 
 from __future__ import annotations

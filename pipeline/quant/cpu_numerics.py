@@ -1,26 +1,11 @@
 """Portable CPU numerics for int8 models: the same logits on every CPU.
 
-LLM.int8 rounds every activation to int8 codes, so a 1-ulp difference in the float work
-around its layers moves some value across a rounding boundary, the next layers' inputs
-then differ by far more than an ulp, and by the last layer the int8 noise is another draw
-(issue 15: 4.9% relative logits difference between AVX-512 and AVX2, perplexity +1.9% on
-one machine, +2.7% on another). torch's CPU kernels for reductions and transcendental
-functions sum and approximate in an order that depends on the vector width (AVX-512, AVX2,
-none), and MKL picks its GEMM code path by CPU; the plain arithmetic (add, mul, div, round,
-casts) is correctly rounded, hence the same everywhere.
-
-So while an int8 model runs, every order-dependent op on CPU float tensors (`FP64_OPS`) is
-computed in fp64 and rounded once to the dtype the op would have returned: the fp64 results
-differ between CPUs by a few fp64 ulps, which moves an fp32 rounding with a probability of
-about 1e-8 per value. LLM.int8's outlier columns (an fp32 GEMM inside bitsandbytes'
-`int8_mixed_scaled_mm`) get the same treatment; the int8 products themselves are exact
-integers (quant/cpu_int8.py). Tensors on other devices pass through untouched.
-
-It is a TorchDispatchMode that validate enters around its measurements (`portable_numerics`),
-so it covers any architecture (whatever attention, norm or activation a modeling file uses
-reaches torch as these aten ops) and belongs to the measurement, not to the model: the model
-handed back runs torch's and bitsandbytes' own kernels (issue 30: fp64 made generate about 3x
-slower). `quantization.cpu_numerics=native` measures with those kernels too (CPU-dependent figures).
+LLM.int8 rounds activations, so last-bit differences in the float work around its layers (torch's reductions
+and transcendental functions depend on the vector width, MKL picks its GEMM path by CPU) become other int8
+codes a few layers later (issue 15). While validate measures (`portable_numerics`, a TorchDispatchMode, so it
+covers any architecture), every order-dependent op on CPU float tensors (`FP64_OPS`) is computed in fp64 and
+rounded once. It belongs to the measurement, not to the model (issue 30: fp64 made generate about 3x slower).
+Why and what was measured: docs/design.md, "Portable CPU numerics for int8 models".
 """
 
 from __future__ import annotations

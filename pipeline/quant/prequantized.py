@@ -1,13 +1,9 @@
 """Checkpoints that are already quantized: loaded as saved, never quantized again.
 
-The format (quant/formats/) says which checkpoint weights are quantized and where their
-stats lie; here that becomes the run's spec and layers, in model names. The method is the
-checkpoint's: a `quantization=` of another method is refused (exit 2, at plan time);
-`quantization=none` loads the checkpoint as saved, as transformers' from_pretrained does.
-Settings that act at forward time (the int8 threshold, the 4-bit compute dtype) are the
-run's when it names the same method, else the checkpoint's. A saved mixed plan
-(formats/mixed_plan.py) gives each module its saved method; the run may name any method it
-holds, and its threshold or compute dtype applies where it uses that kind.
+The format (quant/formats/) says which checkpoint weights are quantized and where their stats lie; here that
+becomes the run's spec and layers, in model names. The method is the checkpoint's; what the run's
+`quantization=` may say and which forward-time settings it keeps: docs/quantization.md, "Pre-quantized
+checkpoints".
 """
 
 from __future__ import annotations

@@ -1,14 +1,9 @@
 """Bytes bitsandbytes holds for one quantized weight, from its shape alone.
 
-int8 (Linear8bitLt): one byte per element plus an fp32 scale per output row (SCB).
-4-bit (Linear4bit, nf4/fp4): two elements per byte, one absmax per block of
-`blocksize` elements, and the 16-entry fp32 code book of the 4-bit type. With
-double quantization the absmax values are themselves 8-bit (one byte per block)
-with an fp32 absmax per 256 of them, their own 256-entry fp32 code book and an
-fp32 offset. bitsandbytes keeps these per module, not shared, so each counts.
-The sizes hold on every device: on the CPU we keep bitsandbytes' canonical
-layout (see quant/bnb.py, quantize_four_bit) so the plan stays exact.
-A pre-quantized weight is sized from the headers of what was saved beside it (saved_size).
+int8: one byte per element plus an fp32 scale per output row (SCB); 4-bit: the packed codes, absmax per block
+and code books (docs/quantization.md, "nf4 / fp4"), each module's own. The sizes hold on every device: on the
+CPU we keep bitsandbytes' canonical layout (quant/bnb.py, quantize_four_bit). A pre-quantized weight is sized
+from the headers of what was saved beside it (saved_size).
 """
 
 from __future__ import annotations

@@ -25,6 +25,7 @@ BLOCKSIZES = (64, 128, 256, 512, 1024, 2048, 4096)
 SKIP = "skip"
 CPU_MATMULS = ("exact", "bitsandbytes")  # see quant/cpu_int8.py
 CPU_NUMERICS = ("portable", "native")  # see quant/cpu_numerics.py
+DTYPE_NAMES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}  # torch's name -> ours
 
 
 @dataclass(frozen=True)
@@ -244,7 +245,7 @@ def _dtype(raw, key: str, *, allow_null: bool):
         raise UserError(
             f"{key}: unknown dtype {raw!r}; choose one of fp32, fp16, bf16" + (" or null" if allow_null else "")
         )
-    return {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}.get(name, name)
+    return DTYPE_NAMES.get(name, name)
 
 
 def _bool(raw, key: str) -> bool:

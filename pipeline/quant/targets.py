@@ -1,14 +1,8 @@
 """Which Linear layers are quantized (int8 or 4-bit), and why the others are skipped.
 
-Decided once, by the plan stage (which must size quantized weights before any byte is
-read); the quantize stage swaps exactly the modules the plan lists, so the two never disagree.
-
-The candidates are the ones transformers' bitsandbytes integration converts
-(`replace_with_bnb_linear`): modules whose type is exactly `torch.nn.Linear`, and GPT-2
-style `Conv1D` (whose (in, out) weight is transposed before quantization). Subclasses of
-Linear with their own forward (Falcon's FalconLinear) are left alone, as there. Its
-default skips are ours too: the output head, tied weights, the module of the model's
-last parameter, and `_keep_in_fp32_modules`.
+Decided once, by the plan stage (which must size quantized weights before any byte is read); the quantize
+stage swaps exactly the modules the plan lists, so the two never disagree. The candidates and default skips
+are transformers' bitsandbytes integration's (docs/quantization.md, "Which layers").
 """
 
 from __future__ import annotations

@@ -1,21 +1,12 @@
 """Optional stage: write the loaded (quantized) model as a new checkpoint that transformers reads back.
 
-Quantized layers are written by bitsandbytes' own serializer in transformers' key layout
-(int8: `<module>.weight` + `.SCB` + `.weight_format`; 4-bit: the packed `weight` and its
-`weight.absmax`, `.quant_map`, `.nested_*`, `.quant_state.bitsandbytes__nf4|fp4`), and
-config.json gains the `quantization_config` transformers writes (quant/formats/hf_config.py)
-and the dtype the unquantized tensors were saved in. So transformers' from_pretrained and
-this pipeline both load the directory as saved, bit for bit. Per-module thresholds, which
-transformers has no field for, are kept in our safetensors metadata. A plan with several
-methods (quantization.methods, quantization=auto) writes the same tensors per module and our
-own quantization_config (quant/formats/mixed_plan.py), which this pipeline reads back bit for
-bit and transformers refuses.
-
-Save never destroys what it did not write: the destination must lie apart from the source
-checkpoint (and where its files really are) and from the run directory, a non-empty one is
-replaced only when it is an earlier save of ours (its mark, checkpoint/save_mark.py) and
-overwrite=true, and the new save is written beside it and swapped in by renames
-(checkpoint/swap.py), so a kill leaves the old save or the new one complete.
+Quantized layers are written by bitsandbytes' own serializer in transformers' key layout, and config.json
+gains the `quantization_config` transformers writes (a plan with several methods: our own, which transformers
+refuses), so from_pretrained and this pipeline load the directory as saved, bit for bit (docs/design.md,
+"Pre-quantized checkpoints and what save writes"). Save never destroys what it did not write: the destination
+lies apart from the checkpoint and the run directory, only an earlier save of ours is replaced (with
+overwrite=true), and the new one is swapped in by renames (docs/design.md, "Save never destroys what it did
+not write").
 """
 
 from __future__ import annotations

@@ -10,10 +10,8 @@ import gc
 import os
 import sys
 
-# A CLI run imports torch, transformers and a model class (~400k tracked objects) and then
-# exits: with Python's default thresholds that is seven full collections during the run and
-# another pass at exit, 1.2 s of a 4.6 s fp32 load on the 2-core machine (docs/benchmarks.md).
-# Rarer young collections keep cyclic garbage bounded; freezing at exit skips the last scan.
+# Python's defaults cost a CLI run (~400k tracked objects) seven full collections and a pass at exit; rarer
+# young collections keep cyclic garbage bounded (docs/design.md, "The CLI process and the cyclic collector").
 GC_THRESHOLDS = (50_000, 20, 100)
 
 

@@ -1,12 +1,9 @@
 """Create the CUDA context through the driver, off the GIL, while Python imports.
 
-torch creates its context in `torch.cuda.init()` with the GIL held (the driver's cuInit and
-the device's primary context: about a second on the GPU hosts), so a thread doing that
-stops every import meanwhile. Called through ctypes, the same driver calls release the GIL.
-torch's runtime later takes the device's primary context that already exists instead of
-making one (one context per device and process, which is what torch would have made).
-No torch here: this starts before torch is imported. Best effort; a machine without
-libcuda does nothing.
+torch's `torch.cuda.init()` holds the GIL for the driver's cuInit and the primary context; called through
+ctypes the same driver calls release it, and torch later takes that primary context instead of making one.
+No torch here. Best effort; a machine without libcuda does nothing (docs/design.md, "The CUDA context off
+the GIL").
 """
 
 from __future__ import annotations

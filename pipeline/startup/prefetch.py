@@ -32,12 +32,8 @@ def start_cuda(cfg) -> None:
 def start_reading(cfg) -> None:
     """Read the cold shards into the page cache in a reader process (startup/reader.py), each
     file once per process, at stages.load_shards.readahead_priority (idle by default: the
-    imports' own page faults go first); none when stages.load_shards.readahead is false.
-
-    Called by the runner once torch is imported, before the model code is: on the H200 host a
-    read started before torch's import (whose CUDA libraries are gigabytes of cold page faults)
-    made the cold bf16 7B run 1.2-3.7 s slower than one started after it (docs/benchmarks.md);
-    on the 2-core machine the two starts were within 0.3 s."""
+    imports' own page faults go first); none when stages.load_shards.readahead is false. Called once
+    torch is imported, not before: a read beside torch's import made cold runs slower (docs/design.md)."""
     try:
         node = _streaming_stage(cfg)
         if node is None or node.get("readahead") is False:

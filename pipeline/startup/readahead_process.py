@@ -2,19 +2,12 @@
 
     python -I -S readahead_process.py PARENT_PID idle|normal FILE...
 
-Stdlib only and run by path (no package import), so it starts in milliseconds. Why a process
-and not a thread of the run: a reader thread waits for the GIL after every read while the run's
-main thread imports (pure Python for seconds); as a thread beside the imports the H200 host's
-gentle read moved 0.47 GB/s, the same reads alone 1.32 GB/s. Here it waits for no one's GIL.
-
-At `idle` it yields the disk to its parent: before each read it looks at the parent's own
-storage reads (`read_bytes` of /proc/PARENT/io: page faults of the libraries being imported,
-the metadata files transformers stats) and goes only once they paused for one interval; at most
-`MAX_YIELD_S` per read, so it always moves. It reads `GENTLE` bytes at a time with the kernel's
-read-ahead off for the file (one request in flight: an import's read waits behind one at most)
-and asks for Linux's idle I/O class. A byte on stdin ("hurry", the load now waits on the bytes)
-switches it to `BUFFER`-sized reads at the normal class; end of stdin (the parent closed it or
-exited) stops it.
+Stdlib only and run by path (no package import), so it starts in milliseconds; a process, not a thread,
+because a thread waits for the GIL while the parent imports (docs/design.md, "Reads overlapped with imports").
+At `idle` it yields the disk to its parent (reads only once /proc/PARENT/io `read_bytes` paused for one
+interval, at most `MAX_YIELD_S` per read), `GENTLE` bytes at a time with the kernel's read-ahead off, at the
+idle I/O class. A byte on stdin ("hurry") switches it to `BUFFER`-sized reads at the normal class; end of
+stdin (the parent closed it or exited) stops it.
 
 Stdout, one line per event, for startup/reader.py: `class N` (the I/O class read back after
 setting it; -1 where it cannot be told), `yielded S` (seconds waited for the parent's reads, when

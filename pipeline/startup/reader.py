@@ -1,27 +1,10 @@
 """Getting cold shards into the page cache while the process does other things (imports, skeleton).
 
-No torch here: the runner starts this before the model code is imported and the skeleton is
-built, so the disk works while Python does (docs/design.md, "Reads overlapped with imports").
-The pacing below stayed after issue 30's A/B: without it a cold H100 host's run took 32.2 s
-instead of 27.6 s (docs/benchmarks.md, "The read-ahead's pacing, A/B").
-
-Why real reads and not `posix_fadvise(WILLNEED)` over large ranges: Linux serves one WILLNEED
-call only up to max(read_ahead_kb, max_sectors_kb) of the device (a 64 MiB call read 8 MiB on
-both our machines' disks, 1.25 MiB on a typical NVMe queue) and drops the rest silently, which
-left the earlier prefetch reading almost nothing. One reader reads each shard front to back,
-in its own process (startup/readahead_process.py: no GIL shared with the imports), into one
-reused buffer; nothing is kept but the cache. At normal priority it reads 64 MiB at a time with
-the kernel's normal read-ahead: the H200 host's "one sequential read" reference and the fastest
-read there (1.65 GB/s against 1.32 for 4 MiB reads, bench/gentle_read_rate.py; the 2-core
-machine's disk gave 1.9-2.0 GB/s once and 0.84 against 1.44 GB/s in a later run).
-
-Why at idle priority (`priority="idle"`, the default): while it reads, this process imports
-transformers and the model code, whose thousands of small cold reads wait on the same disk,
-each queued behind the read-ahead's requests (H200 host: transformers' import_utils 0.8 s
-alone, 5.5-6.8 s beside 64 MiB reads). So at idle the reader keeps one 4 MiB request in flight,
-goes only once this process' own storage reads have paused, and asks for the idle I/O class;
-`hurry()` puts it back to 64 MiB reads at normal priority once the load itself waits on the
-bytes (docs/benchmarks.md has the measurements).
+No torch here: the runner starts this before the model code is imported and the skeleton is built, so the
+disk works while Python does. Real reads, not `posix_fadvise(WILLNEED)` (Linux drops most of a large one), in
+a process of their own (startup/readahead_process.py), at idle priority until `hurry()`: the imports' small
+cold reads must not queue behind the read-ahead. Measurements and the A/B that kept this pacing:
+docs/design.md, "Reads overlapped with imports", and docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -145,12 +128,9 @@ def available_memory() -> int:
 
 
 def summary(paths: list[str], now: float | None = None) -> dict | None:
-    """What was read ahead of `now` (the load's start) for these files, for the report: files,
-    bytes, how long before `now` the first read started, whether all were read by then (and
-    how long reading them took), the I/O priority it started at, whether the load found it
-    still at idle and raised it (`hurry`), and how long it waited for this process' own reads
-    (`yielded_s`, as of its last word: a finished file or the hurry); None when none of them
-    was read ahead."""
+    """report.json `load.page_cache`: what was read ahead of `now` (the load's start) for these files (the fields:
+    docs/design.md, "Reads overlapped with imports"; `yielded_s` as of the reader's last word: a finished file or
+    the hurry); None when none of them was read ahead."""
     now = time.perf_counter() if now is None else now
     with _lock:
         rows = [READ_AHEAD[p] for p in dict.fromkeys(os.path.abspath(p) for p in paths) if p in READ_AHEAD]

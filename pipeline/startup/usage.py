@@ -66,13 +66,10 @@ def answer(args: list[str]) -> None:
 
 def versions() -> str:
     """Ours and the libraries a load runs on, from the installed distributions (nothing imported)."""
-    from importlib.metadata import PackageNotFoundError, version
+    from ..hf.version import package_version
 
     def of(name: str) -> str:
-        try:
-            return version(name)
-        except PackageNotFoundError:
-            return "not installed"
+        return package_version(name) or "not installed"
 
     libs = ", ".join(f"{n} {of(n)}" for n in ("torch", "transformers", "hydra-core", "bitsandbytes", "accelerate"))
     return f"model-loader {of('hydra-model-loader')} ({libs}; Python {sys.version.split()[0]})"
@@ -106,13 +103,15 @@ def _usage(name: str) -> str:
 
 def _groups(cfg) -> list[str]:
     """Every config group with its choices (the selected one marked *)."""
+    from hydra.core.object_type import ObjectType
+
     repo = _repository(cfg)
     chosen = {**cfg.hydra.runtime.choices, "stages": list(cfg.get("stages") or {})}
     lines = ["Config groups (group=choice; * the default):"]
-    for group in sorted(repo.get_group_options("", _object_type().GROUP)):
+    for group in sorted(repo.get_group_options("", ObjectType.GROUP)):
         if group.startswith("_") or group == "hydra":
             continue
-        options = [o for o in repo.get_group_options(group, _object_type().CONFIG) if not o.startswith("_")]
+        options = [o for o in repo.get_group_options(group, ObjectType.CONFIG) if not o.startswith("_")]
         if not options:
             continue
         marked = [f"{o}*" if _is_chosen(chosen.get(group), o) else o for o in options]
@@ -133,12 +132,6 @@ def _repository(cfg):
     for source in cfg.hydra.runtime.config_sources:
         search_path.append(source.provider, f"{source.schema}://{source.path}")
     return ConfigRepository(config_search_path=search_path)
-
-
-def _object_type():
-    from hydra.core.object_type import ObjectType
-
-    return ObjectType
 
 
 def _keys(cfg) -> list[str]:

@@ -13,10 +13,9 @@ import math
 import os
 
 from ...errors import UserError
-from ..spec import BLOCKSIZES, QuantSpec
+from ..spec import BLOCKSIZES, DTYPE_NAMES, QuantSpec
 from .bnb_keys import SavedQuantization, four_bit_types, four_bit_weights, int8_weights
 
-DTYPE_NAMES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 TORCH_NAMES = {v: k for k, v in DTYPE_NAMES.items()}
 
 

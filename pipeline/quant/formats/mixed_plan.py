@@ -1,21 +1,9 @@
 """A saved mixed plan (int8 and nf4/fp4 modules side by side): our own `quantization_config`, version 1.
 
-transformers' BitsAndBytesConfig holds one method plus skipped modules, so a plan with several
-methods cannot be written in its format. The tensors are still exactly what bitsandbytes
-serialises for each module's kind (bnb_keys.py: int8 `weight` + `SCB` + `weight_format`; 4-bit
-packed `weight` + `weight.absmax`, `.quant_map`, `.nested_*`, `.quant_state.bitsandbytes__nf4|fp4`);
-config.json says which module holds which:
-
-    {"quant_method": "model_loader_mixed", "format_version": 1,
-     "method": "int8",                                  # the plan's quantization.method
-     "methods": {"model.layers.0.mlp.up_proj": "nf4", "model.layers.0.self_attn.q_proj": "int8", ...},
-     "int8": {"threshold": 6.0, "thresholds": {module: threshold}},    # when an int8 module is saved
-     "4bit": {"compute_dtype": "float32", "double_quant": true, "blocksize": 64},  # when a 4-bit one is
-     "skip_modules": [...]}                             # layers transformers would convert, left unquantized
-
-Every quantized module is listed under its checkpoint name. transformers does not know the
-quant_method: it warns, skips quantization and then fails on the packed 4-bit weights' shapes
-(docs/quantization.md, "Saving a mixed plan"); this pipeline loads it as saved.
+transformers' BitsAndBytesConfig holds one method plus skipped modules, so a plan with several methods cannot
+be written in its format. The tensors are still what bitsandbytes serialises for each module's kind
+(bnb_keys.py); config.json says which module holds which. The format, and what transformers does with it
+(warns, then fails on the packed 4-bit shapes): docs/quantization.md, "Saving a mixed plan".
 """
 
 from __future__ import annotations
