@@ -2,7 +2,8 @@
 
 The relative output error ||W x - Q(W) x|| / ||W x|| of the real bitsandbytes module the load would build, on
 the module's real inputs. Forward hooks build one module's quantized copy at a time (memory one module above
-the model's; a streamed weight is read back from the offload hook's weights map); the same hooks can replace
+the model's, plus up to 1 GiB of copies kept between the search's forwards: QuantizedCopies; a streamed weight
+is read back from the offload hook's weights map); the same hooks can replace
 outputs by the quantized ones (`methods`): the perplexity of a mixed plan before it is loaded
 (docs/quantization.md, "Per-module methods and `quantization=auto`").
 """
@@ -37,6 +38,24 @@ def quantized_copy(module: torch.nn.Module, weight: torch.Tensor, bias, spec: Qu
     return new.eval()  # a module in training mode skips LLM.int8 on the CPU
 
 
+class QuantizedCopies:
+    """Quantized copies kept between the search's forwards, up to `limit` bytes of weights: a probe then quantizes
+    only what an earlier forward has not (quantizing was about half of a probe's time on SmolLM2). Past the
+    limit modules are quantized per forward as before, so memory stays bounded on any model."""
+
+    def __init__(self, limit: int = 1 << 30):
+        self.limit, self.used, self._copies = limit, 0, {}
+
+    def get(self, name: str, method: str, build) -> torch.nn.Module:
+        copy = self._copies.get((name, method))
+        if copy is None:
+            copy = build()
+            size = copy.weight.numel() * copy.weight.element_size()
+            if self.used + size <= self.limit:
+                self._copies[(name, method)], self.used = copy, self.used + size
+        return copy
+
+
 def _loaded(module: torch.nn.Module):
     """(weight, bias) as the forward saw them: in memory, or read back through accelerate's offload hook."""
     if module.weight.device.type != "meta":
@@ -51,9 +70,11 @@ class QuantizedOutputs:
     """Forward hooks on `modules`: each module's output error under every method of `measured`, and, for the
     modules `methods` assigns one, its output replaced by that method's (a mixed plan, simulated)."""
 
-    def __init__(self, model, modules, spec: QuantSpec, measured=(), methods: dict[str, str] | None = None):
+    def __init__(self, model, modules, spec: QuantSpec, measured=(), methods: dict[str, str] | None = None,
+                 copies: QuantizedCopies | None = None):  # fmt: skip
         self.model, self.modules, self.spec = model, list(modules), spec
         self.measured, self.methods = tuple(measured), dict(methods or {})
+        self.copies = copies if copies is not None else QuantizedCopies(limit=0)
         self.sums = {m: {k: [0.0, 0.0] for k in self.measured} for m in self.modules}
         self._handles = []
 
@@ -74,13 +95,15 @@ class QuantizedOutputs:
         wanted = [*self.measured, *([assigned] if assigned != KEEP else [])]
         if not wanted:
             return None
-        weight, bias = _loaded(module)
         x, ref = args[0], output.float()
         outs = {}
         for method in dict.fromkeys(wanted):
-            copy = quantized_copy(module, weight.to(x.device), bias, replace(self.spec, method=method, methods=()))
-            outs[method] = copy(x).to(output.dtype)
-            del copy
+
+            def build(method=method):
+                weight, bias = _loaded(module)
+                return quantized_copy(module, weight.to(x.device), bias, replace(self.spec, method=method, methods=()))
+
+            outs[method] = self.copies.get(name, method, build)(x).to(output.dtype)
         for method in self.measured:
             acc = self.sums[name][method]
             acc[0] += float((outs[method].float() - ref).pow(2).sum())
@@ -97,14 +120,14 @@ def text_perplexity(model, ids: torch.Tensor) -> float:
         return math.exp(model(input_ids=ids, labels=ids).loss.float().item())
 
 
-def measure_sensitivity(model, modules, spec: QuantSpec, ids: torch.Tensor) -> tuple[dict, float]:
+def measure_sensitivity(model, modules, spec: QuantSpec, ids: torch.Tensor, copies=None) -> tuple[dict, float]:
     """({module: {int8: error, nf4: error}}, the unquantized perplexity) from one forward on `ids`."""
-    with QuantizedOutputs(model, modules, spec, measured=MEASURED) as hooks:
+    with QuantizedOutputs(model, modules, spec, measured=MEASURED, copies=copies) as hooks:
         ppl = text_perplexity(model, ids)
     return hooks.errors(), ppl
 
 
-def simulated_perplexity(model, methods: dict[str, str], spec: QuantSpec, ids: torch.Tensor) -> float:
+def simulated_perplexity(model, methods: dict[str, str], spec: QuantSpec, ids: torch.Tensor, copies=None) -> float:
     """The perplexity of the model with each module of `methods` quantized by its method (keep: as is)."""
-    with QuantizedOutputs(model, list(methods), spec, methods=methods):
+    with QuantizedOutputs(model, list(methods), spec, methods=methods, copies=copies):
         return text_perplexity(model, ids)

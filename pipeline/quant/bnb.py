@@ -5,6 +5,7 @@ Imported lazily and quietly (its CPU backend warns about optional kernels we do 
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch
@@ -14,6 +15,7 @@ from .cpu_int8 import use_cpu_matmul
 from .spec import QuantSpec
 
 
+@functools.cache  # setLevel clears every logger's cache: once, not per module built (it cost 2 s of auto's search)
 def import_bitsandbytes():
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     # "inputs will be cast from bfloat16 to float16": inherent to LLM.int8, said once in the docs, not per layer

@@ -54,8 +54,7 @@ def validate(
     meta = check_tensors(model, plan, ctx.tied_groups, ctx.offload, check, ctx.floating)
     measured, plan_error = check_memory(model, plan, ctx.offload, check, plan_tolerance)
     finite = check_weights_finite(model, check, weights_finite_sample or None)
-    found: dict = {}
-    costs = Costs()
+    found, costs = {}, Costs()
     unmeasurable = _unmeasurable(model, meta)
     if unmeasurable:
         for name in ("forward_finite", *(m for m, on in settings.wanted.items() if on)):
