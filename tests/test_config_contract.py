@@ -19,6 +19,7 @@ from pipeline.engine.compose import compose_config
 from pipeline.engine.runner import bind_stages
 from pipeline.errors import UserError
 from pipeline.loading.shards import ReaderOptions
+from pipeline.measure.metrics import OFF_BY_DEFAULT
 from pipeline.parallel.spec import ParallelSpec
 from pipeline.planning.device_map import ExplicitMap
 from pipeline.quant.formats.bnb_keys import SavedQuantization
@@ -58,8 +59,8 @@ def test_every_stage_default_is_the_yaml_value_or_the_schema_default():
             if hasattr(type(default), "parse"):  # caps, device maps: the parsed form of the schema's default
                 wanted = type(default).parse(wanted, source)
             assert default == wanted, f"stages.{name}.{key}: signature {default!r}, schema {source} {wanted!r}"
-        elif default is None and isinstance(value, dict):  # switches: None means every one on
-            assert all(v is True for v in value.values()), f"stages.{name}.{key}"
+        elif default is None and isinstance(value, dict):  # switches: None means each one's default (on, but
+            assert value == {k: k not in OFF_BY_DEFAULT for k in value}, f"stages.{name}.{key}"  # the held-out text)
         else:
             assert default == value, f"stages.{name}.{key}: signature {default!r}, YAML {value!r}"
 
