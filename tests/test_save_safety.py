@@ -172,3 +172,23 @@ def test_running_out_of_space_while_writing_is_one_line_and_leaves_nothing(tmpfs
     ):
         _save(tiny("llama"), disk / "int8", tmp_path / "run")
     assert list(disk.iterdir()) == []
+
+
+def test_a_save_killed_mid_shard_is_cleaned_up_but_a_stranger_file_is_not(tmp_path):
+    """safetensors writes a shard to `.tmpXXXXXX` beside it and renames it: a save killed mid-shard leaves that
+    file in its `.save-` directory (seen in the full suite), and the next save removes the directory. A file
+    of any other name there, or the same name once the mark says complete, is not ours: it stays."""
+    from pipeline.checkpoint.save_mark import write_mark
+    from pipeline.checkpoint.swap import recover
+
+    dest = tmp_path / "saved"
+    killed, stranger = tmp_path / ".save-saved-aaaa", tmp_path / ".save-saved-bbbb"
+    for folder, extra in ((killed, ".tmprIlU1g"), (stranger, "notes.txt")):
+        folder.mkdir()
+        write_mark(str(folder), "writing", {"model-00001-of-00002.safetensors": None})
+        (folder / "model-00001-of-00002.safetensors").write_bytes(b"x" * 8)
+        (folder / extra).write_bytes(b"partial shard")
+    notes = recover(str(dest))
+    assert not killed.exists(), notes
+    assert stranger.exists() and (stranger / "notes.txt").exists()
+    assert any("notes.txt (not written by the save)" in n for n in notes)

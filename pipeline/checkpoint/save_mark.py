@@ -12,9 +12,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 
 MARK = ".model-loader-save.json"
 _MARK_TMP = MARK + ".tmp"
+# safetensors writes each shard to a temporary file beside it (Rust's tempfile: ".tmp" + 6 characters), then
+# renames it: a save killed mid-shard leaves one in its directory, ours while the mark says "writing"
+_PARTIAL_SHARD = re.compile(r"\.tmp[A-Za-z0-9]{6}")
 _WRITER = "model-loader stages.save"
 
 
@@ -44,7 +48,7 @@ def foreign_entry(folder: str, mark: dict) -> str | None:
     """The first entry of `folder` its mark does not account for, said why; None when all are ours."""
     files = mark["files"]
     for entry in sorted(os.scandir(folder), key=lambda e: e.name):
-        if entry.name in (MARK, _MARK_TMP):
+        if entry.name in (MARK, _MARK_TMP) or _partial_shard(entry.name, mark):
             continue
         if entry.name not in files:
             return f"{entry.name} (not written by the save)"
@@ -81,6 +85,10 @@ def owner_alive(mark: dict) -> bool:
     return True
 
 
+def _partial_shard(name: str, mark: dict) -> bool:
+    return mark.get("state") == "writing" and bool(_PARTIAL_SHARD.fullmatch(name))
+
+
 def remove_ours(folder: str, mark: dict, on_first=None) -> bool:
     """Delete the files the mark lists, then the mark, then the directory (kept if anything else is in it)."""
     for i, name in enumerate(sorted(mark["files"])):
@@ -90,7 +98,8 @@ def remove_ours(folder: str, mark: dict, on_first=None) -> bool:
             continue
         if i == 0 and on_first is not None:
             on_first()
-    for name in (_MARK_TMP, MARK):
+    partial = [e.name for e in os.scandir(folder) if _partial_shard(e.name, mark) and e.is_file(follow_symlinks=False)]
+    for name in (*partial, _MARK_TMP, MARK):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(os.path.join(folder, name))
     try:
