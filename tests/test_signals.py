@@ -17,6 +17,17 @@ from helpers import REPO
 
 pytestmark = pytest.mark.slow
 EXPECTED = [(signal.SIGTERM, 143), (signal.SIGINT, 130)]
+# validate runs for many seconds after "stage validate" is logged, however fast the machine: a signal sent on
+# that line lands inside it (validate of the default model alone took 1.5 s, and a busy test process once
+# polled the log too late: the signal came as the process was ending, and it exited 0). The perplexity of 8192
+# tokens of a long text (seconds even on a fast CPU); greedy text would stop at the model's end of sequence.
+LONG_TEXT = (Path(__file__).resolve().parents[1] / "pipeline" / "data" / "eval.txt").read_text() * 24
+
+
+def _long_validate(tmp_path: Path) -> list[str]:
+    text = tmp_path / "long.txt"
+    text.write_text(LONG_TEXT)
+    return [f"stages.validate.eval_text={text}", "stages.validate.max_eval_tokens=8192"]
 
 
 def _start(*args: str, cwd: Path = REPO) -> subprocess.Popen:
@@ -40,7 +51,9 @@ def _signal_when(proc: subprocess.Popen, log: Path, line: str, signum: int, time
 @pytest.mark.parametrize("signum, code", EXPECTED, ids=["SIGTERM", "SIGINT"])
 def test_a_signal_during_a_stage_leaves_the_report(signum, code, tmp_path):
     run = tmp_path / "run"
-    proc = _start(sys.executable, "-m", "pipeline", "quantization=none", f"hydra.run.dir={run}")
+    proc = _start(
+        sys.executable, "-m", "pipeline", "quantization=none", *_long_validate(tmp_path), f"hydra.run.dir={run}"
+    )
     _signal_when(proc, run / "run.log", "stage validate", signum)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == code, err[-2000:]
@@ -59,7 +72,7 @@ import sys
 from pipeline import load
 from pipeline.errors import Interrupted
 try:
-    load(["quantization=none"], run_dir=sys.argv[1])
+    load(["quantization=none", *sys.argv[2:]], run_dir=sys.argv[1])
 except Interrupted as exc:
     r = exc.result
     print(exc.signal_name, exc.exit_code, r.report["status"], type(r.model).__name__, r.run_dir == __import__("pathlib").Path(sys.argv[1]))
@@ -78,7 +91,14 @@ def test_python_load_raises_interrupted_with_the_result(tmp_path):
 
 def test_a_signal_stops_a_sweep_and_its_summary_is_written(tmp_path):
     root = tmp_path / "sweep"
-    cmd = [sys.executable, "-m", "pipeline", "-m", "quantization.threshold=0.0,6.0,8.0", f"hydra.sweep.dir={root}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pipeline",
+        "-m",
+        "quantization.threshold=0.0,6.0,8.0",
+        f"hydra.sweep.dir={root}",
+    ]
     proc = _start(*cmd)
     _signal_when(proc, root / "1" / "run.log", "stage validate", signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
