@@ -41,10 +41,9 @@ def set_hf_attributes(model, device_map: dict[str, str], spec: QuantSpec, quanti
     model.hf_quantizer = quantizer
     quantizer.postprocess_model(model)  # config.quantization_config, is_loaded_in_8bit / _4bit
     methods = {m: spec.method_of(m) for m in quantized_modules}
-    if len(set(methods.values())) > 1:  # transformers has no config for a mix: save_pretrained writes ours, which
-        int8 = {m: t for m, t in (thresholds or {}).items() if methods.get(m) == "int8"}  # it refuses loudly
+    if len(set(methods.values())) > 1:  # transformers has no config for a mix: save_pretrained writes ours (refused)
         model.config.quantization_config = mixed_quantization_config(
-            spec, methods, int8, quantizer.modules_to_not_convert
+            spec, methods, thresholds or {}, quantizer.modules_to_not_convert
         )
 
 

@@ -125,7 +125,7 @@ def _quantization_config(ctx: LoadContext) -> dict:
     methods = {modules[m]: ctx.plan.tensors[f"{m}.weight"].quantized for m in ctx.plan.quantized_modules}
     used = set(methods.values())
     if len(used) > 1:
-        thresholds = {modules[m]: t for m, t in ctx.plan.int8_thresholds.items() if methods[modules[m]] == "int8"}
+        thresholds = {modules[m]: t for m, t in ctx.plan.int8_thresholds.items()}
         return mixed_quantization_config(ctx.quant, methods, thresholds, skip)
     one = replace(ctx.quant, method=used.pop(), methods=()) if used else ctx.quant
     return bnb_quantization_config(one, skip)

@@ -26,8 +26,10 @@ def is_mixed(qc: dict | None) -> bool:
 
 
 def mixed_quantization_config(spec: QuantSpec, methods: dict[str, str], thresholds: dict, skip_modules) -> dict:
-    """The quantization_config of a mixed plan; `methods` and `thresholds` under checkpoint module names."""
+    """The quantization_config of a mixed plan; `methods` and `thresholds` under checkpoint module names (the
+    thresholds of modules that are not int8 are left out)."""
     used = set(methods.values())
+    thresholds = {m: t for m, t in thresholds.items() if methods.get(m) == "int8"}
     out: dict = {
         "quant_method": QUANT_METHOD,
         "format_version": FORMAT_VERSION,
